@@ -59,6 +59,36 @@ def get_tokenizer():
                                        special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=50257)
     return _tokenizer
 
+
+
+class SubsetTokenizer:
+    """
+    GPT-2's tokenizer restricted to the token ids a small corpus uses, renumbered 0..n-1.
+    The offline miniature's captions use a few dozen GPT-2 tokens; an LM whose embedding and output layer
+    hold only those trains about 10x faster than one with all 50,257 rows, yet the text is tokenized by
+    exactly the same BPE. `ids[i]` is the GPT-2 id of subset token i.
+    """
+
+    def __init__(self, ids):
+        self.ids = sorted(set(ids) | {EOT})
+        self.index = {t: i for i, t in enumerate(self.ids)}
+        self.gpt2 = get_tokenizer()
+        self.n_vocab = len(self.ids)
+        self.eot_token = self.index[EOT]
+
+    def encode_ordinary(self, text):
+        tokens = self.gpt2.encode_ordinary(text)
+        unknown = [t for t in tokens if t not in self.index]
+        if unknown:
+            raise ValueError(f"{self.gpt2.decode(unknown)!r} is outside this model's {self.n_vocab}-token "
+                             f"vocabulary (it was trained on a corpus that never used it)")
+        return [self.index[t] for t in tokens]
+
+    encode = encode_ordinary
+
+    def decode(self, tokens):
+        return self.gpt2.decode([self.ids[t] for t in tokens])
+
 # -----------------------------------------------------------------------------
 # The KV cache: during generation, the keys and values of past positions never change, so we keep them.
 # One preallocated buffer per layer; `pos` counts the positions already written.
@@ -330,6 +360,32 @@ class GPT(nn.Module):
                     raise ValueError(f"{folder}: {k} has shape {tuple(w.shape)}, expected {tuple(sd[k].shape)}")
                 sd[k].copy_(w)
         return model
+
+
+def load_lm(name_or_path, device="cpu"):
+    """
+    The language model the captioner freezes, with its tokenizer: either a checkpoint written by train_lm.py
+    (a .pt file: {"model", "config", "vocab", ...}; vocab is None or the GPT-2 ids of a SubsetTokenizer), or
+    OpenAI's weights (anything GPT.from_pretrained accepts). Returns (model, tokenizer).
+    """
+    if os.path.isfile(name_or_path):
+        ckpt = torch.load(name_or_path, map_location="cpu", weights_only=True)
+        if "model" not in ckpt or "config" not in ckpt:
+            raise ValueError(f"{name_or_path} is not a train_lm.py checkpoint (no 'model'/'config' entries)")
+        model = GPT(GPTConfig(**ckpt["config"]))
+        # checkpoints of a torch.compile'd model carry an "_orig_mod." prefix
+        state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError(f"{name_or_path}: weights do not match its own config {ckpt['config']}: {e}") from e
+        vocab = ckpt.get("vocab")
+        tokenizer = SubsetTokenizer(vocab) if vocab is not None else get_tokenizer()
+    else:
+        model, tokenizer = GPT.from_pretrained(name_or_path), get_tokenizer()
+    if tokenizer.n_vocab > model.config.vocab_size:
+        raise ValueError(f"{name_or_path}: tokenizer has {tokenizer.n_vocab} tokens, model only {model.config.vocab_size}")
+    return model.to(device), tokenizer
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

@@ -291,3 +291,36 @@ def test_from_pretrained_offline_says_what_to_download(monkeypatch, tmp_path):
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(RuntimeError, match="hf download openai-community/gpt2 config.json model.safetensors"):
         GPT.from_pretrained("gpt2")
+
+# -----------------------------------------------------------------------------
+# the LM the captioner loads: train_lm.py checkpoints (full or subset vocabulary) and OpenAI weights
+
+
+def test_subset_tokenizer_round_trip_and_unknown_words():
+    from gpt2 import SubsetTokenizer
+    enc = get_tokenizer()
+    corpus = "a small red circle left of a large blue square."
+    sub = SubsetTokenizer(enc.encode(corpus))
+    assert sub.n_vocab == len(set(enc.encode(corpus))) + 1 and sub.ids[sub.eot_token] == EOT
+    ids = sub.encode("a large red square left of a small blue circle.")
+    assert max(ids) < sub.n_vocab and sub.decode(ids) == "a large red square left of a small blue circle."
+    with pytest.raises(ValueError, match="outside this model's"):
+        sub.encode("a green triangle")
+
+
+def test_load_lm_from_a_train_lm_checkpoint(tmp_path):
+    from dataclasses import asdict
+    from gpt2 import SubsetTokenizer, load_lm
+    sub = SubsetTokenizer(get_tokenizer().encode("a red circle"))
+    model = tiny(seed=9, vocab_size=64)
+    torch.save({"model": model.state_dict(), "config": asdict(model.config), "vocab": sub.ids}, tmp_path / "lm.pt")
+    loaded, tok = load_lm(str(tmp_path / "lm.pt"))
+    assert isinstance(tok, SubsetTokenizer) and tok.ids == sub.ids
+    idx = torch.randint(0, 64, (2, 5))
+    assert torch.equal(loaded(idx)[0], model(idx)[0])
+    # a checkpoint whose weights do not fit its config is refused with a clear message
+    bad = model.state_dict()
+    bad["transformer.ln_f.weight"] = torch.ones(7)
+    torch.save({"model": bad, "config": asdict(model.config), "vocab": None}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="do not match its own config"):
+        load_lm(str(tmp_path / "bad.pt"))
