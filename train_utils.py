@@ -1,0 +1,193 @@
+"""
+The few helpers both training loops (train_lm.py, train_caption.py) would otherwise repeat:
+device / DDP setup, rank-0 printing, GPU speed-ups, the learning-rate schedule, atomic checkpoints,
+RNG state that survives a weights_only load, a JSONL log, and a clear stop on a NaN loss.
+"""
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+
+# -----------------------------------------------------------------------------
+# Devices and distributed training
+
+
+@dataclass
+class Dist:
+    ddp: bool          # launched by torchrun with a process group
+    rank: int          # this process's index among all processes
+    local_rank: int    # its index on this machine (picks the GPU)
+    world_size: int    # number of processes
+    device: str        # "cuda:3", "mps", "cpu"
+    device_type: str   # "cuda", "mps" or "cpu": what autocast and the optimizer need
+
+    @property
+    def master(self):
+        return self.rank == 0  # the one process that logs, evaluates and writes checkpoints
+
+
+def setup_distributed(device=None):
+    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE: then join the process group; else one process on the best device."""
+    if "RANK" in os.environ:
+        rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        if torch.cuda.is_available() and device != "cpu":
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(device)
+            torch_dist.init_process_group(backend="nccl")
+        else:
+            device = "cpu"  # gloo: DDP on CPU, used by the tests
+            torch_dist.init_process_group(backend="gloo")
+        return Dist(True, rank, local_rank, world_size, device, device.split(":")[0])
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return Dist(False, 0, 0, 1, device, device.split(":")[0])
+
+
+def teardown(dist):
+    if dist.ddp and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def print0(*args, **kw):
+    """print, on rank 0 only (the rank comes from the process group, or torchrun's environment)."""
+    rank = torch_dist.get_rank() if torch_dist.is_initialized() else int(os.environ.get("RANK", 0))
+    if rank == 0:
+        print(*args, **kw, flush=True)
+
+
+def enable_speedups(device_type):
+    if device_type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls: ~8x the fp32 rate on A100/H100, 10-bit mantissa
+
+
+def autocast(device_type):
+    """bf16 autocast on CUDA (same exponent range as fp32, so no loss scaling); plain fp32 elsewhere."""
+    return torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
+
+# -----------------------------------------------------------------------------
+# Learning-rate schedule
+
+
+def lr_at(step, max_steps, warmup_steps, max_lr, min_lr):
+    """Linear warmup over warmup_steps (step 0 gets max_lr / warmup_steps), then cosine decay to min_lr at max_steps."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step >= max_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)  # 0 -> 1
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+# -----------------------------------------------------------------------------
+# Checkpoints: atomic writes, safe loads, RNG state in weights_only-loadable form
+
+
+def save_checkpoint(path, state):
+    """Write to path.tmp, fsync, then rename: a crash mid-write never leaves a half-written checkpoint at path."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # atomic on POSIX when both are in the same directory
+
+
+def load_checkpoint(path):
+    """Tensors, dicts, lists and numbers only (weights_only=True): loading never runs pickled code."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError) as e:  # truncated zip, foreign pickle, bad magic number
+        raise RuntimeError(f"checkpoint {path} is corrupt or not a torch checkpoint this code wrote: {e}") from e
+
+
+def rng_state():
+    """Every RNG a training step touches. numpy's state tuple becomes a dict of a str, a tensor and ints."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": _to_lists(random.getstate()), "torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(_to_tuples(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_lists(x):  # python's random state is nested tuples; weights_only loads lists back, so convert both ways
+    return [_to_lists(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _to_tuples(x):
+    return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
+
+# -----------------------------------------------------------------------------
+# Logging and sanity
+
+
+def git_revision():
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None  # not a git checkout, or git not installed
+
+
+class JsonlLogger:
+    """One JSON object per line; the first record of every run holds its config and environment."""
+
+    def __init__(self, path, resume=False, config=None, device=None):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.path = path
+        self.f = open(path, "a" if resume else "w")  # a resumed run continues the same file
+        self.log(event="start", resume=resume, config=config, git=git_revision(),
+                 torch=torch.__version__, device=device, argv=sys.argv, time=time.time())
+
+    def log(self, **record):
+        self.f.write(json.dumps(record) + "\n")
+        self.f.flush()
+
+    def close(self):
+        self.f.close()
+
+
+def check_finite(loss, step, last_ckpt):
+    """Stop at the first non-finite loss: every later step would only spread the NaN into the weights."""
+    value = float(loss)
+    if not math.isfinite(value):
+        raise FloatingPointError(
+            f"loss is {value} at step {step}; stopping; last good checkpoint: {last_ckpt or 'none written yet'}; "
+            f"try a lower --lr or a longer --warmup-steps, and resume with --resume {last_ckpt or 'auto'}")
+
+
+def format_eta(seconds):
+    seconds = int(max(0, seconds))
+    h, m, s = seconds // 3600, seconds % 3600 // 60, seconds % 60
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def estimate_mfu(n_params, n_layer, n_head, head_size, T, tokens_per_s, peak_flops=989e12):
+    """
+    Model FLOPs utilization (PaLM appendix B): 6N FLOPs per token for the weights (forward + backward),
+    plus 12 * L * H * hs * T for attention. peak_flops: H100 SXM dense bf16 (A100: 312e12).
+    """
+    flops_per_token = 6 * n_params + 12 * n_layer * n_head * head_size * T
+    return flops_per_token * tokens_per_s / peak_flops
