@@ -232,17 +232,23 @@ class ShardLoader:
     (x, y) batches of B sequences of T tokens from one split, each rank reading its own part:
     rank r starts at offset r*B*T and every rank steps by world_size*B*T, so the ranks read
     interleaved, non-overlapping windows of the same stream. y is x shifted by one token.
+    step_tokens (default B*T*world_size; train_lm passes its total batch) is what one optimizer step reads
+    over all ranks and micro-steps: the loader moves to the next shard only between steps, when a whole step
+    no longer fits, so the data of step s is the same however a step is split into ranks and micro-batches
+    (which is what lets 2 processes reproduce 1 process with gradient accumulation exactly).
     `vocab` (sorted GPT-2 ids) maps tokens to a SubsetTokenizer's indices.
     """
 
-    def __init__(self, data_dir, split, B, T, rank=0, world_size=1, vocab=None):
+    def __init__(self, data_dir, split, B, T, rank=0, world_size=1, vocab=None, step_tokens=None):
         self.B, self.T, self.rank, self.world_size = B, T, rank, world_size
+        self.step_tokens = step_tokens or B * T * world_size
+        assert self.step_tokens % (B * T * world_size) == 0, "a step is a whole number of B*T*world_size reads"
         self.shards = list_shards(data_dir, split)
-        need = B * T * world_size + 1
+        need = self.step_tokens + 1
         for path, tokens in self.shards:
             if len(tokens) < need:
                 raise ValueError(f"shard {path} holds {len(tokens):,} tokens, fewer than one step needs "
-                                 f"(B*T*world_size + 1 = {need:,}): make bigger shards or lower -B/-T")
+                                 f"(tokens per step + 1 = {need:,}): make bigger shards or a smaller batch")
         self.lut = None
         if vocab is not None:  # GPT-2 id -> subset index; -1 marks ids outside the subset
             self.lut = np.full(2**16, -1, dtype=np.int64)
@@ -274,8 +280,9 @@ class ShardLoader:
         x = buf[:-1].view(B, T)  # (B, T) inputs
         y = buf[1:].view(B, T)   # (B, T) targets: the next token of each input position
         self.pos += B * T * self.world_size
-        if self.pos + B * T * self.world_size + 1 > len(tokens):  # the next step would run off this shard
-            self.shard = (self.shard + 1) % len(self.shards)
+        offset = self.pos - B * T * self.rank  # rank 0's position: the same on every rank
+        if offset % self.step_tokens == 0 and offset + self.step_tokens + 1 > len(tokens):
+            self.shard = (self.shard + 1) % len(self.shards)  # the next step would run off this shard
             self.pos = B * T * self.rank
         return x, y
 

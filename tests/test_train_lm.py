@@ -1,0 +1,136 @@
+"""train_lm.py on tiny models: overfitting one batch, exact resume, DDP == one process, clear errors, NaN stop."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train_lm
+from data import fineweb
+from gpt2 import GPT, load_lm
+from train_utils import load_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORDS = "the cat sat on a mat and then it ran far away from home under blue sky".split()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lm")
+    rng = np.random.default_rng(0)
+    with open(tmp / "docs.jsonl", "w") as f:
+        for i in range(150):
+            f.write(json.dumps({"text": " ".join(rng.choice(WORDS, size=int(rng.integers(5, 30))))}) + "\n")
+    out = str(tmp / "shards")
+    fineweb.prepare(out, fineweb.describe_source(data_files=[str(tmp / "docs.jsonl")]), name="t", shard_size=1000)
+    return out
+
+
+def args(shards, out_dir, *extra):
+    return ["--preset", "tiny", "--data-dir", shards, "--out-dir", str(out_dir), "-B", "4", "-T", "32",
+            "--total-batch", "256", "--vocab-subset", "--device", "cpu", "--val-every", "0", "--sample-every", "0",
+            "--hellaswag-every", "0", "--log-every", "100", *map(str, extra)]
+
+
+def records(out_dir, key="loss"):
+    return [r for r in map(json.loads, open(os.path.join(out_dir, "log.jsonl"))) if key in r]
+
+# -----------------------------------------------------------------------------
+
+
+def test_overfits_a_single_batch(tmp_path):
+    # a train shard of exactly one batch (B*T + 1 tokens): the loader serves the same batch every step
+    data = tmp_path / "one"
+    os.makedirs(data)
+    rng = np.random.default_rng(0)
+    np.save(data / "x_val_000000.npy", rng.integers(0, 40, 4 * 32 + 1).astype(np.uint16))
+    np.save(data / "x_train_000001.npy", rng.integers(0, 40, 4 * 32 + 1).astype(np.uint16))
+    train_lm.main(args(str(data), tmp_path / "run", "--total-batch", "128", "--max-steps", "150", "--warmup-steps", "10",
+                       "--lr", "1e-2", "--ckpt-every", "0", "--n-embd", "64"))
+    losses = [r["loss"] for r in records(tmp_path / "run")]
+    assert losses[0] > 3.0 and losses[-1] < 0.1, losses[::10]
+
+
+def test_exact_resume_is_bit_identical(shards, tmp_path):
+    train_lm.main(args(shards, tmp_path / "a", "--max-steps", "8", "--ckpt-every", "0"))
+    train_lm.main(args(shards, tmp_path / "b", "--max-steps", "8", "--stop-step", "4"))
+    assert os.path.exists(tmp_path / "b" / "ckpt_000004.pt")
+    train_lm.main(args(shards, tmp_path / "b", "--max-steps", "8", "--resume", "auto"))
+    a, b = load_checkpoint(str(tmp_path / "a" / "ckpt_000008.pt")), load_checkpoint(str(tmp_path / "b" / "ckpt_000008.pt"))
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["optimizer"]["state"][i]["exp_avg_sq"], b["optimizer"]["state"][i]["exp_avg_sq"])
+               for i in a["optimizer"]["state"])
+    assert a["loader"] == b["loader"] and a["step"] == b["step"] == 8
+    assert [r["loss"] for r in records(tmp_path / "a")] == [r["loss"] for r in records(tmp_path / "b")]
+    starts = [r for r in map(json.loads, open(tmp_path / "b" / "log.jsonl")) if r.get("event") == "start"]
+    assert [s["resume"] for s in starts] == [False, True]  # the resumed run appended to the same log
+    # what gpt2.load_lm (the captioner's entry point) reads back
+    model, tok = load_lm(str(tmp_path / "a" / "ckpt_000008.pt"))
+    assert tok.ids == a["vocab"] and model.config.vocab_size == len(a["vocab"])
+    assert set(a) >= {"model", "config", "vocab", "optimizer", "step", "loader", "rng", "args"}
+
+
+def test_resume_with_other_config_or_vocab_is_refused(shards, tmp_path):
+    train_lm.main(args(shards, tmp_path, "--max-steps", "2"))
+    with pytest.raises(ValueError, match=r"different config.*'n_layer': \(2, 3\)"):
+        train_lm.main(args(shards, tmp_path, "--max-steps", "4", "--resume", "auto", "--n-layer", "3"))
+    no_subset = [a for a in args(shards, tmp_path, "--max-steps", "4", "--resume", "auto") if a != "--vocab-subset"]
+    with pytest.raises(ValueError, match="vocabulary of .* tokens, this run has 50304"):
+        train_lm.main(no_subset)
+
+
+def test_missing_data_gives_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="python data/fineweb.py"):
+        train_lm.main(args(str(tmp_path / "nowhere"), tmp_path, "--max-steps", "2"))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(shards, tmp_path, monkeypatch):
+    forward = GPT.forward
+    calls = {"n": 0}
+
+    def poisoned(self, idx, targets=None, **kw):  # from the 6th optimizer step (2 micro-steps each) the loss is NaN
+        logits, loss = forward(self, idx, targets, **kw)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] > 2 * 5:
+                loss = loss * float("nan")
+        return logits, loss
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 5; stopping; last good checkpoint: .*ckpt_000004.pt"):
+        train_lm.main(args(shards, tmp_path, "--max-steps", "10", "--ckpt-every", "2"))
+    assert [os.path.basename(p) for p in sorted(glob.glob(str(tmp_path / "ckpt_*.pt")))] == \
+        ["ckpt_000002.pt", "ckpt_000004.pt"]
+    good = load_checkpoint(str(tmp_path / "ckpt_000004.pt"))
+    assert all(torch.isfinite(v).all() for v in good["model"].values())
+
+
+def test_ddp_two_processes_match_one(shards, tmp_path):
+    # the same global batch (256 tokens): one process accumulates 2 micro-batches, two processes 1 each
+    examples = tmp_path / "hs"
+    os.makedirs(examples)
+    from tests.test_hellaswag import fabricate
+    with open(examples / "hellaswag_val.jsonl", "w") as f:
+        f.writelines(json.dumps(e) + "\n" for e in fabricate(6))
+    # the full GPT-2 vocabulary here, so that HellaSwag runs (and its counts are summed over ranks)
+    common = [a for a in args(shards, "", "--max-steps", "5", "--ckpt-every", "0", "--hellaswag-every", "4",
+                              "--hellaswag-dir", examples, "--val-every", "2", "--val-steps", "2",
+                              "--n-embd", "16") if a != "--vocab-subset"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one, two = common.copy(), common.copy()
+    one[one.index("--out-dir") + 1], two[two.index("--out-dir") + 1] = str(tmp_path / "one"), str(tmp_path / "two")
+    subprocess.run([sys.executable, "train_lm.py", *one], cwd=ROOT, env=env, check=True, capture_output=True)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "train_lm.py", *two], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for key in ("loss", "val_loss", "hellaswag"):
+        a, b = [r[key] for r in records(tmp_path / "one", key)], [r[key] for r in records(tmp_path / "two", key)]
+        assert len(a) == len(b) > 0
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+    assert [r["hellaswag_n"] for r in records(tmp_path / "two", "hellaswag")] == [6, 6]
+    start = next(map(json.loads, open(tmp_path / "two" / "log.jsonl")))
+    assert start["config"]["world_size"] == 2 and start["config"]["grad_accum"] == 1

@@ -1,0 +1,327 @@
+"""
+Pretrain GPT-2 on FineWeb-Edu token shards (made by data/fineweb.py), the "Let's reproduce GPT-2 (124M)" way.
+
+    python train_lm.py                                              # GPT-2 124M on 10B tokens, one GPU
+    torchrun --standalone --nproc_per_node=8 train_lm.py            # the same run on 8 GPUs (~1.5 h on 8xH100... not yet run)
+    python train_lm.py --preset tiny --data-dir data/fineweb_edu_local --vocab-subset   # a CPU smoke run
+
+Defaults reproduce the lecture's run: 524,288 tokens per step (2**19, ~0.5M as in GPT-3 small) reached by
+gradient accumulation over micro-batches of 64 x 1024; AdamW (0.9, 0.95), weight decay 0.1; lr warmup over
+715 steps to 6e-4, cosine decay to 6e-5 at step 19,073 (one epoch of 10B tokens); grad-norm clip 1.0;
+vocabulary padded 50,257 -> 50,304 (a multiple of 128: faster matmuls, the extra rows learn to be never used).
+
+Writes to --out-dir: log.jsonl (config + environment, then one record per step, val loss, HellaSwag) and
+ckpt_<step>.pt checkpoints {"model", "config", "vocab", "optimizer", "step", "loader", "rng", "args"}, read by
+gpt2.load_lm and by --resume, which continues exactly (same weights, bit for bit, on CPU).
+"""
+import argparse
+import dataclasses
+import glob
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as torch_dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from data import fineweb, hellaswag
+from gpt2 import GPT, GPTConfig, PRESETS, SubsetTokenizer, get_tokenizer
+from train_utils import (JsonlLogger, autocast, check_finite, enable_speedups, estimate_mfu, format_eta,
+                         load_checkpoint, lr_at, print0, rng_state, save_checkpoint, set_rng_state,
+                         setup_distributed, teardown)
+
+# -----------------------------------------------------------------------------
+# Presets: the real run, and small runs for a CPU (defaults of every flag left unset)
+
+TRAIN_PRESETS = {
+    "gpt2-124m": dict(model="gpt2", batch_size=64, seq_len=1024, total_batch=524288, lr=6e-4, warmup_steps=715,
+                      max_steps=19073, val_every=250, val_steps=160, hellaswag_every=250, sample_every=250,
+                      ckpt_every=5000, log_every=1),
+    "mini": dict(model="mini", batch_size=16, seq_len=256, total_batch=16 * 256, lr=1e-3, warmup_steps=100,
+                 max_steps=2000, val_every=200, val_steps=10, hellaswag_every=0, sample_every=500,
+                 ckpt_every=500, log_every=10),
+    "tiny": dict(model="tiny", batch_size=8, seq_len=64, total_batch=8 * 64, lr=3e-3, warmup_steps=20,
+                 max_steps=300, val_every=50, val_steps=5, hellaswag_every=0, sample_every=100,
+                 ckpt_every=100, log_every=10),
+}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="gpt2-124m", choices=sorted(TRAIN_PRESETS), help="model size and run length")
+    p.add_argument("--data-dir", default="data/fineweb_edu10B", help="shards made by data/fineweb.py")
+    p.add_argument("--out-dir", default="runs/lm", help="log.jsonl and checkpoints")
+    p.add_argument("--resume", default=None, help="a checkpoint to continue from, or 'auto' (latest in --out-dir, if any)")
+    p.add_argument("--device", default=None, help="cuda / mps / cpu (default: the best present; torchrun: per rank)")
+    p.add_argument("--seed", type=int, default=1337)
+    # model (the preset's unless given)
+    p.add_argument("--n-layer", type=int, default=None)
+    p.add_argument("--n-head", type=int, default=None)
+    p.add_argument("--n-embd", type=int, default=None)
+    p.add_argument("--vocab-subset", action="store_true",
+                   help="restrict the vocabulary to the tokens present in the shards (small corpora; disables HellaSwag)")
+    # batch and schedule
+    p.add_argument("-B", "--batch-size", type=int, default=None, help="micro-batch sequences per process (gpt2-124m: 64)")
+    p.add_argument("-T", "--seq-len", type=int, default=None, help="tokens per sequence (gpt2-124m: 1024)")
+    p.add_argument("--total-batch", type=int, default=None, help="tokens per optimizer step (gpt2-124m: 524288)")
+    p.add_argument("--lr", type=float, default=None, help="max learning rate (gpt2-124m: 6e-4); min is 10%% of it")
+    p.add_argument("--warmup-steps", type=int, default=None, help="gpt2-124m: 715")
+    p.add_argument("--max-steps", type=int, default=None, help="length of the schedule (gpt2-124m: 19073)")
+    p.add_argument("--stop-step", type=int, default=None,
+                   help="stop before this step, checkpointing (a job with a time limit); the schedule still ends at --max-steps")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    # evaluation, logging, checkpoints (0 = never)
+    p.add_argument("--val-every", type=int, default=None)
+    p.add_argument("--val-steps", type=int, default=None,
+                   help="val batches of B x T per evaluation, over all processes (gpt2-124m: 160, ~10M tokens)")
+    p.add_argument("--hellaswag-every", type=int, default=None)
+    p.add_argument("--hellaswag-dir", default=hellaswag.DATA_DIR)
+    p.add_argument("--hellaswag-limit", type=int, default=None, help="score only the first N examples")
+    p.add_argument("--sample-every", type=int, default=None)
+    p.add_argument("--sample-prompt", default="Hello, I'm a language model,")
+    p.add_argument("--ckpt-every", type=int, default=None)
+    p.add_argument("--log-every", type=int, default=None)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on CUDA)")
+    args = p.parse_args(argv)
+    for k, v in TRAIN_PRESETS[args.preset].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    return args
+
+
+def latest_checkpoint(out_dir):
+    paths = sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))
+    return paths[-1] if paths else None
+
+
+def all_finite(model):
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = get_args(argv)
+    dist = setup_distributed(args.device)
+    try:
+        return train(args, dist)
+    finally:
+        teardown(dist)
+
+
+def train(args, dist):
+    enable_speedups(dist.device_type)
+    use_compile = args.compile if args.compile is not None else dist.device_type == "cuda"
+    B, T = args.batch_size, args.seq_len
+    assert args.total_batch % (B * T * dist.world_size) == 0, "--total-batch must be a multiple of B * T * world_size"
+    grad_accum = args.total_batch // (B * T * dist.world_size)
+
+    # ---- resume: find the checkpoint first, its vocabulary and config must match this run's
+    ckpt_path = latest_checkpoint(args.out_dir) if args.resume == "auto" else args.resume
+    ckpt = load_checkpoint(ckpt_path) if ckpt_path else None
+    if args.resume == "auto" and ckpt is None:
+        print0(f"--resume auto: no checkpoint in {args.out_dir}, starting from scratch")
+
+    # ---- vocabulary: all of GPT-2 (padded to 50304), or the tokens the shards use
+    vocab = None
+    if args.vocab_subset:
+        vocab = SubsetTokenizer(fineweb.token_ids(args.data_dir)).ids  # sorted GPT-2 ids; model token i = vocab[i]
+    if ckpt is not None and ckpt["vocab"] != vocab:
+        raise ValueError(f"{ckpt_path} was trained with a vocabulary of "
+                         f"{'50304 (all GPT-2)' if ckpt['vocab'] is None else len(ckpt['vocab'])} tokens, this run has "
+                         f"{'50304 (all GPT-2)' if vocab is None else len(vocab)}: use the same --data-dir/--vocab-subset")
+
+    # ---- model
+    model_kw = dict(PRESETS[TRAIN_PRESETS[args.preset]["model"]])
+    model_kw.update({k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd") if getattr(args, k) is not None})
+    model_kw["vocab_size"] = len(vocab) if vocab is not None else 50304
+    model_kw["block_size"] = max(model_kw.get("block_size", 1024), T)
+    config = GPTConfig(**model_kw)
+    if ckpt is not None and ckpt["config"] != dataclasses.asdict(config):
+        diff = {k: (ckpt["config"].get(k), v) for k, v in dataclasses.asdict(config).items() if ckpt["config"].get(k) != v}
+        raise ValueError(f"{ckpt_path} holds a model with a different config: (checkpoint, this run) = {diff}; "
+                         f"resume with the same --preset/--n-layer/--n-head/--n-embd/-T")
+    torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    raw_model = GPT(config).to(dist.device)
+    optimizer = raw_model.configure_optimizers(args.weight_decay, args.lr, betas=(0.9, 0.95), device_type=dist.device_type)
+    model = torch.compile(raw_model) if use_compile else raw_model  # shares raw_model's parameters
+    if dist.ddp:
+        model = DDP(model, device_ids=[dist.local_rank] if dist.device_type == "cuda" else None)
+
+    # ---- data
+    train_loader = fineweb.ShardLoader(args.data_dir, "train", B, T, dist.rank, dist.world_size, vocab,
+                                       step_tokens=args.total_batch)
+    val_loader = fineweb.ShardLoader(args.data_dir, "val", B, T, dist.rank, dist.world_size, vocab)
+    start_step, last_ckpt = 0, None
+    if ckpt is not None:
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        train_loader.load_state(ckpt["loader"])
+        set_rng_state(ckpt["rng"])
+        start_step, last_ckpt = ckpt["step"], ckpt_path
+        changed = {k: (ckpt["args"].get(k), v) for k, v in vars(args).items()
+                   if k not in ("resume", "stop_step") and ckpt["args"].get(k) != v}
+        if changed:
+            print0(f"note: resuming with changed arguments (checkpoint, now): {changed}")
+        del ckpt  # the optimizer state of a big model is large; it now lives in `optimizer`
+
+    tokenizer = SubsetTokenizer(vocab) if vocab is not None else get_tokenizer()
+    logger = JsonlLogger(os.path.join(args.out_dir, "log.jsonl"), resume=start_step > 0,
+                         config={"args": vars(args), "model": dataclasses.asdict(config), "grad_accum": grad_accum,
+                                 "world_size": dist.world_size, "compile": use_compile},
+                         device=dist.device) if dist.master else None
+
+    def note(message, **record):  # a remark every reader of the log should see, printed and logged
+        print0(message)
+        if logger:
+            logger.log(event="note", message=message, **record)
+
+    print0(f"model {raw_model.num_params() / 1e6:.2f}M params {config}; {dist.world_size} process(es) on {dist.device}; "
+           f"{args.total_batch:,} tokens/step = {B} x {T} x {dist.world_size} x {grad_accum} accumulation steps")
+
+    # ---- HellaSwag: skipped, with a note, when it cannot be run
+    examples = None
+    if args.hellaswag_every:
+        if vocab is not None:
+            note("HellaSwag skipped: the vocabulary is a subset of GPT-2's, its endings cannot be tokenized")
+        else:
+            if dist.master:  # one download, then every rank reads the file
+                try:
+                    hellaswag.download("val", args.hellaswag_dir)
+                except RuntimeError as e:
+                    note(f"HellaSwag skipped: {e}")
+            if dist.ddp:
+                torch_dist.barrier()
+            if os.path.exists(os.path.join(args.hellaswag_dir, "hellaswag_val.jsonl")):
+                examples = hellaswag.load_examples("val", args.hellaswag_dir, download_if_missing=False)[:args.hellaswag_limit]
+
+    # ---- sampling prompt: with a vocabulary subset the prompt may use tokens outside it
+    try:
+        prompt = [tokenizer.eot_token] + tokenizer.encode_ordinary(args.sample_prompt)
+    except ValueError as e:
+        note(f"samples start from <|endoftext|> alone: {e}")
+        prompt = [tokenizer.eot_token]
+
+    def save(step):
+        """Checkpoint the state before `step` (step = steps done). Never writes non-finite weights."""
+        nonlocal last_ckpt
+        if not all_finite(raw_model):
+            raise FloatingPointError(f"weights are not finite before step {step}; not checkpointing them; "
+                                     f"last good checkpoint: {last_ckpt}")
+        if dist.master:
+            path = os.path.join(args.out_dir, f"ckpt_{step:06d}.pt")
+            save_checkpoint(path, {"model": raw_model.state_dict(), "config": dataclasses.asdict(config),
+                                   "vocab": vocab, "optimizer": optimizer.state_dict(), "step": step,
+                                   "loader": train_loader.state(), "rng": rng_state(), "args": vars(args)})
+            last_ckpt = path
+            print0(f"saved {path}")
+
+    # -------------------------------------------------------------------------
+    # The training loop
+    end_step = min(args.max_steps, args.stop_step or args.max_steps)
+    dts = []  # recent step times, for tokens/s and the ETA
+    step = start_step
+    for step in range(start_step, end_step):
+        last = step == args.max_steps - 1
+
+        # ---- evaluation (timed apart from training: it does not count in tokens/s)
+        if args.val_every and (step % args.val_every == 0 or last):
+            model.eval()
+            val_loader.reset()
+            val_loss = torch.zeros((), device=dist.device)
+            val_steps = max(1, args.val_steps // dist.world_size)  # per rank: the same val tokens on any world size
+            with torch.no_grad():
+                for _ in range(val_steps):
+                    x, y = val_loader.next_batch()
+                    with autocast(dist.device_type):
+                        _, loss = model(x.to(dist.device), y.to(dist.device))
+                    val_loss += loss.detach() / val_steps
+            if dist.ddp:
+                torch_dist.all_reduce(val_loss)  # gloo has no AVG: sum, then divide
+                val_loss /= dist.world_size
+            model.train()
+            print0(f"step {step:6d} | val loss {val_loss.item():.4f}")
+            if logger:
+                logger.log(step=step, val_loss=val_loss.item())
+        if examples is not None and (step % args.hellaswag_every == 0 or last):
+            # through raw_model: its shapes change every batch, which would make the compiled module recompile
+            acc, n = hellaswag.evaluate(raw_model, examples, dist.device, tokenizer, rank=dist.rank,
+                                        world_size=dist.world_size)
+            print0(f"step {step:6d} | hellaswag acc_norm {acc:.4f} ({n} examples)")
+            if logger:
+                logger.log(step=step, hellaswag=acc, hellaswag_n=n)
+        if dist.master and args.sample_every and step > 0 and (step % args.sample_every == 0 or last):
+            raw_model.eval()
+            gen = torch.Generator(device=dist.device).manual_seed(42)  # its own RNG: training's stays untouched
+            idx = torch.tensor([prompt] * 4, device=dist.device)  # (4, P)
+            with autocast(dist.device_type):
+                out = raw_model.generate(idx, min(32, config.block_size - len(prompt)), top_k=50, eot=None, generator=gen)
+            raw_model.train()
+            for row in out.tolist():
+                print0(f"sample: {tokenizer.decode([t for t in row[1:] if t < tokenizer.n_vocab])!r}")
+
+        # ---- one optimizer step over grad_accum micro-batches
+        t0 = time.time()
+        optimizer.zero_grad(set_to_none=True)
+        loss_accum = torch.zeros((), device=dist.device)
+        for micro_step in range(grad_accum):
+            x, y = train_loader.next_batch()
+            x, y = x.to(dist.device), y.to(dist.device)  # (B, T) each
+            # DDP all-reduces gradients during backward; between micro-steps we only accumulate locally,
+            # so the (expensive) sync happens once per optimizer step, on the last micro-step
+            sync = nullcontext() if not dist.ddp or micro_step == grad_accum - 1 else model.no_sync()
+            with sync:
+                with autocast(dist.device_type):
+                    _, loss = model(x, y)
+                # The loss is a mean over the B*T tokens of one micro-batch, and backward() *adds* gradients
+                # up over micro-steps: without dividing by grad_accum we would get the sum of grad_accum means,
+                # i.e. a gradient grad_accum times too large. Dividing makes it the mean over the whole batch,
+                # exactly what one big batch of total_batch tokens would give.
+                loss = loss / grad_accum
+                loss_accum += loss.detach()
+                loss.backward()
+        if dist.ddp:
+            torch_dist.all_reduce(loss_accum)  # for the log: the mean over all ranks
+            loss_accum /= dist.world_size
+        check_finite(loss_accum, step, last_ckpt)
+        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+        check_finite(norm, step, last_ckpt)  # an inf gradient would put inf into every weight
+        lr = lr_at(step, args.max_steps, args.warmup_steps, args.lr, 0.1 * args.lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        if dist.device_type == "cuda":
+            torch.cuda.synchronize()  # wait for the GPU, so the time is the step's
+        dt = time.time() - t0
+        dts = (dts + [dt])[-20:]
+
+        # ---- log
+        tokens_per_s = args.total_batch / dt
+        record = dict(step=step, loss=loss_accum.item(), lr=lr, grad_norm=norm.item(), tokens_per_s=tokens_per_s, dt=dt)
+        if dist.device_type == "cuda":
+            record["mfu"] = estimate_mfu(raw_model.num_params(), config.n_layer, config.n_head,
+                                         config.n_embd // config.n_head, T, tokens_per_s)
+        if logger:
+            logger.log(**record)
+        if step % args.log_every == 0 or step == end_step - 1:
+            eta = format_eta(sum(dts) / len(dts) * (end_step - step - 1))  # from the last 20 steps
+            mfu = f" | mfu {record['mfu']:.0%}" if "mfu" in record else ""
+            print0(f"step {step:6d}/{args.max_steps} | loss {record['loss']:.4f} | lr {lr:.2e} | norm {record['grad_norm']:.3f} "
+                   f"| {dt * 1000:.0f} ms | {tokens_per_s:,.0f} tok/s{mfu} | eta {eta}")
+
+        if args.ckpt_every and (step + 1) % args.ckpt_every == 0 and step + 1 < end_step:
+            save(step + 1)
+
+    if end_step > start_step:
+        save(end_step)  # the end of the run, or of this job (--stop-step): --resume continues from here
+    if logger:
+        logger.log(event="end", step=end_step)
+        logger.close()
+    return raw_model
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
