@@ -140,7 +140,7 @@ def test_random_init_follows_transformers_scheme():
     # same init recipe as transformers' CLIP (std per parameter group), so the random miniature encoder is the
     # architecture and initialisation of a real CLIP before training
     torch.manual_seed(0)
-    config = transformers.CLIPVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+    config = transformers.CLIPVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=2,
                                            num_attention_heads=4, image_size=64, patch_size=4)
     hf = transformers.CLIPVisionModel(config)  # transformers 5: the tower sits at the top level
     ours = load_clip("random-vit:mini:seed0")

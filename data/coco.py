@@ -1,0 +1,415 @@
+"""
+COCO 2017 captions: download, read, and cache the frozen encoder's features once.
+
+Captioning trains for many epochs over the same images, and the image tower is frozen, so its output never
+changes: we run it once per image and keep the (pooled) tokens on disk as fp16 memory-mapped arrays. Training
+then reads features at disk speed instead of running a ViT-L/14 on every step.
+
+    python data/coco.py download --root data/coco
+    python data/coco.py features --root data/coco --split train --encoder openai/clip-vit-large-patch14 \\
+        --out data/cache/coco_train_L14_4x8
+    python data/coco.py features --root data/shapes --split train --encoder random-vit:mini:seed0 \\
+        --out data/cache/shapes_train      # the offline miniature (data/shapes.py writes the same format)
+
+A COCO-format root holds annotations/captions_{split}2017.json and the images in {split}2017/.
+With --karpathy-json dataset_coco.json the split is Karpathy's (train 113k incl. restval / val 5k / test 5k),
+the one published CIDEr numbers use; its images are found in train2017/ or val2017/ by their COCO id.
+
+The cache folder (--out):
+    manifest.json   encoder id, layer, pooling, image size, token count and width, how many images, a hash of
+                    the image list, the images skipped and why; "complete": true once finished
+    features.fp16   raw float16 array (count, tokens, width), one row per image, memory-mapped
+    image_ids.npy   the COCO image id of each row
+    stats.npz       per-(token, channel) mean and std over this cache: standardising is the CONSUMER's job
+                    (use the training cache's stats for every split); the stored features are never altered
+"""
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+# runnable as `python data/coco.py` from the repo root as well as `import data.coco`
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import clip_loader  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# Download (with resume), or use a COCO folder that is already there
+
+COCO_URLS = {
+    "train": "http://images.cocodataset.org/zips/train2017.zip",          # 118k images, 18 GB
+    "val": "http://images.cocodataset.org/zips/val2017.zip",              # 5k images, 0.8 GB
+    "annotations": "http://images.cocodataset.org/annotations/annotations_trainval2017.zip",  # 241 MB
+}
+
+
+def download(url, dest, chunk_size=1 << 20):
+    """
+    Fetch url to dest with a progress bar. An interrupted download leaves dest + ".part"; the next call asks the
+    server only for the missing bytes (an HTTP Range request) and appends them. dest exists only when complete.
+    """
+    if os.path.exists(dest):
+        return dest
+    part = dest + ".part"
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # nothing left to send: the .part file is already the whole file
+            os.replace(part, dest)
+            return dest
+        raise RuntimeError(f"could not download {url}: HTTP {e.code} {e.reason}") from e
+    except (urllib.error.URLError, OSError) as e:
+        raise RuntimeError(
+            f"could not download {url} ({e}). Offline? Fetch it on a machine with internet, unzip it under the COCO "
+            f"root (annotations/captions_{{train,val}}2017.json, train2017/, val2017/) and pass that root; or run "
+            f"the offline miniature: python data/shapes.py --out data/shapes") from e
+    with response:
+        if have and response.status != 206:  # the server ignored the Range header: start over
+            have = 0
+        total = have + int(response.headers.get("Content-Length", 0))
+        with open(part, "ab" if have else "wb") as f, tqdm(total=total or None, initial=have, unit="B", unit_scale=True,
+                                                           unit_divisor=1024, desc=os.path.basename(dest)) as bar:
+            while chunk := response.read(chunk_size):
+                f.write(chunk)
+                bar.update(len(chunk))
+    os.replace(part, dest)
+    return dest
+
+
+def has_split(root, split):
+    return (os.path.isfile(os.path.join(root, "annotations", f"captions_{split}2017.json"))
+            and os.path.isdir(os.path.join(root, f"{split}2017")))
+
+
+def ensure_coco(root, splits=("train", "val")):
+    """COCO 2017 under root: used as it is when present, otherwise downloaded and unzipped there."""
+    os.makedirs(root, exist_ok=True)
+    wanted = ["annotations"] * (not all(os.path.isfile(os.path.join(root, "annotations", f"captions_{s}2017.json"))
+                                        for s in splits))
+    wanted += [s for s in splits if not os.path.isdir(os.path.join(root, f"{s}2017"))]
+    for name in wanted:
+        url = COCO_URLS[name]
+        zip_path = download(url, os.path.join(root, os.path.basename(url)))
+        print(f"unzipping {zip_path}", file=sys.stderr)
+        try:
+            with zipfile.ZipFile(zip_path) as z:
+                z.extractall(root)
+        except zipfile.BadZipFile as e:
+            raise RuntimeError(f"{zip_path} is not a valid zip ({e}); delete it and download again") from e
+        os.remove(zip_path)  # 19 GB we no longer need
+    return root
+
+# -----------------------------------------------------------------------------
+# Records: (image, its reference captions)
+
+
+def load_records(root, split, karpathy_json=None):
+    """
+    [{"image_id": int, "path": str, "captions": [str, ...]}, ...] for one split, in the annotation file's order.
+    Without karpathy_json: COCO's own split (annotations/captions_{split}2017.json, images in {split}2017/).
+    With it: Karpathy's split; "train" includes his "restval" images, as every paper using it does.
+    """
+    if karpathy_json is not None:
+        return load_karpathy_records(root, split, karpathy_json)
+    path = os.path.join(root, "annotations", f"captions_{split}2017.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: expected a COCO-format root (run `python data/coco.py download "
+                                f"--root {root}`, or `python data/shapes.py --out {root}` for the miniature)")
+    with open(path) as f:
+        coco = json.load(f)
+    captions = {}
+    for a in coco["annotations"]:
+        captions.setdefault(a["image_id"], []).append(a["caption"].strip())
+    return [dict(image_id=im["id"], path=os.path.join(root, f"{split}2017", im["file_name"]),
+                 captions=captions.get(im["id"], [])) for im in coco["images"]]
+
+
+def load_karpathy_records(root, split, karpathy_json):
+    """Karpathy's dataset_coco.json: images[] with filepath, filename, cocoid, split, sentences[].raw."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"Karpathy split {split!r}: use train, val or test")
+    keep = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}[split]
+    with open(karpathy_json) as f:
+        images = json.load(f)["images"]
+    records, missing = [], []
+    for im in images:
+        if im["split"] not in keep:
+            continue
+        # his paths are COCO 2014's (val2014/COCO_val2014_000000391895.jpg); 2017 holds the same images by id
+        candidates = [os.path.join(root, im.get("filepath", ""), im["filename"])]
+        candidates += [os.path.join(root, f"{s}2017", f"{im['cocoid']:012d}.jpg") for s in ("train", "val")]
+        path = next((p for p in candidates if os.path.isfile(p)), None)
+        if path is None:
+            missing.append(im["cocoid"])
+            continue
+        records.append(dict(image_id=im["cocoid"], path=path, captions=[s["raw"].strip() for s in im["sentences"]]))
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} images of Karpathy's {split} split are not under {root} "
+                                f"(e.g. COCO id {missing[0]}): expected train2017/ and val2017/ there")
+    return records
+
+# -----------------------------------------------------------------------------
+# Reading one image, robustly
+
+
+def load_pixels(path, size):
+    """
+    One image file -> (size, size, 3) uint8, exactly as CLIP preprocesses it; or the reason it cannot be read.
+    Zero-byte, corrupt and truncated files are reported, not fatal: one bad file in 118k must not kill the run.
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()  # decoding happens here: a truncated file fails now, not later
+            return clip_loader.resize_crop(image, size), None  # any mode (L, LA, P, RGBA, CMYK, I;16) -> RGB
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return None, f"{type(e).__name__}: {e}"
+
+# -----------------------------------------------------------------------------
+# The feature cache
+
+FORMAT = 1
+SETTINGS = ("format", "encoder", "layer", "pooling", "image_size", "tokens", "width", "images", "image_list_sha256")
+
+
+def cache_settings(model, pool_grid, records=None):
+    """What a cache made by this encoder and pooling must record (and match, to be reused)."""
+    c = model.config
+    tokens = c.tokens if pool_grid is None else 1 + pool_grid[0] * pool_grid[1]
+    settings = dict(format=FORMAT, encoder=model.encoder_id, layer=model.layer,
+                    pooling="none" if pool_grid is None else f"{pool_grid[0]}x{pool_grid[1]}",
+                    image_size=c.image_size, tokens=tokens, width=c.width, untrained=clip_loader.is_untrained(model))
+    if records is not None:
+        listing = "".join(f"{r['image_id']}\t{os.path.basename(r['path'])}\n" for r in records)
+        settings.update(images=len(records), image_list_sha256=hashlib.sha256(listing.encode()).hexdigest())
+    return settings
+
+
+def differences(have, want):
+    """'field: cache has X, expected Y' for every field of `want` that `have` records differently."""
+    return [f"{k}: cache has {have.get(k)!r}, expected {v!r}" for k, v in want.items() if have.get(k) != v]
+
+
+def write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)  # atomic: a crash never leaves a half-written manifest
+
+
+def build_feature_cache(records, encoder, out_dir, batch_size=64, pool_grid=(4, 8), layer=-1, device=None,
+                        num_workers=4):
+    """
+    Run the frozen encoder once over every record's image; write the cache described at the top of this file.
+    encoder: a model from clip_loader.load_clip, or its id (then loaded with `layer`).
+    Re-running finishes an interrupted build (rows already written are not recomputed); a folder holding a cache
+    made with other settings or another image list is refused with a ValueError naming what differs.
+    Returns the FeatureCache.
+    """
+    model = clip_loader.load_clip(encoder, layer=layer) if isinstance(encoder, str) else encoder
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    if not records:
+        raise ValueError("no images to encode")
+    settings = cache_settings(model, pool_grid, records)
+    os.makedirs(out_dir, exist_ok=True)
+    manifest_path = os.path.join(out_dir, "manifest.json")
+    if os.path.exists(manifest_path):
+        with open(manifest_path) as f:
+            old = json.load(f)
+        diff = differences(old, {k: settings[k] for k in SETTINGS})
+        if diff:
+            raise ValueError(f"{out_dir} holds a feature cache made with different settings ({'; '.join(diff)}). "
+                             f"Delete that folder or pass another --out; it is never silently reused.")
+        if old.get("complete"):
+            print(f"{out_dir}: complete ({old['count']} images), nothing to do", file=sys.stderr)
+            return FeatureCache(out_dir)
+    else:
+        write_json(manifest_path, dict(settings, complete=False, count=None, skipped=[]))
+
+    N, S, C = len(records), settings["tokens"], settings["width"]
+    features_path, status_path = os.path.join(out_dir, "features.fp16"), os.path.join(out_dir, "status.npy")
+    skipped_path = os.path.join(out_dir, "skipped.json")
+    # status per row: 0 = to do, 1 = written, 2 = unreadable image (skipped)
+    status = np.load(status_path) if os.path.exists(status_path) else np.zeros(N, dtype=np.uint8)
+    skipped = json.load(open(skipped_path)) if os.path.exists(skipped_path) else []
+    features = np.memmap(features_path, dtype=np.float16, mode="r+" if os.path.exists(features_path) else "w+",
+                         shape=(N, S, C))
+    todo = np.flatnonzero(status == 0)
+    batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+    size = model.config.image_size
+
+    def load_batch(rows):
+        return list(pool.map(lambda r: load_pixels(records[r]["path"], size), rows))
+
+    t0 = time.time()
+    with ThreadPoolExecutor(num_workers) as pool, ThreadPoolExecutor(1) as prefetch, \
+            tqdm(total=N, initial=N - len(todo), unit="img", desc=f"features {settings['encoder']}") as bar:
+        # decoding and resizing (PIL releases the GIL) overlap with the model: batch k+1 loads while k runs
+        upcoming = prefetch.submit(load_batch, batches[0]) if batches else None
+        for k, rows in enumerate(batches):
+            loaded = upcoming.result()
+            upcoming = prefetch.submit(load_batch, batches[k + 1]) if k + 1 < len(batches) else None
+            good = [r for r, (pixels, _) in zip(rows, loaded) if pixels is not None]
+            for r, (pixels, reason) in zip(rows, loaded):
+                if pixels is None:
+                    tqdm.write(f"skipping {records[r]['path']}: {reason}", file=sys.stderr)
+                    skipped.append(dict(image_id=records[r]["image_id"], path=records[r]["path"], reason=reason))
+                    status[r] = 2
+            if good:
+                pixels = torch.from_numpy(np.stack([p for p, _ in loaded if p is not None]))  # (B, H, W, 3) uint8
+                pixels = clip_loader.normalize_pixels(pixels.to(device))  # (B, 3, H, W)
+                tokens = clip_loader.pool_tokens(model(pixels), pool_grid)  # (B, S, C)
+                features[good] = tokens.to(torch.float16).cpu().numpy()
+                status[good] = 1
+            # features first, then the record of what is done: a crash in between only redoes this batch
+            features.flush()
+            write_json(skipped_path, skipped)
+            np.save(status_path + ".tmp.npy", status)
+            os.replace(status_path + ".tmp.npy", status_path)
+            bar.update(len(rows))
+    seconds = time.time() - t0
+    del features
+    finalize(out_dir, records, status, skipped, settings, N, S, C)
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable image(s) of {N}; listed in {manifest_path}", file=sys.stderr)
+    if todo.size:
+        print(f"{len(todo)} images in {seconds:.1f}s ({len(todo) / max(seconds, 1e-9):.1f} images/s)", file=sys.stderr)
+    return FeatureCache(out_dir)
+
+
+def finalize(out_dir, records, status, skipped, settings, N, S, C):
+    """Drop the skipped rows (moving good rows up, in place), write ids, stats and the complete manifest."""
+    features_path = os.path.join(out_dir, "features.fp16")
+    good = np.flatnonzero(status == 1)
+    features = np.memmap(features_path, dtype=np.float16, mode="r+", shape=(N, S, C))
+    if len(good) < N:
+        for dest, src in enumerate(good):  # dest <= src: moving rows up never overwrites a row still to move
+            if dest != src:
+                features[dest] = features[src]
+        features.flush()
+    del features
+    with open(features_path, "r+b") as f:
+        f.truncate(len(good) * S * C * 2)
+    np.save(os.path.join(out_dir, "image_ids.npy"), np.array([records[r]["image_id"] for r in good], dtype=np.int64))
+    # per-(token, channel) statistics, accumulated in float64 over chunks of rows
+    total, total_sq = np.zeros((S, C)), np.zeros((S, C))
+    if len(good):
+        features = np.memmap(features_path, dtype=np.float16, mode="r", shape=(len(good), S, C))
+        for i in range(0, len(good), 4096):
+            chunk = features[i:i + 4096].astype(np.float64)  # (b, S, C)
+            total += chunk.sum(0)
+            total_sq += (chunk ** 2).sum(0)
+        del features
+    mean = total / max(len(good), 1)
+    std = np.sqrt(np.maximum(total_sq / max(len(good), 1) - mean ** 2, 0))
+    np.savez(os.path.join(out_dir, "stats.npz"), mean=mean.astype(np.float32), std=std.astype(np.float32))
+    write_json(os.path.join(out_dir, "manifest.json"),
+               dict(settings, complete=True, count=int(len(good)), dtype="float16", skipped=skipped))
+    for name in ("status.npy", "skipped.json"):
+        os.remove(os.path.join(out_dir, name))
+
+
+class FeatureCache:
+    """
+    A finished feature cache, memory-mapped: features[row] is one image's (S, C) fp16 tokens, image_ids[row] its
+    COCO id. expect: a dict of manifest fields (e.g. cache_settings(model, grid)) that must match, else ValueError.
+    """
+
+    def __init__(self, out_dir, expect=None):
+        manifest_path = os.path.join(out_dir, "manifest.json")
+        if not os.path.exists(manifest_path):
+            raise FileNotFoundError(f"{out_dir} holds no feature cache (no manifest.json): build it with "
+                                    f"`python data/coco.py features ... --out {out_dir}`")
+        with open(manifest_path) as f:
+            self.manifest = json.load(f)
+        if not self.manifest.get("complete"):
+            raise ValueError(f"{out_dir}: the feature cache is incomplete; run the same features command again to finish it")
+        self.out_dir = out_dir
+        m = self.manifest
+        self.features = np.memmap(os.path.join(out_dir, "features.fp16"), dtype=np.float16, mode="r",
+                                  shape=(m["count"], m["tokens"], m["width"]))  # (N, S, C)
+        self.image_ids = np.load(os.path.join(out_dir, "image_ids.npy"))
+        self._rows = {int(i): row for row, i in enumerate(self.image_ids)}
+        self._stats = None
+        if expect is not None:
+            self.check_compatible(expect)
+
+    def check_compatible(self, expected):
+        """ValueError naming each field of `expected` (manifest keys) that this cache records differently."""
+        diff = differences(self.manifest, expected)
+        if diff:
+            raise ValueError(f"feature cache {self.out_dir} does not match: {'; '.join(diff)}")
+
+    def __len__(self):
+        return len(self.image_ids)
+
+    def row_of(self, image_id):
+        return self._rows[int(image_id)]
+
+    def batch(self, rows):
+        """Rows of features as a float32 tensor (B, S, C)."""
+        return torch.from_numpy(self.features[np.asarray(rows)].astype(np.float32))
+
+    @property
+    def mean(self):
+        """(S, C) float32 mean over this cache's images; standardise with the TRAINING cache's mean and std."""
+        return self.stats["mean"]
+
+    @property
+    def std(self):
+        return self.stats["std"]
+
+    @property
+    def stats(self):
+        if self._stats is None:
+            with np.load(os.path.join(self.out_dir, "stats.npz")) as z:
+                self._stats = {k: z[k] for k in z.files}
+        return self._stats
+
+# -----------------------------------------------------------------------------
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="COCO 2017 captions: download, and cache frozen-encoder features.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("download", help="download and unzip COCO 2017 (resumes interrupted downloads)")
+    p.add_argument("--root", default="data/coco")
+    p.add_argument("--splits", nargs="+", default=["train", "val"], choices=["train", "val"])
+    p = sub.add_parser("features", help="run a frozen encoder once over a split; write the feature cache")
+    p.add_argument("--root", default="data/coco", help="a COCO-format root (COCO itself, or data/shapes)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--karpathy-json", default=None, help="dataset_coco.json: use Karpathy's split")
+    p.add_argument("--encoder", default="openai/clip-vit-large-patch14",
+                   help="hub id, local hub-format folder, or random-vit:<preset>:seed<k>")
+    p.add_argument("--layer", type=int, default=-1, help="-1 = last block, -2 = penultimate (LLaVA)")
+    p.add_argument("--pool", default="4x8", help="ROWSxCOLS grid for the patch tokens (4x8 -> 33 tokens), or none")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=4, help="threads decoding images")
+    p.add_argument("--limit", type=int, default=None, help="only the first N images (smoke runs)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    if args.command == "download":
+        ensure_coco(args.root, args.splits)
+        print(f"COCO 2017 ready under {args.root}", file=sys.stderr)
+    else:
+        records = load_records(args.root, args.split, args.karpathy_json)[:args.limit]
+        model = clip_loader.load_clip(args.encoder, layer=args.layer)
+        print(clip_loader.describe(model), file=sys.stderr)
+        cache = build_feature_cache(records, model, args.out, args.batch_size, clip_loader.parse_grid(args.pool),
+                                    device=args.device, num_workers=args.workers)
+        print(f"{args.out}: {len(cache)} images x {cache.manifest['tokens']} tokens x {cache.manifest['width']}",
+              file=sys.stderr)

@@ -1,0 +1,216 @@
+# data/coco.py on a tiny COCO-format folder written here: odd image modes, a corrupt, a truncated and an empty
+# file; the feature cache's contents, resume, refusal of other settings; downloads resumed with HTTP Range.
+import http.server
+import io
+import json
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import clip_loader
+from data import coco
+
+ENCODER = "random-vit:tiny:seed0"  # 32 px, 17 tokens x 32
+
+
+def write_tiny_coco(root):
+    """train2017/ with 7 good images in odd modes and 3 bad files, and its caption file."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    good = {
+        "rgb.jpg": Image.fromarray(rgb),
+        "gray.png": Image.fromarray(rgb[..., 0], mode="L"),
+        "gray_alpha.png": Image.fromarray(rgb).convert("LA"),
+        "palette.png": Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=8),
+        "rgba.png": Image.fromarray(rng.integers(0, 256, (40, 30, 4), dtype=np.uint8), mode="RGBA"),
+        "cmyk.jpg": Image.fromarray(rgb).convert("CMYK"),
+        "sixteen.png": Image.fromarray((rgb[..., 1].astype(np.uint16) * 257)),  # I;16
+    }
+    folder = root / "train2017"
+    folder.mkdir(parents=True)
+    for name, image in good.items():
+        image.save(folder / name)
+    jpeg = io.BytesIO()
+    Image.fromarray(rgb).save(jpeg, format="JPEG")
+    (folder / "truncated.jpg").write_bytes(jpeg.getvalue()[:len(jpeg.getvalue()) // 2])
+    (folder / "corrupt.jpg").write_bytes(b"this is not an image" * 10)
+    (folder / "empty.jpg").write_bytes(b"")
+    names = list(good)[:3] + ["truncated.jpg"] + list(good)[3:5] + ["corrupt.jpg", "empty.jpg"] + list(good)[5:]
+    images = [dict(id=100 + i, file_name=n, width=70, height=50) for i, n in enumerate(names)]
+    annotations = [dict(id=1000 + 5 * i + k, image_id=100 + i, caption=f" caption {k} of {n} ")
+                   for i, n in enumerate(names) for k in range(5)]
+    (root / "annotations").mkdir()
+    (root / "annotations" / "captions_train2017.json").write_text(json.dumps(dict(images=images, annotations=annotations)))
+    return names
+
+
+@pytest.fixture
+def tiny_coco(tmp_path):
+    names = write_tiny_coco(tmp_path / "coco")
+    return str(tmp_path / "coco"), names
+
+
+def test_load_records(tiny_coco):
+    root, names = tiny_coco
+    records = coco.load_records(root, "train")
+    assert [r["image_id"] for r in records] == list(range(100, 100 + len(names)))
+    assert records[0]["path"] == os.path.join(root, "train2017", names[0]) and os.path.isfile(records[0]["path"])
+    assert records[0]["captions"] == [f"caption {k} of {names[0]}" for k in range(5)]  # stripped, all five
+    with pytest.raises(FileNotFoundError, match="captions_val2017.json"):
+        coco.load_records(root, "val")
+
+
+def test_karpathy_split(tmp_path):
+    root = tmp_path / "coco"
+    for split, ids in (("train", [1, 2, 3]), ("val", [4, 5])):
+        (root / f"{split}2017").mkdir(parents=True)
+        for i in ids:
+            Image.new("RGB", (8, 8)).save(root / f"{split}2017" / f"{i:012d}.jpg")
+    splits = {1: "train", 2: "restval", 3: "test", 4: "val", 5: "restval"}
+    images = [dict(filepath="val2014" if i > 3 else "train2014", filename=f"COCO_x2014_{i:012d}.jpg", cocoid=i,
+                   split=s, sentences=[dict(raw=f"A caption of {i}. "), dict(raw="another")]) for i, s in splits.items()]
+    path = tmp_path / "dataset_coco.json"
+    path.write_text(json.dumps(dict(images=images)))
+    train = coco.load_records(str(root), "train", karpathy_json=str(path))
+    assert [r["image_id"] for r in train] == [1, 2, 5]  # train + restval
+    assert train[2]["path"] == str(root / "val2017" / "000000000005.jpg")  # found in 2017's folders by id
+    assert train[0]["captions"] == ["A caption of 1.", "another"]
+    assert [r["image_id"] for r in coco.load_records(str(root), "test", karpathy_json=str(path))] == [3]
+    os.remove(root / "val2017" / "000000000004.jpg")
+    with pytest.raises(FileNotFoundError, match="COCO id 4"):
+        coco.load_records(str(root), "val", karpathy_json=str(path))
+
+
+def expected_tokens(records, model, grid):
+    """What the cache must hold: our own preprocessing and model, one image at a time, in fp16."""
+    images = [clip_loader.to_rgb(Image.open(r["path"])) for r in records]
+    return clip_loader.encode_images(model, images, grid).half()
+
+
+def test_feature_cache_contents_and_bad_images(tiny_coco, tmp_path, capsys):
+    root, names = tiny_coco
+    records = coco.load_records(root, "train")
+    model = clip_loader.load_clip(ENCODER)
+    out = str(tmp_path / "cache")
+    cache = coco.build_feature_cache(records, model, out, batch_size=4, pool_grid=(2, 2), num_workers=2)
+    err = capsys.readouterr().err
+    bad = {"truncated.jpg", "corrupt.jpg", "empty.jpg"}
+    for name in bad:
+        assert name in err  # reported with its path
+    assert "skipped 3 unreadable image(s) of 10" in err
+    good = [r for r in records if os.path.basename(r["path"]) not in bad]
+    assert len(cache) == 7 and cache.features.shape == (7, 5, 32) and cache.features.dtype == np.float16
+    assert list(cache.image_ids) == [r["image_id"] for r in good]
+    torch.testing.assert_close(torch.from_numpy(np.array(cache.features)), expected_tokens(good, model, (2, 2)),
+                               atol=2e-3, rtol=2e-3)
+    row = cache.row_of(good[4]["image_id"])
+    assert row == 4 and cache.batch([row]).shape == (1, 5, 32) and cache.batch([row]).dtype == torch.float32
+    m = cache.manifest
+    assert m["encoder"] == ENCODER and m["layer"] == -1 and m["pooling"] == "2x2" and m["image_size"] == 32
+    assert m["complete"] and m["count"] == 7 and m["untrained"] and len(m["skipped"]) == 3
+    assert {os.path.basename(s["path"]) for s in m["skipped"]} == bad and all(s["reason"] for s in m["skipped"])
+    feats = np.asarray(cache.features, dtype=np.float64)
+    np.testing.assert_allclose(cache.mean, feats.mean(0), atol=1e-4)
+    np.testing.assert_allclose(cache.std, feats.std(0), atol=1e-3)
+    # the sixteen-bit image was scaled, not clipped to white
+    assert cache.batch([cache.row_of(records[names.index("sixteen.png")]["image_id"])]).std() > 0
+    # a second run has nothing to do; re-opening with the right expectations works
+    coco.build_feature_cache(records, model, out, batch_size=4, pool_grid=(2, 2))
+    assert "nothing to do" in capsys.readouterr().err
+    coco.FeatureCache(out, expect=coco.cache_settings(model, (2, 2), records))
+
+
+def test_interrupted_build_resumes_without_recomputing(tiny_coco, tmp_path):
+    root, _ = tiny_coco
+    records = coco.load_records(root, "train")
+    model = clip_loader.load_clip(ENCODER)
+    out = str(tmp_path / "cache")
+    calls = []
+    forward = model.forward
+
+    def dies_on_second_batch(pixels):
+        calls.append(len(pixels))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as if the user pressed ctrl-C during batch 2
+        return forward(pixels)
+
+    model.forward = dies_on_second_batch
+    with pytest.raises(KeyboardInterrupt):
+        coco.build_feature_cache(records, model, out, batch_size=3, pool_grid=(2, 2))
+    with pytest.raises(ValueError, match="incomplete"):
+        coco.FeatureCache(out)
+    calls.clear()
+    model.forward = lambda pixels: (calls.append(len(pixels)), forward(pixels))[1]
+    cache = coco.build_feature_cache(records, model, out, batch_size=3, pool_grid=(2, 2))
+    # batch 1 (3 images) was kept; batch 2 died before it was recorded and is redone; of the 7 images left, 3 are
+    # unreadable, so the model sees exactly 4
+    assert sum(calls) == 4
+    fresh = coco.build_feature_cache(records, clip_loader.load_clip(ENCODER), str(tmp_path / "fresh"), batch_size=5,
+                                     pool_grid=(2, 2))
+    # the same numbers up to fp16 rounding (a batch of 3 and a batch of 5 may round a last bit differently)
+    np.testing.assert_allclose(np.asarray(cache.features, dtype=np.float32), np.asarray(fresh.features, dtype=np.float32),
+                               atol=2e-3, rtol=2e-3)
+    assert list(cache.image_ids) == list(fresh.image_ids)
+
+
+def test_other_settings_are_refused(tiny_coco, tmp_path):
+    root, _ = tiny_coco
+    records = coco.load_records(root, "train")[:4]
+    out = str(tmp_path / "cache")
+    coco.build_feature_cache(records, ENCODER, out, batch_size=4, pool_grid=(2, 2))
+    with pytest.raises(ValueError, match="pooling: cache has '2x2', expected 'none'"):
+        coco.build_feature_cache(records, ENCODER, out, batch_size=4, pool_grid=None)
+    with pytest.raises(ValueError, match="encoder"):
+        coco.build_feature_cache(records, "random-vit:tiny:seed1", out, batch_size=4, pool_grid=(2, 2))
+    with pytest.raises(ValueError, match="image_list_sha256"):
+        coco.build_feature_cache(records[:3], ENCODER, out, batch_size=4, pool_grid=(2, 2))
+    with pytest.raises(ValueError, match="layer: cache has -1, expected -2"):
+        coco.FeatureCache(out, expect=dict(layer=-2))
+    with pytest.raises(FileNotFoundError, match="no feature cache"):
+        coco.FeatureCache(str(tmp_path))
+
+# -----------------------------------------------------------------------------
+# Downloads
+
+
+class RangeHandler(http.server.BaseHTTPRequestHandler):
+    """Serves PAYLOAD, honouring 'Range: bytes=N-' (Python's own http.server ignores Range)."""
+    PAYLOAD = bytes(range(256)) * 400
+    ranges = []
+
+    def do_GET(self):
+        start = 0
+        if "Range" in self.headers:
+            start = int(self.headers["Range"].removeprefix("bytes=").rstrip("-"))
+            self.ranges.append(start)
+        body = self.PAYLOAD[start:]
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_download_resumes_with_http_range(tmp_path):
+    server = http.server.HTTPServer(("127.0.0.1", 0), RangeHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/annotations.zip"
+        dest = str(tmp_path / "annotations.zip")
+        with open(dest + ".part", "wb") as f:
+            f.write(RangeHandler.PAYLOAD[:30000])  # an interrupted earlier download
+        coco.download(url, dest, chunk_size=4096)
+        assert RangeHandler.ranges == [30000]  # only the missing bytes were asked for
+        assert open(dest, "rb").read() == RangeHandler.PAYLOAD and not os.path.exists(dest + ".part")
+    finally:
+        server.shutdown()
+        server.server_close()
+    # offline (nothing listens there any more): a clear error, not a traceback from deep inside urllib
+    with pytest.raises(RuntimeError, match="Offline"):
+        coco.download(url, str(tmp_path / "other.zip"))
