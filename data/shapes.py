@@ -1,0 +1,313 @@
+"""
+The offline miniature world: a synthetic captioning data set in exactly COCO's format, made from a seed.
+
+Every image holds two filled shapes on a grey background, side by side or one above the other. A caption has
+to name each shape's size, colour and kind, and where they are relative to each other:
+
+    a small red circle to the left of a large blue square
+    a large blue square on the right and a small red circle on the left
+
+What gets written (to --out):
+    train2017/, val2017/                         the images (PNG), COCO file names
+    annotations/captions_{train,val}2017.json    COCO caption files: 5 different captions per image
+    scenes_{train,val}.json                      what was drawn, keyed by image id (for per-attribute scores)
+    corpus.jsonl                                 {"text": ...} documents for pretraining the tiny LM
+
+The corpus matters as much as the images. A frozen LM that has only seen single captions has no reason to
+prefer "red" over "blue" after "a small": nothing in its context ever predicted the colour. So each corpus
+document is 3-5 different captions of the SAME scene joined by ". ": to lower its loss the LM must learn to
+copy the attributes it has already read. That copying is what a bridge's prefix exploits later: it puts the
+image where the LM expects earlier captions. Corpus scenes are sampled on their own random stream, never from
+the train/val images, and use every word the captions use (the LM keeps only the tokens its corpus uses).
+
+parse_caption() reads a caption back into attributes and score_caption() compares it with the scene, so an
+evaluation can report colour / shape / size / position / relation accuracy next to CIDEr.
+
+    python data/shapes.py --out data/shapes --train 10000 --val 500 --seed 0
+"""
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from itertools import permutations
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+# The world: a handful of attributes, each clearly visible at 64 px
+
+COLOURS = {  # far apart in RGB, and all bright against the dark grey background
+    "red": (220, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (50, 90, 230),
+    "yellow": (235, 215, 40),
+    "purple": (160, 60, 210),
+}
+SHAPES = ("circle", "square", "triangle")  # filled, very different silhouettes (a random ViT must tell them apart)
+SIZES = {"small": (0.16, 0.21), "large": (0.36, 0.44)}  # the shape's extent, as a fraction of the image side
+RELATIONS = {"horizontal": ("left of", "right of"), "vertical": ("above", "below")}  # first object vs second
+REGIONS = {"horizontal": ("left", "right"), "vertical": ("top", "bottom")}  # where the first / second object is
+SUPERSAMPLE = 4  # draw at 4x and downsample: anti-aliased edges, so shape is more than a staircase of pixels
+
+# -----------------------------------------------------------------------------
+# Scenes: what to draw
+
+
+def sample_scene(rng, image_size=64):
+    """
+    A random scene: two objects, objects[0] left of (or above) objects[1], never overlapping.
+    Positions are pixel centres; the separation along the layout's axis always exceeds the offset across it,
+    so "left of" or "above" is never a matter of opinion.
+    """
+    layout = ("horizontal", "vertical")[rng.integers(2)]
+    objects = []
+    while len(objects) < 2:
+        size = ("small", "large")[rng.integers(2)]
+        lo, hi = SIZES[size]
+        obj = dict(colour=list(COLOURS)[rng.integers(len(COLOURS))], shape=SHAPES[rng.integers(len(SHAPES))],
+                   size=size, extent=round(float(rng.uniform(lo, hi)) * image_size, 1))
+        # two identical objects would make "a red square below a red square" true both ways round
+        if not objects or any(obj[a] != objects[0][a] for a in ("colour", "shape", "size")):
+            objects.append(obj)
+    S = image_size
+    while True:  # rejection sampling: a handful of tries at most
+        r0, r1 = objects[0]["extent"] / 2, objects[1]["extent"] / 2
+        along0 = rng.uniform(r0 + 1, S / 2 - 1)      # first object in the first half
+        along1 = rng.uniform(S / 2 + 1, S - r1 - 1)  # second object in the second half
+        across0, across1 = rng.uniform(r0 + 1, S - r0 - 1), rng.uniform(r1 + 1, S - r1 - 1)
+        if along1 - along0 >= r0 + r1 + 2 and abs(across1 - across0) <= 0.5 * (along1 - along0):
+            break
+    for obj, along, across, region in zip(objects, (along0, along1), (across0, across1), REGIONS[layout]):
+        x, y = (along, across) if layout == "horizontal" else (across, along)
+        obj.update(x=round(float(x), 1), y=round(float(y), 1), position=region)
+    background = int(rng.integers(25, 75))
+    return dict(layout=layout, relation=RELATIONS[layout][0], objects=objects, background=background)
+
+
+def draw_scene(scene, image_size=64):
+    """The scene as an RGB image: filled shapes on a plain grey background, anti-aliased."""
+    S = image_size * SUPERSAMPLE
+    image = Image.new("RGB", (S, S), (scene["background"],) * 3)
+    draw = ImageDraw.Draw(image)
+    for obj in scene["objects"]:
+        x, y, r = obj["x"] * SUPERSAMPLE, obj["y"] * SUPERSAMPLE, obj["extent"] * SUPERSAMPLE / 2
+        colour = COLOURS[obj["colour"]]
+        if obj["shape"] == "circle":
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=colour)
+        elif obj["shape"] == "square":
+            s = 0.85 * r  # a square of the same extent looks bigger than the circle; shrink it a little
+            draw.rectangle((x - s, y - s, x + s, y + s), fill=colour)
+        else:  # an upward triangle, base at the bottom
+            draw.polygon([(x, y - r), (x + r, y + r), (x - r, y + r)], fill=colour)
+    return image.resize((image_size, image_size), Image.Resampling.BOX)
+
+# -----------------------------------------------------------------------------
+# Captions: a few sentence frames, always "size colour shape" for an object
+
+
+def phrase(obj):
+    return f"a {obj['size']} {obj['colour']} {obj['shape']}"
+
+
+FRAMES = {  # {a} is the first (left / top) object, {b} the second
+    "horizontal": [
+        "{a} to the left of {b}",
+        "{b} to the right of {a}",
+        "{a} on the left and {b} on the right",
+        "{b} on the right and {a} on the left",
+        "there is {a} left of {b}",
+        "two shapes, {a} on the left and {b} on the right",
+    ],
+    "vertical": [
+        "{a} above {b}",
+        "{b} below {a}",
+        "{a} at the top and {b} at the bottom",
+        "{b} at the bottom and {a} at the top",
+        "there is {a} above {b}",
+        "two shapes, {a} at the top and {b} at the bottom",
+    ],
+}
+
+
+def captions_of(scene, rng, n=5):
+    """n different captions of one scene (different sentence frames, in random order)."""
+    a, b = (phrase(o) for o in scene["objects"])
+    frames = FRAMES[scene["layout"]]
+    return [frames[i].format(a=a, b=b) for i in rng.permutation(len(frames))[:n]]
+
+
+def vocabulary():
+    """Every word a caption can use (a few dozen): the corpus must contain each of them."""
+    words = {"a"} | set(COLOURS) | set(SHAPES) | set(SIZES)
+    for frames in FRAMES.values():
+        for frame in frames:
+            words |= set(re.findall(r"[a-z]+", frame.replace("{a}", "").replace("{b}", "")))
+    return sorted(words)
+
+# -----------------------------------------------------------------------------
+# Reading a caption back: attributes, and how many of them match the scene
+
+POSITION_WORDS = {"left", "right", "top", "bottom"}
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+REGION_OF = {"left of": ("left", "right"), "right of": ("right", "left"), "above": ("top", "bottom"),
+             "below": ("bottom", "top")}  # relation of mention 0 to mention 1 -> their regions
+
+
+def parse_caption(text):
+    """
+    A caption's attributes, in the order the objects are mentioned:
+        {"objects": [{"size", "colour", "shape", "position"}, ...], "relation": "left of" | ... | None}
+    An attribute the caption leaves out is None. "relation" is the first mentioned object's relation to the
+    second ("X to the right of Y" -> "right of"); "position" is an explicit "on the left" / "at the top".
+    Words outside the vocabulary are ignored, so a half-right caption still scores its right parts.
+    """
+    words = re.findall(r"[a-z]+", text.lower())
+    objects, relation, pending = [], None, {}
+    for i, w in enumerate(words):
+        nxt = words[i + 1] if i + 1 < len(words) else None
+        if w in SIZES:
+            pending["size"] = w
+        elif w in COLOURS:
+            pending["colour"] = w
+        elif w in SHAPES:
+            objects.append(dict(size=pending.get("size"), colour=pending.get("colour"), shape=w, position=None))
+            pending = {}
+        elif w in ("left", "right") and nxt == "of":
+            relation = relation or f"{w} of"
+        elif w in ("above", "below"):
+            relation = relation or w
+        elif w in POSITION_WORDS and objects and objects[-1]["position"] is None:
+            objects[-1]["position"] = w
+    return dict(objects=objects, relation=relation)
+
+
+def implied_regions(parsed):
+    """Where the caption puts its first two objects: explicit position words, else what the relation implies."""
+    regions = [o["position"] for o in parsed["objects"][:2]]
+    if parsed["relation"] and len(parsed["objects"]) >= 2:
+        implied = REGION_OF[parsed["relation"]]
+        regions = [r or implied[i] for i, r in enumerate(regions)]
+    return regions + [None] * (2 - len(regions))
+
+
+def score_caption(text, scene):
+    """
+    Per-attribute correctness of one caption against the scene it describes, each in [0, 1]:
+    colour, shape, size: fraction of the scene's two objects named with the right value;
+    position: fraction of the two objects placed in the right region (left/right/top/bottom);
+    relation: 1 if the objects' spatial order is stated correctly.
+    Mentions are matched to objects in whichever order agrees on more attributes, so "a large blue square to the
+    right of a small red circle" is as right as "a small red circle to the left of a large blue square".
+    """
+    parsed = parse_caption(text)
+    mentions = parsed["objects"][:2] + [dict(size=None, colour=None, shape=None, position=None)] * 2
+    regions = implied_regions(parsed)
+    objects = scene["objects"]
+    stated = parsed["relation"]  # from mention 0 to mention 1
+    if stated is None and None not in regions[:2] and regions[0] != regions[1]:
+        stated = {("left", "right"): "left of", ("right", "left"): "right of",
+                  ("top", "bottom"): "above", ("bottom", "top"): "below"}.get(tuple(regions[:2]))
+    best = None
+    for order in permutations(range(2)):  # order[k]: the mention matched to object k
+        scores = {a: sum(mentions[order[k]][a] == objects[k][a] for k in range(2)) / 2 for a in ("colour", "shape", "size")}
+        scores["position"] = sum(regions[order[k]] == objects[k]["position"] for k in range(2)) / 2
+        # the stated relation, turned into the scene's direction (object 0 to object 1)
+        relation = OPPOSITE[stated] if stated is not None and order != (0, 1) else stated
+        scores["relation"] = float(len(parsed["objects"]) >= 2 and relation == scene["relation"])
+        # the matching that agrees on more attributes wins; on a tie, the kinder spatial reading
+        key = (scores["colour"] + scores["shape"] + scores["size"], scores["position"] + scores["relation"])
+        if best is None or key > best[0]:
+            best = (key, scores)
+    return best[1]
+
+
+def attribute_accuracy(captions, scenes):
+    """Mean per-attribute score over {image_id: caption} against {image_id: scene} (ids as str or int)."""
+    totals = {}
+    for image_id, caption in captions.items():
+        for attribute, value in score_caption(caption, scenes[str(image_id)]).items():
+            totals[attribute] = totals.get(attribute, 0.0) + value
+    return {attribute: total / max(len(captions), 1) for attribute, total in totals.items()}
+
+# -----------------------------------------------------------------------------
+# Writing the data set
+
+
+SPLIT_ID_BASE = {"train": 0, "val": 1_000_000}  # COCO image ids are unique across splits; so are ours
+
+
+def write_split(out, split, count, seed, image_size=64):
+    """Draw `count` images of one split; write them, the COCO caption file and the scene file."""
+    rng = np.random.default_rng([seed, 1 + list(SPLIT_ID_BASE).index(split)])  # one stream per split
+    folder = os.path.join(out, f"{split}2017")
+    os.makedirs(folder, exist_ok=True)
+    os.makedirs(os.path.join(out, "annotations"), exist_ok=True)
+    images, annotations, scenes = [], [], {}
+    for i in tqdm(range(count), desc=f"{split} images", unit="img"):
+        image_id = SPLIT_ID_BASE[split] + i + 1
+        scene = sample_scene(rng, image_size)
+        file_name = f"{image_id:012d}.png"
+        draw_scene(scene, image_size).save(os.path.join(folder, file_name))
+        images.append(dict(id=image_id, file_name=file_name, width=image_size, height=image_size))
+        for caption in captions_of(scene, rng):
+            annotations.append(dict(id=len(annotations) + 1 + SPLIT_ID_BASE[split] * 10, image_id=image_id,
+                                    caption=caption))
+        scenes[str(image_id)] = scene
+    coco = dict(info=dict(description=f"shapes miniature, {split}, seed {seed}", version="1.0"), licenses=[],
+                images=images, annotations=annotations)
+    write_json(os.path.join(out, "annotations", f"captions_{split}2017.json"), coco)
+    write_json(os.path.join(out, f"scenes_{split}.json"), scenes)
+
+
+def corpus_documents(count, seed, image_size=64):
+    """LM pretraining text: each document is 3-5 different captions of one scene, joined by '. '."""
+    rng = np.random.default_rng([seed, 100])  # its own stream: these scenes are not the train/val images
+    for _ in range(count):
+        scene = sample_scene(rng, image_size)
+        yield ". ".join(captions_of(scene, rng, n=int(rng.integers(3, 6)))) + "."
+
+
+def write_corpus(path, count, seed, image_size=64):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for doc in corpus_documents(count, seed, image_size):
+            f.write(json.dumps({"text": doc}) + "\n")
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    tmp = path + ".tmp"  # atomic: a killed run never leaves a half-written file that looks finished
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+def generate(out, train=10000, val=500, corpus_docs=20000, seed=0, image_size=64):
+    """The whole miniature data set under `out`; returns seconds taken."""
+    t0 = time.time()
+    write_split(out, "train", train, seed, image_size)
+    write_split(out, "val", val, seed, image_size)
+    write_corpus(os.path.join(out, "corpus.jsonl"), corpus_docs, seed, image_size)
+    write_json(os.path.join(out, "info.json"), dict(seed=seed, train=train, val=val, corpus_docs=corpus_docs,
+                                                    image_size=image_size, vocabulary=vocabulary()))
+    return time.time() - t0
+
+# -----------------------------------------------------------------------------
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Generate the offline miniature captioning data set (COCO format).")
+    parser.add_argument("--out", default="data/shapes")
+    parser.add_argument("--train", type=int, default=10000, help="training images")
+    parser.add_argument("--val", type=int, default=500, help="validation images (the miniature's evaluation set)")
+    parser.add_argument("--corpus-docs", type=int, default=20000, help="LM pretraining documents in corpus.jsonl")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    seconds = generate(args.out, args.train, args.val, args.corpus_docs, args.seed, args.image_size)
+    print(f"wrote {args.train} train + {args.val} val images and {args.corpus_docs} corpus documents to "
+          f"{args.out} in {seconds:.1f}s; vocabulary of {len(vocabulary())} words", file=sys.stderr)
