@@ -1,0 +1,102 @@
+"""
+Feature extraction speed: our hand-written CLIP ViT against transformers' CLIPVisionModel with the same config,
+the same random weights and the same batch, in the same run; then read throughput of a feature cache.
+
+    python bench/bench_features.py                              # the miniature's encoder (random-vit:mini)
+    python bench/bench_features.py --preset openai/clip-vit-large-patch14 --batch-size 32 --steps 3
+
+Weights are random (no download): speed does not depend on their values. transformers is a test-only
+dependency; without it only our model is timed.
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import clip_loader  # noqa: E402
+from data import coco  # noqa: E402
+
+
+def images_per_second(model, pixels, steps):
+    with torch.no_grad():
+        model(pixels)  # warm-up
+        if pixels.is_cuda:
+            torch.cuda.synchronize()
+        t0 = time.time()
+        for _ in range(steps):
+            model(pixels)
+        if pixels.is_cuda:
+            torch.cuda.synchronize()
+    return steps * len(pixels) / (time.time() - t0)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Benchmark CLIP feature extraction and feature-cache reads.")
+    parser.add_argument("--preset", default="mini", help=f"one of {list(clip_loader.CLIP_PRESETS)}")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--cache-images", type=int, default=20000, help="rows in the synthetic cache read back")
+    parser.add_argument("--pool", default="4x8")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
+
+    # -------------------------------------------------------------------------
+    # 1. the encoder: ours vs transformers, same weights
+    config = clip_loader.CLIP_PRESETS[args.preset]
+    ours = clip_loader.build_random_clip(config, seed=0).to(device)
+    pixels = torch.randn(args.batch_size, 3, config.image_size, config.image_size, device=device)
+    print(f"{args.preset}: {config.tokens} tokens x {config.width}, {config.layers} blocks, batch {args.batch_size}")
+    ours_ips = images_per_second(ours, pixels, args.steps)
+    print(f"ours (clip_loader)          {ours_ips:8.1f} images/s")
+    try:
+        import transformers
+    except ImportError:
+        print("transformers not installed: no baseline")
+    else:
+        hf = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+            hidden_size=config.width, intermediate_size=config.mlp_width, num_hidden_layers=config.layers,
+            num_attention_heads=config.heads, image_size=config.image_size, patch_size=config.patch_size,
+            hidden_act=config.act, layer_norm_eps=config.layer_norm_eps))
+        # the same weights: our keys are the hub's, renamed
+        with tempfile.TemporaryDirectory() as d:
+            hf.save_pretrained(d)
+            ours = clip_loader.load_clip(d).to(device)
+        hf = hf.to(device).eval()
+        with torch.no_grad():
+            diff = (ours(pixels) - hf(pixel_values=pixels).last_hidden_state).abs().max().item()
+        hf_ips = images_per_second(lambda x: hf(pixel_values=x), pixels, args.steps)
+        ours_ips = images_per_second(ours, pixels, args.steps)
+        print(f"ours, again (same weights)  {ours_ips:8.1f} images/s   max |ours - theirs| = {diff:.1e}")
+        print(f"transformers CLIPVisionModel{hf_ips:8.1f} images/s   ours / theirs = {ours_ips / hf_ips:.2f}x")
+
+    # -------------------------------------------------------------------------
+    # 2. reading the feature cache: random mini-batches of rows, as a training loop does
+    grid = clip_loader.parse_grid(args.pool)
+    S = config.tokens if grid is None else 1 + grid[0] * grid[1]
+    with tempfile.TemporaryDirectory() as d:
+        N, C = args.cache_images, config.width
+        features = np.memmap(os.path.join(d, "features.fp16"), dtype=np.float16, mode="w+", shape=(N, S, C))
+        for i in range(0, N, 4096):
+            features[i:i + 4096] = np.random.default_rng(i).standard_normal((min(4096, N - i), S, C)).astype(np.float16)
+        features.flush()
+        del features
+        np.save(os.path.join(d, "image_ids.npy"), np.arange(N))
+        with open(os.path.join(d, "manifest.json"), "w") as f:
+            json.dump(dict(complete=True, count=N, tokens=S, width=C), f)
+        cache = coco.FeatureCache(d)
+        rng = np.random.default_rng(0)
+        batch, reads = 64, 0
+        t0 = time.time()
+        while time.time() - t0 < 3.0:
+            x = cache.batch(np.sort(rng.choice(N, batch, replace=False))).to(device)  # (B, S, C) float32
+            reads += batch
+        seconds = time.time() - t0
+        print(f"feature cache ({N} x {S} x {C} fp16, {N * S * C * 2 / 2**20:.0f} MiB): "
+              f"{reads / seconds:,.0f} samples/s in random batches of {batch}")
