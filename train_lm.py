@@ -2,7 +2,7 @@
 Pretrain GPT-2 on FineWeb-Edu token shards (made by data/fineweb.py), the "Let's reproduce GPT-2 (124M)" way.
 
     python train_lm.py                                              # GPT-2 124M on 10B tokens, one GPU
-    torchrun --standalone --nproc_per_node=8 train_lm.py            # the same run on 8 GPUs (~1.5 h on 8xH100... not yet run)
+    torchrun --standalone --nproc_per_node=8 train_lm.py            # the same run on 8 GPUs (not yet run)
     python train_lm.py --preset tiny --data-dir data/fineweb_edu_local --vocab-subset   # a CPU smoke run
 
 Defaults reproduce the lecture's run: 524,288 tokens per step (2**19, ~0.5M as in GPT-3 small) reached by
