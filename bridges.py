@@ -1,0 +1,339 @@
+"""
+Three ways to let a frozen GPT-2 see an image, side by side, and the captioner that joins one to the GPT.
+
+Every bridge reads the frozen vision encoder's tokens, visual (B, S, C_vis) (CLIP's class token + 32 pooled
+patch tokens by default), and returns what gpt2.py's one extension point accepts:
+- a prefix (B, P, C): embeddings placed before the caption, as if they were words (linear, Q-Former);
+- or per-block cross-attention callables that read the image from inside the GPT (cross-attention).
+The GPT itself is never copied or edited: the bridge is the only trainable part.
+
+    LinearBridge          each visual token -> one prefix embedding (ClipCap's idea, in one layer)
+    CrossAttentionBridge  gated cross-attention inserted into every k-th GPT block (Flamingo's idea)
+    QFormerBridge         learnable queries read the image, their outputs become the prefix (BLIP-2's idea)
+
+The captioner lays each example out as
+    [<|endoftext|>] [prefix p_1 .. p_P] [caption c_1 .. c_n] [<|endoftext|>]
+The LM was pretrained on documents that each start after an <|endoftext|>, so the image comes right after
+one, where the LM expects the start of a new text (a prefix before it would be read as the end of some
+previous document and largely ignored). The loss covers c_1 .. c_n and the final <|endoftext|> only.
+"""
+import math
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from gpt2 import GPTConfig, MLP
+
+# -----------------------------------------------------------------------------
+# The bridges' configuration: one dataclass for all three, stored in every checkpoint
+
+
+@dataclass
+class BridgeConfig:
+    kind: str = "qformer"       # linear | xattn | qformer
+    vis_dim: int = 1024         # width of the encoder's tokens (CLIP ViT-L/14: 1024)
+    vis_tokens: int = 33        # visual tokens per image (CLS + 32 pooled patches)
+    n_embd: int = 768           # the GPT's width (filled in from the LM)
+    n_layer: int = 12           # the GPT's depth (filled in from the LM)
+    vis_pos: bool = True        # learned position embedding of the visual tokens inside the bridge
+    # cross-attention bridge
+    xattn_every: int = 1        # a gated cross-attention layer in every k-th GPT block
+    xattn_heads: int = 12
+    # Q-Former bridge (the reference project's sizes)
+    queries: int = 32           # learnable query tokens = prefix length
+    qformer_layers: int = 2
+    qformer_width: int = 768
+    qformer_heads: int = 12
+
+
+def count_params(module):
+    """(total, trainable) parameter counts of a module."""
+    total = sum(p.numel() for p in module.parameters())
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return total, trainable
+
+# -----------------------------------------------------------------------------
+# Building blocks: attention from queries to a context (no causal mask: every query may see every token)
+
+
+class Attention(nn.Module):
+
+    def __init__(self, dim, n_head, context_dim=None):
+        super().__init__()
+        assert dim % n_head == 0
+        self.n_head = n_head
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(context_dim or dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def keys_values(self, context):
+        """Keys and values of a context (B, S, C_ctx) -> 2 x (B, nh, S, hs). An image's are computed once."""
+        B, S, _ = context.shape
+        k, v = self.kv(context).chunk(2, dim=-1)  # 2 x (B, S, C)
+        return [t.view(B, S, self.n_head, -1).transpose(1, 2) for t in (k, v)]  # 2 x (B, nh, S, hs)
+
+    def forward(self, x, context=None, kv=None, return_weights=False):
+        B, T, C = x.shape
+        k, v = kv if kv is not None else self.keys_values(context)
+        q = self.q(x).view(B, T, self.n_head, -1).transpose(1, 2)  # (B, nh, T, hs)
+        if return_weights:
+            # the explicit softmax, for pictures of where each query looks (same result as the fused kernel)
+            w = (q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))).softmax(dim=-1)  # (B, nh, T, S)
+            y = w @ v  # (B, nh, T, hs)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, T, hs)
+        y = self.proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+        return (y, w) if return_weights else y
+
+
+class VisualInput(nn.Module):
+    """Normalise the encoder's tokens, map them to the bridge's width and tell them apart by position."""
+
+    def __init__(self, vis_dim, vis_tokens, dim, use_pos):
+        super().__init__()
+        self.ln = nn.LayerNorm(vis_dim)  # CLIP's hidden states have a few very large channels; tame them
+        self.proj = nn.Linear(vis_dim, dim)
+        # Pooling keeps the grid order but attention is blind to order: without a position embedding the
+        # bridge cannot tell "left" from "right".
+        self.pos = nn.Parameter(torch.zeros(vis_tokens, dim)) if use_pos else None
+
+    def forward(self, visual):
+        x = self.proj(self.ln(visual))  # (B, S, dim)
+        if self.pos is not None:
+            if visual.size(1) != self.pos.size(0):
+                raise ValueError(f"bridge was built for {self.pos.size(0)} visual tokens, got {visual.size(1)} "
+                                 "(a feature cache with another pooling?)")
+            x = x + self.pos
+        return x
+
+# -----------------------------------------------------------------------------
+# Bridge 1: a linear map of each visual token into the GPT's embedding space, used as a prefix
+
+
+class LinearBridge(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln = nn.LayerNorm(config.vis_dim)
+        self.proj = nn.Linear(config.vis_dim, config.n_embd)
+
+    def forward(self, visual):
+        prefix = self.proj(self.ln(visual))  # (B, S, C): one word-like embedding per visual token
+        return prefix, None  # the GPT adds its own position embeddings to the prefix
+
+# -----------------------------------------------------------------------------
+# Bridge 2: gated cross-attention inside the frozen GPT blocks
+
+
+class GatedCrossAttention(nn.Module):
+    """
+    x + tanh(a) * attention(x -> image), then x + tanh(b) * MLP(x), with a = b = 0 at initialisation.
+    The gates start closed so the captioner starts as exactly the frozen LM, and training opens them
+    only as far as the image helps: the LM's knowledge is never disturbed by a random new layer.
+    """
+
+    def __init__(self, n_embd, n_head):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(n_embd)
+        self.attn = Attention(n_embd, n_head)
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.ln_2 = nn.LayerNorm(n_embd)
+        self.mlp = MLP(GPTConfig(n_embd=n_embd))  # the same MLP shape as a GPT-2 block, new weights
+        self.mlp_gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, kv):
+        x = x + torch.tanh(self.attn_gate) * self.attn(self.ln_1(x), kv=kv)  # (B, T, C)
+        x = x + torch.tanh(self.mlp_gate) * self.mlp(self.ln_2(x))
+        return x
+
+
+class CrossAttentionBridge(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.visual = VisualInput(config.vis_dim, config.vis_tokens, config.n_embd, config.vis_pos)
+        self.every = config.xattn_every
+        # one layer per chosen GPT block (blocks every-1, 2*every-1, ..., so the last block always has one)
+        self.layers = nn.ModuleDict({str(i): GatedCrossAttention(config.n_embd, config.xattn_heads)
+                                     for i in range(config.n_layer) if (i + 1) % self.every == 0})
+        self.n_layer = config.n_layer
+
+    def forward(self, visual):
+        context = self.visual(visual)  # (B, S, C)
+        # Keys and values of the image are computed here, once per image, not once per generated token.
+        cross = [None] * self.n_layer
+        for i, layer in self.layers.items():
+            cross[int(i)] = partial(layer, kv=layer.attn.keys_values(context))
+        return None, cross
+
+# -----------------------------------------------------------------------------
+# Bridge 3: a Q-Former (BLIP-2): learnable queries attend to each other and to the image, then become the prefix
+
+
+class QFormerLayer(nn.Module):
+
+    def __init__(self, width, n_head):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.self_attn = Attention(width, n_head)   # queries exchange what they found
+        self.ln_2 = nn.LayerNorm(width)
+        self.cross_attn = Attention(width, n_head)  # queries read the image
+        self.ln_3 = nn.LayerNorm(width)
+        self.mlp = MLP(GPTConfig(n_embd=width))
+
+    def forward(self, q, context, return_weights=False):
+        h = self.ln_1(q)
+        q = q + self.self_attn(h, context=h)  # (B, Q, W)
+        a = self.cross_attn(self.ln_2(q), context=context, return_weights=return_weights)
+        a, weights = a if return_weights else (a, None)
+        q = q + a
+        q = q + self.mlp(self.ln_3(q))
+        return q, weights
+
+
+class QFormerBridge(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        W = config.qformer_width
+        self.visual = VisualInput(config.vis_dim, config.vis_tokens, W, config.vis_pos)
+        self.queries = nn.Parameter(torch.randn(config.queries, W) * 0.02)  # (Q, W)
+        self.layers = nn.ModuleList([QFormerLayer(W, config.qformer_heads) for _ in range(config.qformer_layers)])
+        self.ln_f = nn.LayerNorm(W)
+        self.proj = nn.Linear(W, config.n_embd)
+
+    def forward(self, visual, return_weights=False):
+        context = self.visual(visual)  # (B, S, W)
+        q = self.queries.expand(visual.size(0), -1, -1)  # (B, Q, W)
+        for layer in self.layers:
+            q, weights = layer(q, context, return_weights)
+        prefix = self.proj(self.ln_f(q))  # (B, Q, C): Q word-like embeddings, whatever the number of patches
+        return (prefix, None, weights) if return_weights else (prefix, None)
+
+    def attention_maps(self, visual):
+        """The last layer's cross-attention weights (B, nh, Q, S): where each query looks in the image."""
+        return self(visual, return_weights=True)[2]
+
+
+BRIDGES = {"linear": LinearBridge, "xattn": CrossAttentionBridge, "qformer": QFormerBridge}
+
+# -----------------------------------------------------------------------------
+# The captioner: a bridge joined to a frozen GPT
+
+
+def caption_batch(token_lists, eot):
+    """
+    Captions (lists of token ids) -> tokens (B, T) and targets (B, T) for Captioner.forward.
+    Each row is the caption followed by <|endoftext|>; rows are padded with <|endoftext|> in `tokens`
+    (any valid id would do: the causal mask keeps padding from affecting real positions) and with -100
+    in `targets`, so padding carries no loss.
+    """
+    T = max(len(t) for t in token_lists) + 1
+    tokens = torch.full((len(token_lists), T), eot, dtype=torch.long)
+    targets = torch.full((len(token_lists), T), -100, dtype=torch.long)
+    for i, t in enumerate(token_lists):
+        tokens[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+        targets[i, :len(t) + 1] = tokens[i, :len(t) + 1]
+    return tokens, targets
+
+
+class Captioner(nn.Module):
+
+    def __init__(self, lm, bridge, eot, unfreeze_last=0):
+        super().__init__()
+        self.lm = lm
+        self.bridge = bridge
+        self.eot = eot
+        # Freeze once, here: no gradient and no optimizer state for the LM, except its last
+        # `unfreeze_last` blocks when asked (progressive unfreezing).
+        blocks = lm.transformer.h
+        for p in lm.parameters():
+            p.requires_grad_(False)
+        for block in blocks[len(blocks) - unfreeze_last:] if unfreeze_last else []:
+            for p in block.parameters():
+                p.requires_grad_(True)
+        self.unfreeze_last = unfreeze_last
+        self.lm.eval()
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.lm.eval()  # the frozen LM always runs as at inference
+        return self
+
+    def condition(self, visual):
+        """visual (B, S, C_vis) -> the GPT's prefix (B, 1 + P, C) and cross-attention callables (or None)."""
+        prefix, cross = self.bridge(visual)
+        B = visual.size(0)
+        start = self.lm.transformer.wte.weight[self.eot].expand(B, 1, -1)  # (B, 1, C): <|endoftext|>
+        prefix = start if prefix is None else torch.cat([start, prefix.to(start.dtype)], dim=1)
+        return prefix, cross
+
+    def forward(self, visual, tokens, targets=None):
+        """
+        visual (B, S, C_vis); tokens, targets (B, T) from caption_batch.
+        Returns logits over the text positions (B, T, V) and the mean loss over caption tokens.
+        """
+        prefix, cross = self.condition(visual)
+        L = prefix.size(1)
+        # The logits at position j predict the token at j + 1: the last prefix position predicts the first
+        # caption token, and the caption's own positions predict the rest and the final <|endoftext|>.
+        full = None
+        if targets is not None:
+            B = tokens.size(0)
+            pad = targets.new_full((B, L - 1), -100)
+            full = torch.cat([pad, targets, targets.new_full((B, 1), -100)], dim=1)  # (B, L + T)
+        logits, loss = self.lm(tokens, targets=full, prefix=prefix, cross=cross)
+        return logits[:, L - 1:-1], loss  # (B, T, V): row t predicts tokens[:, t]
+
+    @torch.no_grad()
+    def generate(self, visual, max_new_tokens=30, temperature=0.0, top_k=None, top_p=None, generator=None):
+        """Caption token lists for a batch of images, through the GPT's KV-cache generate (greedy by default)."""
+        prefix, cross = self.condition(visual)  # once per image
+        empty = torch.zeros(visual.size(0), 0, dtype=torch.long, device=visual.device)  # (B, 0): no text yet
+        out = self.lm.generate(empty, max_new_tokens, temperature, top_k, top_p, prefix=prefix, cross=cross,
+                               eot=self.eot, generator=generator)
+        captions = []
+        for row in out.tolist():
+            captions.append(row[:row.index(self.eot)] if self.eot in row else row)
+        return captions
+
+    def param_counts(self):
+        """Total and trainable parameters per part (the encoder is counted by whoever holds it)."""
+        parts = {"bridge": count_params(self.bridge), "lm": count_params(self.lm)}
+        return {name: {"total": t, "trainable": n} for name, (t, n) in parts.items()}
+
+    def trainable_state(self):
+        """What a checkpoint must hold: the bridge, and the LM blocks that were unfrozen (if any)."""
+        state = {"bridge": self.bridge.state_dict()}
+        if self.unfreeze_last:
+            n = len(self.lm.transformer.h)
+            state["lm_blocks"] = {str(i): self.lm.transformer.h[i].state_dict()
+                                  for i in range(n - self.unfreeze_last, n)}
+        return state
+
+    def load_trainable_state(self, state):
+        self.bridge.load_state_dict(state["bridge"])
+        for i, block_state in state.get("lm_blocks", {}).items():
+            self.lm.transformer.h[int(i)].load_state_dict(block_state)
+
+
+def build_captioner(lm, eot, kind, vis_dim, vis_tokens, unfreeze_last=0, **overrides):
+    """A captioner with a fresh bridge of the given kind, sized to the LM and the visual tokens."""
+    if kind not in BRIDGES:
+        raise ValueError(f"unknown bridge {kind!r}; choose one of {sorted(BRIDGES)}")
+    config = BridgeConfig(kind=kind, vis_dim=vis_dim, vis_tokens=vis_tokens,
+                          n_embd=lm.config.n_embd, n_layer=lm.config.n_layer, **overrides)
+    return Captioner(lm, BRIDGES[kind](config), eot, unfreeze_last), config
+
+
+def captioner_from_config(lm, eot, config, unfreeze_last=0):
+    """Rebuild a captioner from a checkpoint's bridge config (a dict), checking it fits this LM."""
+    config = BridgeConfig(**config)
+    if (config.n_embd, config.n_layer) != (lm.config.n_embd, lm.config.n_layer):
+        raise ValueError(f"bridge was trained for a GPT of width {config.n_embd} and depth {config.n_layer}, "
+                         f"this LM has {lm.config.n_embd} and {lm.config.n_layer}")
+    return Captioner(lm, BRIDGES[config.kind](config), eot, unfreeze_last), config
+

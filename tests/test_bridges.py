@@ -1,0 +1,194 @@
+import copy
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from bridges import BridgeConfig, Captioner, caption_batch, build_captioner, captioner_from_config, count_params
+from gpt2 import GPT, GPTConfig
+
+KINDS = ["linear", "xattn", "qformer"]
+EOT = 0  # the tiny LM's <|endoftext|> id
+SMALL = dict(xattn_heads=2, queries=4, qformer_layers=2, qformer_width=32, qformer_heads=2)
+
+
+def tiny_lm(seed=0, vocab=32):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(block_size=64, vocab_size=vocab, n_layer=2, n_head=2, n_embd=32))
+
+
+def make(kind, seed=0, vis_dim=16, vis_tokens=5, unfreeze_last=0, lm=None, **kw):
+    lm = lm or tiny_lm(seed)
+    torch.manual_seed(seed + 1)
+    captioner, config = build_captioner(lm, EOT, kind, vis_dim, vis_tokens, unfreeze_last, **{**SMALL, **kw})
+    return captioner
+
+
+@pytest.fixture(scope="module")
+def copying_lm():
+    """
+    A tiny LM pretrained to repeat its input: <|endoftext|> a_1..a_6 a_1..a_6 <|endoftext|>.
+    A frozen LM fresh from GPT-2's init cannot be steered far by any prefix (its tied output layer only
+    reaches logits of about +-0.6); a prefix bridge works by leaning on what the LM learned to do with its
+    context, and copying is the simplest such skill (a 2-layer induction circuit, ~3 s on a CPU).
+    """
+    lm = tiny_lm()
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=3e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        a = torch.randint(1, 32, (64, 6), generator=g)
+        eot = torch.full((64, 1), EOT)
+        x = torch.cat([eot, a, a, eot], dim=1)  # (64, 14)
+        targets = x[:, 1:].clone()
+        targets[:, :6] = -100  # the first copy is unpredictable; learn to repeat it, then stop
+        _, loss = lm(x[:, :-1], targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.1
+    return lm.state_dict()
+
+
+def open_gates(captioner, value=0.5):
+    """Closed gates make cross-attention a no-op; tests of its mechanics need them open."""
+    with torch.no_grad():
+        for name, p in captioner.bridge.named_parameters():
+            if name.endswith("gate"):
+                p.fill_(value)
+
+
+def test_caption_batch_pads_tokens_with_eot_and_targets_with_ignore():
+    tokens, targets = caption_batch([[5, 6], [7]], eot=9)
+    assert tokens.tolist() == [[5, 6, 9], [7, 9, 9]]
+    assert targets.tolist() == [[5, 6, 9], [7, 9, -100]]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_layout_positions_and_masks_on_a_hand_made_example(kind):
+    captioner = make(kind, vis_tokens=2)
+    seen = {}
+    forward = captioner.lm.forward
+
+    def spy(idx, targets=None, prefix=None, cross=None, cache=None):
+        seen.update(idx=idx, targets=targets, prefix=prefix)
+        return forward(idx, targets=targets, prefix=prefix, cross=cross, cache=cache)
+
+    captioner.lm.forward = spy
+    visual = torch.randn(2, 2, 16)
+    tokens, targets = caption_batch([[5, 6], [7]], EOT)
+    logits, loss = captioner(visual, tokens, targets)
+
+    P = {"linear": 2, "xattn": 0, "qformer": 4}[kind]  # prefix tokens after the <|endoftext|> start
+    prefix = seen["prefix"]
+    assert prefix.shape == (2, 1 + P, 32)
+    # the sequence starts with the LM's own <|endoftext|> embedding, then the image
+    assert torch.equal(prefix[:, 0], captioner.lm.transformer.wte.weight[EOT].expand(2, -1))
+    # the last prefix position predicts the first caption token; nothing before it carries loss
+    ignore = [-100] * P
+    assert seen["targets"].tolist() == [ignore + [5, 6, EOT, -100], ignore + [7, EOT, -100, -100]]
+    # returned logits are aligned with the caption tokens: row t predicts tokens[:, t]
+    assert logits.shape == (2, 3, 32)
+    expected = F.cross_entropy(logits.reshape(-1, 32), targets.reshape(-1), ignore_index=-100)
+    assert torch.allclose(loss, expected, atol=1e-6)
+
+
+def test_cross_attention_with_closed_gates_is_exactly_the_lm():
+    captioner = make("xattn")
+    tokens = torch.randint(1, 32, (3, 7))
+    logits, _ = captioner(torch.randn(3, 5, 16), tokens)
+    # the plain LM reading <|endoftext|> + the same tokens
+    plain, _ = captioner.lm(torch.cat([torch.full((3, 1), EOT), tokens], dim=1))
+    assert torch.allclose(logits, plain[:, :-1], atol=1e-6, rtol=0)
+    open_gates(captioner)
+    opened, _ = captioner(torch.randn(3, 5, 16), tokens)
+    assert not torch.allclose(opened, plain[:, :-1], atol=1e-3)  # and the image does matter once they open
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_bridge_overfits_a_tiny_batch_with_the_lm_frozen(kind, copying_lm):
+    lm = tiny_lm()
+    lm.load_state_dict(copying_lm)
+    captioner = make(kind, lm=lm, vis_dim=64, vis_tokens=6, queries=6)
+    params = [p for p in captioner.parameters() if p.requires_grad]
+    # the Q-Former (a deeper path, queries that start alike) needs a gentler step; at 3e-3 it stalls near loss 0.4
+    optimizer = torch.optim.AdamW(params, lr=1e-3 if kind == "qformer" else 3e-3, weight_decay=0.0)
+    torch.manual_seed(0)
+    visual = torch.randn(4, 6, 64)  # four "images"
+    captions = [torch.randint(1, 32, (6,)).tolist() for _ in range(4)]
+    tokens, targets = caption_batch(captions, EOT)
+    losses = []
+    for _ in range(400 if kind == "qformer" else 300):
+        _, loss = captioner(visual, tokens, targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
+    # frozen means frozen: bit-identical LM weights, and no optimizer state was allocated for them
+    for k, v in captioner.lm.state_dict().items():
+        assert torch.equal(v, copying_lm[k]), k
+    assert {id(p) for p in params} == {id(p) for p in captioner.bridge.parameters()}
+    assert {id(p) for p in optimizer.state} <= {id(p) for p in captioner.bridge.parameters()}
+    # and having learned, greedy decoding says the caption of each image
+    assert captioner.generate(visual, max_new_tokens=10) == captions
+
+
+def test_unfreeze_last_trains_only_the_last_blocks():
+    captioner = make("linear", unfreeze_last=1)
+    before = copy.deepcopy(captioner.lm.state_dict())
+    params = [p for p in captioner.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    tokens, targets = caption_batch([[3, 4, 5]], EOT)
+    _, loss = captioner(torch.randn(1, 5, 16), tokens, targets)
+    loss.backward()
+    optimizer.step()
+    after = captioner.lm.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed and all(k.startswith("transformer.h.1.") for k in changed)
+    assert set(captioner.trainable_state()["lm_blocks"]) == {"1"}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cached_generation_equals_uncached(kind):
+    captioner = make(kind, seed=3)
+    open_gates(captioner)
+    visual = torch.randn(3, 5, 16)
+    cached = captioner.generate(visual, max_new_tokens=12)
+    # uncached: re-run the whole sequence for every new token, no KV cache
+    prefix, cross = captioner.condition(visual)
+    seq = torch.zeros(3, 0, dtype=torch.long)
+    with torch.no_grad():
+        for _ in range(12):
+            logits, _ = captioner.lm(seq, prefix=prefix, cross=cross)
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    uncached = [row[:row.index(EOT)] if EOT in row else row for row in seq.tolist()]
+    assert cached == uncached
+    assert any(len(c) > 2 for c in cached)  # a real comparison, not of empty captions
+
+
+def test_qformer_attention_maps_are_distributions_over_the_image():
+    captioner = make("qformer")
+    maps = captioner.bridge.attention_maps(torch.randn(2, 5, 16))
+    assert maps.shape == (2, 2, 4, 5)  # (B, heads, queries, visual tokens)
+    assert torch.allclose(maps.sum(-1), torch.ones(2, 2, 4), atol=1e-6)
+
+
+def test_parameter_counts_per_part():
+    captioner = make("qformer")
+    counts = captioner.param_counts()
+    assert counts["lm"]["trainable"] == 0 and counts["lm"]["total"] == captioner.lm.num_params()
+    assert counts["bridge"]["trainable"] == counts["bridge"]["total"] == count_params(captioner.bridge)[0] > 0
+
+
+def test_mismatches_are_refused_clearly():
+    captioner = make("xattn", vis_tokens=5)
+    with pytest.raises(ValueError, match="built for 5 visual tokens, got 9"):
+        captioner(torch.randn(1, 9, 16), torch.tensor([[1, 2]]))
+    with pytest.raises(ValueError, match="unknown bridge"):
+        build_captioner(tiny_lm(), EOT, "perceiver", 16, 5)
+    config = BridgeConfig(kind="linear", vis_dim=16, vis_tokens=5, n_embd=64, n_layer=2)
+    with pytest.raises(ValueError, match="width 64"):
+        captioner_from_config(tiny_lm(), EOT, vars(config))
+    rebuilt, _ = captioner_from_config(tiny_lm(), EOT, vars(BridgeConfig(kind="linear", vis_dim=16, n_embd=32,
+                                                                         n_layer=2)))
+    assert isinstance(rebuilt, Captioner)
