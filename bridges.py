@@ -17,6 +17,7 @@ The LM was pretrained on documents that each start after an <|endoftext|>, so th
 one, where the LM expects the start of a new text (a prefix before it would be read as the end of some
 previous document and largely ignored). The loss covers c_1 .. c_n and the final <|endoftext|> only.
 """
+import hashlib
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -25,7 +26,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from gpt2 import GPTConfig, MLP
+from gpt2 import GPTConfig, MLP, load_lm
 
 # -----------------------------------------------------------------------------
 # The bridges' configuration: one dataclass for all three, stored in every checkpoint
@@ -242,11 +243,17 @@ def caption_batch(token_lists, eot):
 
 class Captioner(nn.Module):
 
-    def __init__(self, lm, bridge, eot, unfreeze_last=0):
+    def __init__(self, lm, bridge, eot, unfreeze_last=0, visual_stats=None):
         super().__init__()
         self.lm = lm
         self.bridge = bridge
         self.eot = eot
+        # Optional per-(token, channel) standardisation of the encoder's tokens with the TRAINING set's mean and
+        # std (a random ViT's features have very uneven scales); kept here so that every caller applies the same.
+        if visual_stats is not None:
+            self.register_buffer("visual_mean", torch.as_tensor(visual_stats["mean"], dtype=torch.float32))
+            self.register_buffer("visual_std", torch.as_tensor(visual_stats["std"], dtype=torch.float32))
+        self.standardize = visual_stats is not None
         # Freeze once, here: no gradient and no optimizer state for the LM, except its last
         # `unfreeze_last` blocks when asked (progressive unfreezing).
         blocks = lm.transformer.h
@@ -265,6 +272,8 @@ class Captioner(nn.Module):
 
     def condition(self, visual):
         """visual (B, S, C_vis) -> the GPT's prefix (B, 1 + P, C) and cross-attention callables (or None)."""
+        if self.standardize:
+            visual = (visual - self.visual_mean) / (self.visual_std + 1e-6)  # (B, S, C_vis)
         prefix, cross = self.bridge(visual)
         B = visual.size(0)
         start = self.lm.transformer.wte.weight[self.eot].expand(B, 1, -1)  # (B, 1, C): <|endoftext|>
@@ -320,20 +329,48 @@ class Captioner(nn.Module):
             self.lm.transformer.h[int(i)].load_state_dict(block_state)
 
 
-def build_captioner(lm, eot, kind, vis_dim, vis_tokens, unfreeze_last=0, **overrides):
+def build_captioner(lm, eot, kind, vis_dim, vis_tokens, unfreeze_last=0, visual_stats=None, **overrides):
     """A captioner with a fresh bridge of the given kind, sized to the LM and the visual tokens."""
     if kind not in BRIDGES:
         raise ValueError(f"unknown bridge {kind!r}; choose one of {sorted(BRIDGES)}")
     config = BridgeConfig(kind=kind, vis_dim=vis_dim, vis_tokens=vis_tokens,
                           n_embd=lm.config.n_embd, n_layer=lm.config.n_layer, **overrides)
-    return Captioner(lm, BRIDGES[kind](config), eot, unfreeze_last), config
+    return Captioner(lm, BRIDGES[kind](config), eot, unfreeze_last, visual_stats), config
 
 
-def captioner_from_config(lm, eot, config, unfreeze_last=0):
+def captioner_from_config(lm, eot, config, unfreeze_last=0, visual_stats=None):
     """Rebuild a captioner from a checkpoint's bridge config (a dict), checking it fits this LM."""
     config = BridgeConfig(**config)
     if (config.n_embd, config.n_layer) != (lm.config.n_embd, lm.config.n_layer):
         raise ValueError(f"bridge was trained for a GPT of width {config.n_embd} and depth {config.n_layer}, "
                          f"this LM has {lm.config.n_embd} and {lm.config.n_layer}")
-    return Captioner(lm, BRIDGES[config.kind](config), eot, unfreeze_last), config
+    return Captioner(lm, BRIDGES[config.kind](config), eot, unfreeze_last, visual_stats), config
+
+
+def load_captioner(path, lm=None, device="cpu"):
+    """
+    A captioner from a train_caption.py checkpoint, ready for inference: (captioner, tokenizer, checkpoint).
+    The frozen LM is loaded from the identity the checkpoint records (lm: another path to the same LM, if it
+    moved) and must be the very LM the bridge was trained on: its weights' fingerprint is checked.
+    """
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only, never code
+    if ckpt.get("kind") != "caption":
+        raise ValueError(f"{path} is not a train_caption.py checkpoint")
+    model, tokenizer = load_lm(lm or ckpt["lm"]["name"])
+    if lm_fingerprint(model) != ckpt["lm"]["fingerprint"]:
+        raise ValueError(f"{path}: the LM {lm or ckpt['lm']['name']!r} is not the one this bridge was trained on "
+                         f"(its weights differ); pass --lm with the right checkpoint")
+    captioner, _ = captioner_from_config(model, tokenizer.eot_token, ckpt["bridge_config"], ckpt["unfreeze_last"],
+                                         ckpt.get("visual_stats"))
+    captioner.load_trainable_state(ckpt["trainable"])
+    return captioner.to(device).eval(), tokenizer, ckpt
+
+
+def lm_fingerprint(lm):
+    """sha256 of the LM's weights, as stored: a bridge only makes sense on top of the exact LM it was trained on."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(lm.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
