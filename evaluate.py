@@ -31,21 +31,35 @@ Two things to keep in mind when reading the scores:
     >>> s = score_captions({1: "a dog runs on grass"}, {1: ["A dog running on the grass.", "a brown dog"]})
     >>> s["BLEU-1"], s["METEOR"], s["per_image"]["METEOR"]  # doctest: +SKIP
 """
+import argparse
 import atexit
+import json
+import math
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
+import textwrap
 import threading
 import time
 import unicodedata
 
 import numpy as np
+import torch
+from PIL import Image
+from torch.nn import functional as F
+from tqdm import tqdm
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer import ptbtokenizer
+
+import clip_loader
+from bridges import load_captioner
+from data.coco import FeatureCache, load_pixels, load_records
+from data.shapes import attribute_accuracy
 
 # -----------------------------------------------------------------------------
 # Metrics: cleaning and tokenizing captions
@@ -313,4 +327,618 @@ def score_captions(predictions, references, metrics=METRICS):
 
 
 # -----------------------------------------------------------------------------
-# Decoding (to come: batched greedy and beam search over the captioners)
+# Decoding: greedy, beam search and sampling, batched over images, through the GPT's KV cache
+#
+# Every method conditions on the image once (captioner.condition: the prefix and the cross-attention keys and
+# values), then feeds one token per step to the LM, which keeps the keys and values of everything before.
+
+
+@torch.no_grad()
+def beam_search(captioner, visual, beam=3, max_new_tokens=30, length_penalty=1.0):
+    """
+    Beam search for a batch of images: visual (B, S, C_vis) -> B captions (lists of token ids, without the
+    final <|endoftext|>). All B * beam hypotheses advance together, one LM call per step.
+
+    A hypothesis ends when it emits <|endoftext|>; it is then scored by
+        sum of its tokens' log-probabilities / length ** length_penalty      (length counts the <|endoftext|>)
+    so length_penalty=0 ranks by total log-probability and 1 by the mean per token (longer captions are not
+    punished for having more terms to sum). A hypothesis still running after max_new_tokens is scored the same
+    way over its max_new_tokens tokens.
+
+    Which ends count, and when to stop, follow the usual rule (Hugging Face's early_stopping=False): at each step
+    the 2 * beam best continuations are ranked; an <|endoftext|> among the first `beam` of them is a finished
+    hypothesis, and the best `beam` others are the next beams. An image is done when it holds `beam` finished
+    hypotheses and none of its live beams scores better at its current length. With length_penalty=0 that is
+    exact (a live beam's total can only fall); beam=1 is exactly greedy decoding.
+    """
+    lm, eot, K = captioner.lm, captioner.eot, beam
+    B = visual.size(0)
+    # Simplest correct way to give every beam its image: condition on each image repeated K times. Rows
+    # b*K .. b*K+K-1 are image b's beams; the cross-attention keys/values follow the same layout, and since
+    # beams are only ever reshuffled within an image, they never need reordering.
+    prefix, cross = captioner.condition(visual.repeat_interleave(K, dim=0))  # (B*K, L, C)
+    cache = lm.new_cache(B * K, prefix.size(1) + max_new_tokens)
+    empty = torch.zeros(B * K, 0, dtype=torch.long, device=visual.device)  # (B*K, 0): no text yet
+    logits, _ = lm(empty, prefix=prefix, cross=cross, cache=cache)  # prefill the prefix
+    logprobs = F.log_softmax(logits[:, -1].float(), dim=-1)  # (B*K, V)
+    V = logprobs.size(-1)
+
+    # At the start all K beams of an image are the same empty caption: keep only the first alive, or the
+    # first step would pick the same token K times.
+    scores = torch.full((B, K), float("-inf"), device=visual.device)  # (B, K) total log-probability per beam
+    scores[:, 0] = 0.0
+    tokens = torch.zeros(B * K, 0, dtype=torch.long, device=visual.device)  # (B*K, t) each beam's caption so far
+    finished = [[] for _ in range(B)]  # per image: (score, token list), best first, at most K
+    done = [False] * B
+    rows = torch.arange(B, device=visual.device)[:, None] * K  # (B, 1) first row of each image's beams
+
+    def normalized(total, length):
+        return total / length ** length_penalty
+
+    for t in range(max_new_tokens):
+        length = t + 1  # tokens in a hypothesis that ends (or stops) at this step
+        candidates = (scores[:, :, None] + logprobs.view(B, K, V)).view(B, K * V)  # (B, K*V)
+        top_scores, top_index = candidates.topk(2 * K, dim=-1)  # (B, 2K), best first
+        top_beam, top_token = top_index // V, top_index % V  # (B, 2K) which beam it extends, with which token
+        is_eot = top_token == eot
+
+        # finished hypotheses: <|endoftext|> among the first K candidates
+        for b, j in (is_eot[:, :K] & torch.isfinite(top_scores[:, :K])).nonzero().tolist():
+            if done[b]:
+                continue
+            caption = tokens[b * K + top_beam[b, j]].tolist()
+            finished[b].append((normalized(top_scores[b, j].item(), length), caption))
+            finished[b] = sorted(finished[b], key=lambda h: h[0], reverse=True)[:K]
+
+        # the next beams: the best K candidates that do not end (a stable sort keeps their rank order; there are
+        # always at least K, since each beam contributes at most one <|endoftext|> to the 2K)
+        keep = torch.argsort(is_eot.to(torch.int8), dim=-1, stable=True)[:, :K]  # (B, K) positions in the 2K
+        scores = top_scores.gather(1, keep)  # (B, K)
+        source = (rows + top_beam.gather(1, keep)).view(-1)  # (B*K,) the row each new beam continues
+        new_tokens = top_token.gather(1, keep).view(-1)  # (B*K,)
+        tokens = torch.cat([tokens[source], new_tokens[:, None]], dim=1)  # (B*K, t + 1)
+        cache.reorder(source)
+
+        for b in range(B):
+            if not done[b] and len(finished[b]) == K:
+                best_alive = normalized(scores[b, 0].item(), length)  # scores are sorted: beam 0 is the best
+                done[b] = best_alive <= finished[b][-1][0]
+        if all(done) or t == max_new_tokens - 1:
+            break
+        logits, _ = lm(new_tokens[:, None], cross=cross, cache=cache)  # (B*K, 1, V): one position per beam
+        logprobs = F.log_softmax(logits[:, -1].float(), dim=-1)  # (B*K, V)
+
+    # images still running at max_new_tokens: their live beams compete as they are
+    captions = []
+    for b in range(B):
+        hypotheses = list(finished[b])
+        if not done[b]:
+            for k in range(K):
+                if torch.isfinite(scores[b, k]):
+                    hypotheses.append((normalized(scores[b, k].item(), tokens.size(1)), tokens[b * K + k].tolist()))
+        captions.append(max(hypotheses, key=lambda h: h[0])[1])
+    return captions
+
+
+@torch.no_grad()
+def decode_batch(captioner, visual, method="beam", beam=3, max_new_tokens=30, length_penalty=1.0, temperature=1.0,
+                 top_p=None, generator=None):
+    """One batch of images (B, S, C_vis) -> B token lists, by greedy, beam search (beam 1 = greedy) or sampling."""
+    if method == "greedy" or (method == "beam" and beam == 1):
+        return captioner.generate(visual, max_new_tokens, temperature=0.0)
+    if method == "beam":
+        return beam_search(captioner, visual, beam, max_new_tokens, length_penalty)
+    if method == "sample":
+        return captioner.generate(visual, max_new_tokens, temperature=temperature, top_p=top_p, generator=generator)
+    raise ValueError(f"unknown decoding method {method!r}: choose greedy, beam or sample")
+
+
+def decode(captioner, tokenizer, batches, method="beam", beam=3, max_new_tokens=30, length_penalty=1.0,
+           temperature=1.0, top_p=None, seed=0, desc="decoding"):
+    """
+    Caption every image of `batches`, an iterable of (image_ids, visual (B, S, C_vis)) (see cache_batches and
+    image_batches). Returns ({image_id: caption text}, captions per second).
+    Captions/s times the decoding only (conditioning included), not the reading or encoding of the images.
+    Sampling draws from one generator seeded with `seed`: the same seed, batches and device give the same captions.
+    """
+    device = next(captioner.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed) if method == "sample" else None
+    captions, seconds = {}, 0.0
+    for image_ids, visual in tqdm(batches, desc=desc, unit="batch", leave=False):
+        visual = visual.to(device)
+        _sync(device)
+        t0 = time.perf_counter()
+        token_lists = decode_batch(captioner, visual, method, beam, max_new_tokens, length_penalty, temperature,
+                                   top_p, generator)
+        _sync(device)
+        seconds += time.perf_counter() - t0
+        for image_id, caption_tokens in zip(image_ids, token_lists):
+            captions[image_id] = tokenizer.decode(caption_tokens).strip()
+    return captions, len(captions) / max(seconds, 1e-9)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+# -----------------------------------------------------------------------------
+# Visual input: rows of a feature cache, or images encoded on the fly by the checkpoint's encoder
+
+# the manifest fields that decide what a bridge sees; a cache must agree with the checkpoint on all of them
+FEATURE_FIELDS = ("encoder", "layer", "pooling", "tokens", "width")
+
+
+def check_features(cache, ckpt, ckpt_path):
+    """ValueError unless the feature cache was made the way the checkpoint's training features were."""
+    trained = ckpt.get("features") or {}
+    expected = {k: trained[k] for k in FEATURE_FIELDS if k in trained}
+    if not expected:
+        raise ValueError(f"{ckpt_path} records no feature settings ('features'): cannot check the cache against it")
+    try:
+        cache.check_compatible(expected)
+    except ValueError as e:
+        raise ValueError(f"{ckpt_path} was trained on other features than the cache holds: {e}. "
+                         f"Build a cache with the checkpoint's settings (python data/coco.py features "
+                         f"--encoder {trained.get('encoder')} --pool {trained.get('pooling')} ...), or drop "
+                         f"--features to encode the images on the fly.") from e
+
+
+def cache_batches(cache, image_ids, batch_size):
+    """(ids, visual (B, S, C)) batches from a FeatureCache, in the order of image_ids."""
+    for i in range(0, len(image_ids), batch_size):
+        ids = image_ids[i:i + batch_size]
+        yield ids, cache.batch([cache.row_of(image_id) for image_id in ids])
+
+
+class Encoder:
+    """The frozen image encoder a checkpoint was trained with, rebuilt from its 'features' manifest."""
+
+    def __init__(self, features, device):
+        self.model = clip_loader.load_clip(features["encoder"], layer=features.get("layer", -1)).to(device)
+        self.grid = clip_loader.parse_grid(features.get("pooling", "4x8"))
+        self.size = self.model.config.image_size
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, pixels):
+        """(B, H, W, 3) uint8 pixels (data.coco.load_pixels) -> pooled tokens (B, S, C), float32 on the CPU:
+        exactly what build_feature_cache stores (up to its fp16 rounding)."""
+        x = clip_loader.normalize_pixels(torch.from_numpy(np.stack(pixels)).to(self.device))  # (B, 3, H, W)
+        return clip_loader.pool_tokens(self.model(x), self.grid).float().cpu()  # (B, S, C)
+
+
+def image_batches(encoder, items, batch_size, skipped):
+    """
+    (ids, visual) batches encoded from image files; items: [(image_id, path), ...]. An unreadable file is
+    appended to `skipped` as {"image_id", "path", "reason"} and left out, never fatal.
+    """
+    for i in range(0, len(items), batch_size):
+        good, pixels = [], []
+        for image_id, path in items[i:i + batch_size]:
+            array, reason = load_pixels(path, encoder.size)
+            if array is None:
+                tqdm.write(f"skipping {path}: {reason}", file=sys.stderr)
+                skipped.append(dict(image_id=image_id, path=path, reason=reason))
+            else:
+                good.append(image_id)
+                pixels.append(array)
+        if good:
+            yield good, encoder(pixels)
+
+
+def standardized(captioner, visual):
+    """The visual tokens as the bridge sees them: Captioner.condition's standardisation, for attention maps."""
+    if captioner.standardize:
+        return (visual - captioner.visual_mean) / (captioner.visual_std + 1e-6)
+    return visual
+
+
+def blind_visual(captioner, cache, shape):
+    """
+    The blind baseline's input: one constant for every image. With the training set's statistics in the
+    checkpoint it is their mean, i.e. zeros after standardisation: the captioner sees "the average training
+    image". Without them, the evaluation cache's mean (or zeros, encoding on the fly). Returns (S, C).
+    """
+    if captioner.standardize:
+        return captioner.visual_mean.detach().cpu().clone()
+    if cache is not None:
+        return torch.from_numpy(np.asarray(cache.mean, dtype=np.float32))
+    return torch.zeros(shape)
+
+# -----------------------------------------------------------------------------
+# The comparison: several bridge checkpoints on the same images, one table
+
+
+ATTRIBUTES = ("colour", "shape", "size", "position", "relation")  # the miniature's per-attribute accuracies
+
+
+def read_log(path):
+    """The JSONL training log next to a checkpoint -> list of records ([] if there is none). A last line cut off
+    by a run still writing it is ignored."""
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def run_name(path, taken):
+    """A short, unique name for a checkpoint: its run folder (runs/caption/<name>/ckpt_final.pt)."""
+    name = os.path.basename(os.path.dirname(os.path.abspath(path))) or "ckpt"
+    base, k = name, 2
+    while name in taken:
+        name, k = f"{base}-{k}", k + 1
+    taken.add(name)
+    return name
+
+
+def evaluation_set(args):
+    """The records to caption: ([{"image_id", "path", "captions"}, ...], a description of the split)."""
+    split = args.split or ("test" if args.karpathy_json else "val")
+    records = load_records(args.coco_root, split, args.karpathy_json)
+    records = [r for r in records if r["captions"]]  # an image without references cannot be scored
+    if args.max_images:
+        records = records[:args.max_images]
+    if not records:
+        raise ValueError(f"no captioned images in {args.coco_root} split {split}")
+    where = f"Karpathy {split} ({args.karpathy_json})" if args.karpathy_json else f"COCO-format {split}2017"
+    return records, split, where
+
+
+def visual_batches(args, ckpt, records, cache, encoders, skipped):
+    """Batches for one checkpoint: the cache's rows, or the images encoded by the checkpoint's own encoder."""
+    if cache is not None:
+        return cache_batches(cache, [r["image_id"] for r in records], args.batch_size)
+    key = tuple(sorted((k, str(v)) for k, v in (ckpt.get("features") or {}).items() if k in FEATURE_FIELDS))
+    if key not in encoders:  # one encoder per distinct setting, shared by the checkpoints that use it
+        encoders[key] = Encoder(ckpt["features"], args.device)
+    skipped.clear()  # the same files fail for every checkpoint: keep one list
+    return image_batches(encoders[key], [(r["image_id"], r["path"]) for r in records], args.batch_size, skipped)
+
+
+def score_row(name, captions, references, metrics, scenes, seconds_per_caption=None):
+    """Metrics of one set of captions, as a table row."""
+    scores = score_captions(captions, {i: references[i] for i in captions}, metrics)
+    row = dict(bridge=name, images=len(captions))
+    for key in ("BLEU-4", "METEOR", "METEOR_mean", "METEOR_std", "METEOR_ci", "ROUGE-L", "CIDEr", "CIDEr_ci"):
+        if key in scores:
+            row[key] = list(scores[key]) if isinstance(scores[key], tuple) else scores[key]
+    if scenes is not None:
+        row["attributes"] = attribute_accuracy(captions, scenes)
+    return row
+
+
+def compare(args):
+    """Evaluate every checkpoint (and the blind baseline) on one image set; write results/ (see main's help)."""
+    os.makedirs(args.out, exist_ok=True)
+    records, split, where = evaluation_set(args)
+    cache = FeatureCache(args.features) if args.features else None
+    if cache is not None:
+        missing = [r for r in records if int(r["image_id"]) not in cache._rows]
+        if missing:  # images the cache skipped as unreadable when it was built
+            print(f"{len(missing)} image(s) not in the feature cache (unreadable when it was built), left out: "
+                  f"{[r['path'] for r in missing[:5]]}", file=sys.stderr)
+            records = [r for r in records if int(r["image_id"]) in cache._rows]
+    references = {r["image_id"]: r["captions"] for r in records}
+    scenes_path = os.path.join(args.coco_root, f"scenes_{split}.json")
+    scenes = None
+    if os.path.exists(scenes_path) and not args.karpathy_json:
+        with open(scenes_path) as f:
+            scenes = json.load(f)
+    decoding = dict(method=args.method, beam=args.beam, max_new_tokens=args.max_new_tokens,
+                    length_penalty=args.length_penalty, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    print(f"evaluating {len(args.checkpoints)} checkpoint(s) on {len(records)} images of {where}; decoding {decoding}",
+          file=sys.stderr)
+
+    rows, runs, encoders, skipped, names = [], [], {}, [], set()
+    for path in args.checkpoints:
+        captioner, tokenizer, ckpt = load_captioner(path, lm=args.lm, device=args.device)
+        if cache is not None:
+            check_features(cache, ckpt, path)
+        name = run_name(path, names)
+        batches = visual_batches(args, ckpt, records, cache, encoders, skipped)
+        captions, captions_per_s = decode(captioner, tokenizer, batches, desc=name, **decoding)
+        row = score_row(name, captions, references, args.metrics, scenes)
+        params = ckpt.get("params") or captioner.param_counts()
+        row.update(kind=ckpt["bridge_config"]["kind"], checkpoint=path, step=ckpt.get("step"), params=params,
+                   trainable_params=sum(p["trainable"] for p in params.values()),
+                   total_params=sum(p["total"] for p in params.values()),
+                   train_seconds=ckpt.get("train_seconds"), captions_per_s=captions_per_s,
+                   val_loss=final_val_loss(ckpt, path))
+        rows.append(row)
+        runs.append(dict(name=name, path=path, captioner=captioner, tokenizer=tokenizer, ckpt=ckpt, captions=captions))
+        write_json(os.path.join(args.out, f"captions_{name}.json"),
+                   {str(i): dict(caption=c, references=references[i]) for i, c in captions.items()})
+        print(f"{name}: CIDEr {row.get('CIDEr', float('nan')):.3f}, {captions_per_s:.1f} captions/s", file=sys.stderr)
+
+    # The blind baseline: the first checkpoint's captioner, every image replaced by one constant input. If a
+    # bridge's scores are not clearly above this row, the bridge has not learned to use the image at all.
+    first = runs[0]
+    image_ids = list(first["captions"])
+    S, C = first["ckpt"]["bridge_config"]["vis_tokens"], first["ckpt"]["bridge_config"]["vis_dim"]
+    constant = blind_visual(first["captioner"], cache, (S, C))  # (S, C)
+    blind_batches = ((image_ids[i:i + args.batch_size], constant.expand(len(image_ids[i:i + args.batch_size]), S, C))
+                     for i in range(0, len(image_ids), args.batch_size))
+    captions, captions_per_s = decode(first["captioner"], first["tokenizer"], blind_batches, desc="blind", **decoding)
+    blind = score_row(f"blind ({first['name']}, constant image)", captions, references, args.metrics, scenes)
+    blind.update(kind="blind", checkpoint=first["path"], captions_per_s=captions_per_s, blind=True)
+    rows.append(blind)
+    write_json(os.path.join(args.out, "captions_blind.json"),
+               {str(i): dict(caption=c, references=references[i]) for i, c in captions.items()})
+
+    # the pictures
+    pictures = [plot_val_loss(args.checkpoints, [r["name"] for r in runs], os.path.join(args.out, "val_loss.png"))]
+    by_id = {r["image_id"]: r for r in records}
+    for run in runs:
+        shown = [by_id[i] for i in list(run["captions"])[:9]]
+        pictures.append(plot_grid(shown, run["captions"], os.path.join(args.out, f"grid_{run['name']}.png"), run["name"]))
+    qformers = [run for run in runs if run["ckpt"]["bridge_config"]["kind"] == "qformer"]
+    if qformers:
+        run = qformers[0]
+        shown = [by_id[i] for i in list(run["captions"])[:3]]
+        if cache is not None:
+            visual = cache.batch([cache.row_of(r["image_id"]) for r in shown])
+        else:
+            encoder = next(iter(encoders.values()))
+            visual = encoder([load_pixels(r["path"], encoder.size)[0] for r in shown])
+        pictures.append(plot_qformer_attention(run["captioner"], visual, shown, run["ckpt"]["features"],
+                                               os.path.join(args.out, "qformer_attention.png"), run["name"]))
+
+    result = dict(split=split, where=where, images=len(records), skipped=list(skipped), decoding=decoding,
+                  metrics=list(args.metrics), features=args.features, device=str(args.device),
+                  rows=[{k: v for k, v in row.items()} for row in rows],
+                  pictures=[p for p in pictures if p])
+    write_json(os.path.join(args.out, "results.json"), result)
+    table = markdown_table(rows, decoding, where, len(records), scenes is not None)
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(table)
+    print(table)
+    return result
+
+
+def final_val_loss(ckpt, path):
+    """The checkpoint's own val loss, else the last one in the log beside it."""
+    if ckpt.get("val_loss") is not None:
+        return float(ckpt["val_loss"])
+    losses = [r["val_loss"] for r in read_log(os.path.join(os.path.dirname(path), "log.jsonl")) if "val_loss" in r]
+    return float(losses[-1]) if losses else None
+
+
+def write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _fmt_params(n):
+    return "—" if n is None else f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
+
+
+def _fmt(x, spec=".3f"):
+    return "—" if x is None else format(x, spec)
+
+
+def markdown_table(rows, decoding, where, images, with_attributes):
+    """The comparison as a markdown table, with what was measured and how written above it."""
+    method = decoding["method"]
+    how = {"greedy": "greedy", "beam": f"beam {decoding['beam']} (length penalty {decoding['length_penalty']})",
+           "sample": f"sampling (temperature {decoding['temperature']}, top-p {decoding['top_p']}, seed {decoding['seed']})"}
+    lines = [f"{images} images of {where}, {how[method]}, at most {decoding['max_new_tokens']} tokens.",
+             "Params: trainable / total (encoder + bridge + LM). METEOR: corpus score, then per-image mean ± std. "
+             "CIDEr (CIDEr-D) with its 95% bootstrap interval over images.",
+             "The blind row is the first captioner fed one constant image (the training mean) for every image.", ""]
+    header = ["bridge", "trainable / total params", "train time", "val loss", "BLEU-4", "METEOR", "METEOR mean ± std",
+              "CIDEr [95% CI]", "captions/s"] + [a for a in ATTRIBUTES if with_attributes]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        seconds = row.get("train_seconds")
+        cells = [row["bridge"],
+                 "—" if row.get("blind") else f"{_fmt_params(row['trainable_params'])} / {_fmt_params(row['total_params'])}",
+                 "—" if seconds is None else f"{seconds / 60:.1f} min",
+                 _fmt(row.get("val_loss")), _fmt(row.get("BLEU-4")), _fmt(row.get("METEOR")),
+                 "—" if "METEOR_mean" not in row else f"{row['METEOR_mean']:.3f} ± {row['METEOR_std']:.3f}",
+                 "—" if "CIDEr" not in row else f"{row['CIDEr']:.3f} [{row['CIDEr_ci'][0]:.3f}, {row['CIDEr_ci'][1]:.3f}]",
+                 f"{row['captions_per_s']:.1f}"]
+        if with_attributes:
+            cells += [f"{row['attributes'].get(a, 0.0):.2f}" for a in ATTRIBUTES]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+# -----------------------------------------------------------------------------
+# Pictures (matplotlib, Agg backend: files only, no display needed)
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_val_loss(checkpoints, names, out_path):
+    """Validation loss against step, one line per run, from the log.jsonl beside each checkpoint."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    plotted = 0
+    for path, name in zip(checkpoints, names):
+        points = [(r["step"], r["val_loss"]) for r in read_log(os.path.join(os.path.dirname(path), "log.jsonl"))
+                  if "val_loss" in r and "step" in r]
+        if points:
+            steps, losses = zip(*points)
+            ax.plot(steps, losses, marker="o", markersize=3, label=name)
+            plotted += 1
+    if not plotted:
+        plt.close(fig)
+        print("no val_loss records in any log.jsonl beside the checkpoints: no val_loss.png", file=sys.stderr)
+        return None
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss (caption tokens)")
+    ax.set_title("validation loss per bridge")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+    return out_path
+
+
+def _open_rgb(path):
+    with Image.open(path) as image:
+        return clip_loader.to_rgb(image)
+
+
+def plot_grid(records, captions, out_path, title):
+    """A 3x3 grid: each image with the generated caption (bold) and its first reference caption."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(3, 3, figsize=(10, 11))
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, record in zip(axes.flat, records):
+        try:
+            ax.imshow(_open_rgb(record["path"]))
+        except (OSError, ValueError) as e:  # the caption still shows; the picture says why the image does not
+            ax.text(0.5, 0.5, f"unreadable image\n{type(e).__name__}", ha="center", va="center")
+        generated = textwrap.fill(captions[record["image_id"]], 40)
+        reference = textwrap.fill(record["captions"][0], 40)
+        ax.set_title(f"{generated}\nref: {reference}", fontsize=8, loc="left")
+        ax.title.set_fontweight("normal")
+    fig.suptitle(f"{title}: generated caption, then one reference")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path
+
+
+def token_layout(features):
+    """(rows, cols) of the patch grid behind tokens 1..S-1 (token 0 is CLS), from a features manifest."""
+    grid = clip_loader.parse_grid(features.get("pooling", "4x8"))
+    if grid is None:
+        side = math.isqrt(features["tokens"] - 1)
+        grid = (side, side)
+    return grid
+
+
+@torch.no_grad()
+def plot_qformer_attention(captioner, visual, records, features, out_path, title, n_queries=4):
+    """
+    Where Q-Former queries look: the last layer's cross-attention (mean over heads) of a few queries, the patch
+    part drawn over the image (each pooled token covers its cell of the rows x cols grid), the weight on the
+    class token written above. The queries shown are the most focused ones (lowest entropy over the images).
+    """
+    plt = _pyplot()
+    device = next(captioner.parameters()).device
+    weights = captioner.bridge.attention_maps(standardized(captioner, visual.to(device)))  # (B, nh, Q, S)
+    weights = weights.mean(dim=1).float().cpu()  # (B, Q, S)
+    entropy = -(weights * weights.clamp_min(1e-12).log()).sum(-1).mean(0)  # (Q,)
+    queries = entropy.argsort()[:n_queries].tolist()
+    rows, cols = token_layout(features)
+    B = len(records)
+    fig, axes = plt.subplots(B, len(queries) + 1, figsize=(2.6 * (len(queries) + 1), 2.8 * B), squeeze=False)
+    for b, record in enumerate(records):
+        image = np.asarray(_open_rgb(record["path"]).resize((224, 224)))
+        axes[b, 0].imshow(image)
+        axes[b, 0].set_title("image", fontsize=8)
+        for j, q in enumerate(queries):
+            ax = axes[b, j + 1]
+            grid = weights[b, q, 1:].view(rows, cols).numpy()  # (rows, cols): attention on each pooled cell
+            ax.imshow(image)
+            ax.imshow(grid, cmap="inferno", alpha=0.6, extent=(0, 224, 224, 0), interpolation="nearest")
+            ax.set_title(f"query {q}, CLS {weights[b, q, 0]:.2f}", fontsize=8)
+        for ax in axes[b]:
+            ax.axis("off")
+    fig.suptitle(f"{title}: last-layer cross-attention of the {len(queries)} most focused queries")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path
+
+# -----------------------------------------------------------------------------
+# Captioning a folder of your own images
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def caption_folder(args):
+    """Caption every image file in args.images with one checkpoint; print, and write a JSON file."""
+    captioner, tokenizer, ckpt = load_captioner(args.checkpoint, lm=args.lm, device=args.device)
+    paths = sorted(os.path.join(args.images, n) for n in os.listdir(args.images)
+                   if n.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(args.images, n)))
+    if not paths:
+        raise FileNotFoundError(f"no {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} files in {args.images}")
+    encoder = Encoder(ckpt["features"], args.device)
+    skipped = []
+    batches = image_batches(encoder, list(zip(paths, paths)), args.batch_size, skipped)  # the path is the id
+    decoding = dict(method=args.method, beam=args.beam, max_new_tokens=args.max_new_tokens,
+                    length_penalty=args.length_penalty, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    captions, captions_per_s = decode(captioner, tokenizer, batches, **decoding)
+    for path, caption in captions.items():
+        print(f"{path}\t{caption}")
+    print(f"{len(captions)} image(s) captioned ({captions_per_s:.1f} captions/s), {len(skipped)} unreadable "
+          f"skipped{': ' if skipped else ''}{', '.join(s['path'] for s in skipped)}", file=sys.stderr)
+    os.makedirs(args.out, exist_ok=True)
+    out_path = os.path.join(args.out, "captions_images.json")
+    write_json(out_path, dict(checkpoint=args.checkpoint, decoding=decoding, captions=captions,
+                              skipped=[dict(path=s["path"], reason=s["reason"]) for s in skipped],
+                              captions_per_s=captions_per_s))
+    print(f"wrote {out_path}", file=sys.stderr)
+    return dict(captions=captions, skipped=skipped, path=out_path)
+
+# -----------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Compare bridge checkpoints (table, JSON, plots), or caption a folder of your own images.",
+        epilog="examples:\n"
+               "  python evaluate.py --checkpoints runs/caption/{linear,xattn,qformer}/ckpt_final.pt "
+               "--coco-root data/shapes --features data/cache/shapes_val --out results/\n"
+               "  python evaluate.py --images my_photos/ --checkpoint runs/caption/qformer/ckpt_final.pt",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoints", nargs="+", help="compare mode: bridge checkpoints (train_caption.py)")
+    parser.add_argument("--images", default=None, help="folder mode: caption the jpg/png/webp/bmp files in DIR")
+    parser.add_argument("--checkpoint", default=None, help="folder mode: the checkpoint to caption with")
+    parser.add_argument("--coco-root", default="data/coco", help="a COCO-format root (COCO itself, or data/shapes)")
+    parser.add_argument("--split", default=None, help="val (default) or, with --karpathy-json, test (default)/val")
+    parser.add_argument("--karpathy-json", default=None, help="dataset_coco.json: evaluate on Karpathy's split")
+    parser.add_argument("--features", default=None, help="a feature cache of the split (else: encode on the fly)")
+    parser.add_argument("--max-images", type=int, default=None, help="only the first N images")
+    parser.add_argument("--lm", default=None, help="path of the frozen LM, if it moved since training")
+    parser.add_argument("--out", default="results")
+    parser.add_argument("--metrics", nargs="+", default=list(METRICS), choices=METRICS)
+    # decoding
+    parser.add_argument("--method", default="beam", choices=["greedy", "beam", "sample"])
+    parser.add_argument("--beam", type=int, default=3, help="beam width (1 = greedy)")
+    parser.add_argument("--length-penalty", type=float, default=1.0, help="beam score = logprob / length**this")
+    parser.add_argument("--max-new-tokens", type=int, default=30)
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling only")
+    parser.add_argument("--top-p", type=float, default=None, help="sampling only: nucleus size (the reference: 0.9)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    if args.images is None and not args.checkpoints:
+        parser.error("give --checkpoints (compare mode) or --images DIR --checkpoint CKPT (folder mode)")
+    if args.images is not None and args.checkpoint is None:
+        parser.error("--images needs --checkpoint")
+    if args.beam < 1:
+        parser.error("--beam must be >= 1")
+    args.device = torch.device(args.device)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    if args.images is not None:
+        return caption_folder(args)
+    return compare(args)
+
+
+if __name__ == "__main__":
+    main()
