@@ -30,6 +30,20 @@ Two things to keep in mind when reading the scores:
 
     >>> s = score_captions({1: "a dog runs on grass"}, {1: ["A dog running on the grass.", "a brown dog"]})
     >>> s["BLEU-1"], s["METEOR"], s["per_image"]["METEOR"]  # doctest: +SKIP
+
+Decoding, the comparison, pictures
+----------------------------------
+Greedy, beam search (beam 1 = greedy) and sampling, batched over images through the GPT's KV cache; then one
+command to compare bridge checkpoints on the same images, and one to caption a folder of your own images:
+
+    python evaluate.py --checkpoints runs/caption/linear/ckpt_final.pt runs/caption/xattn/ckpt_final.pt \
+        runs/caption/qformer/ckpt_final.pt --coco-root data/shapes --split val --features data/cache/shapes_val \
+        --out results/                    # table.md, results.json, captions_*.json, val_loss.png, grid_*.png,
+                                          # qformer_attention.png; --karpathy-json dataset_coco.json for Karpathy's test
+    python evaluate.py --images my_photos/ --checkpoint runs/caption/qformer/ckpt_final.pt   # -> results/captions_images.json
+
+The table carries a blind baseline: the first checkpoint's captioner given the same constant input for every
+image (the training mean of the visual tokens). A bridge that does not beat it clearly ignores the image.
 """
 import argparse
 import atexit
@@ -443,9 +457,13 @@ def decode(captioner, tokenizer, batches, method="beam", beam=3, max_new_tokens=
     """
     device = next(captioner.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if method == "sample" else None
-    captions, seconds = {}, 0.0
+    captions, seconds, warm = {}, 0.0, False
     for image_ids, visual in tqdm(batches, desc=desc, unit="batch", leave=False):
         visual = visual.to(device)
+        if not warm:  # one untimed short run first: allocator, kernels and caches warm up outside the timing
+            decode_batch(captioner, visual[:1], method, beam, 2, length_penalty, temperature, top_p,
+                         torch.Generator(device=device).manual_seed(seed))
+            warm = True
         _sync(device)
         t0 = time.perf_counter()
         token_lists = decode_batch(captioner, visual, method, beam, max_new_tokens, length_penalty, temperature,
@@ -619,11 +637,15 @@ def compare(args):
     records, split, where = evaluation_set(args)
     cache = FeatureCache(args.features) if args.features else None
     if cache is not None:
-        missing = [r for r in records if int(r["image_id"]) not in cache._rows]
-        if missing:  # images the cache skipped as unreadable when it was built
-            print(f"{len(missing)} image(s) not in the feature cache (unreadable when it was built), left out: "
-                  f"{[r['path'] for r in missing[:5]]}", file=sys.stderr)
-            records = [r for r in records if int(r["image_id"]) in cache._rows]
+        cached = {int(i) for i in cache.image_ids}
+        missing = [r for r in records if int(r["image_id"]) not in cached]
+        if missing:  # images the cache skipped as unreadable when it was built, or a cache of another split
+            print(f"{len(missing)} image(s) not in the feature cache, left out: {[r['path'] for r in missing[:5]]}",
+                  file=sys.stderr)
+            records = [r for r in records if int(r["image_id"]) in cached]
+            if not records:
+                raise ValueError(f"none of the {len(missing)} images is in the feature cache {args.features}: "
+                                 f"a cache of another split?")
     references = {r["image_id"]: r["captions"] for r in records}
     scenes_path = os.path.join(args.coco_root, f"scenes_{split}.json")
     scenes = None
@@ -794,9 +816,9 @@ def _open_rgb(path):
 
 
 def plot_grid(records, captions, out_path, title):
-    """A 3x3 grid: each image with the generated caption (bold) and its first reference caption."""
+    """A 3x3 grid: each image with the generated caption above its first reference caption."""
     plt = _pyplot()
-    fig, axes = plt.subplots(3, 3, figsize=(10, 11))
+    fig, axes = plt.subplots(3, 3, figsize=(10, 12.5))
     for ax in axes.flat:
         ax.axis("off")
     for ax, record in zip(axes.flat, records):
@@ -807,7 +829,6 @@ def plot_grid(records, captions, out_path, title):
         generated = textwrap.fill(captions[record["image_id"]], 40)
         reference = textwrap.fill(record["captions"][0], 40)
         ax.set_title(f"{generated}\nref: {reference}", fontsize=8, loc="left")
-        ax.title.set_fontweight("normal")
     fig.suptitle(f"{title}: generated caption, then one reference")
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
@@ -830,6 +851,7 @@ def plot_qformer_attention(captioner, visual, records, features, out_path, title
     Where Q-Former queries look: the last layer's cross-attention (mean over heads) of a few queries, the patch
     part drawn over the image (each pooled token covers its cell of the rows x cols grid), the weight on the
     class token written above. The queries shown are the most focused ones (lowest entropy over the images).
+    One colour scale for every panel (0 to the largest weight shown): uniform attention looks uniform.
     """
     plt = _pyplot()
     device = next(captioner.parameters()).device
@@ -838,6 +860,7 @@ def plot_qformer_attention(captioner, visual, records, features, out_path, title
     entropy = -(weights * weights.clamp_min(1e-12).log()).sum(-1).mean(0)  # (Q,)
     queries = entropy.argsort()[:n_queries].tolist()
     rows, cols = token_layout(features)
+    vmax = float(weights[:, queries, 1:].max())
     B = len(records)
     fig, axes = plt.subplots(B, len(queries) + 1, figsize=(2.6 * (len(queries) + 1), 2.8 * B), squeeze=False)
     for b, record in enumerate(records):
@@ -848,12 +871,15 @@ def plot_qformer_attention(captioner, visual, records, features, out_path, title
             ax = axes[b, j + 1]
             grid = weights[b, q, 1:].view(rows, cols).numpy()  # (rows, cols): attention on each pooled cell
             ax.imshow(image)
-            ax.imshow(grid, cmap="inferno", alpha=0.6, extent=(0, 224, 224, 0), interpolation="nearest")
+            heat = ax.imshow(grid, cmap="inferno", alpha=0.6, extent=(0, 224, 224, 0), interpolation="nearest",
+                             vmin=0.0, vmax=vmax)
             ax.set_title(f"query {q}, CLS {weights[b, q, 0]:.2f}", fontsize=8)
         for ax in axes[b]:
             ax.axis("off")
-    fig.suptitle(f"{title}: last-layer cross-attention of the {len(queries)} most focused queries")
+    fig.suptitle(f"{title}: last-layer cross-attention of the {len(queries)} most focused queries "
+                 f"(uniform = {1 / weights.size(-1):.3f} per token)")
     fig.tight_layout()
+    fig.colorbar(heat, ax=axes[:, 1:].ravel().tolist(), shrink=0.6, label="attention weight")
     fig.savefig(out_path, dpi=100)
     plt.close(fig)
     return out_path
@@ -917,7 +943,7 @@ def parse_args(argv=None):
     parser.add_argument("--length-penalty", type=float, default=1.0, help="beam score = logprob / length**this")
     parser.add_argument("--max-new-tokens", type=int, default=30)
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling only")
-    parser.add_argument("--top-p", type=float, default=None, help="sampling only: nucleus size (the reference: 0.9)")
+    parser.add_argument("--top-p", type=float, default=None, help="sampling only: nucleus size, e.g. 0.9")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
