@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup test bench clean-venv
+.PHONY: setup test bench demo demo-clean clean-venv
 
 setup: $(VENV)/.installed
 
@@ -19,6 +19,55 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/bench_generate.py
+	$(BIN)/python bench/bench_train_lm.py
+	$(BIN)/python bench/bench_features.py
+	$(BIN)/python bench/bench_metrics.py
+	$(BIN)/python bench/bench_eval.py
+
+# ---------------------------------------------------------------------------------------------------------------
+# make demo: the whole pipeline on the offline miniature, through the same scripts a full-scale run uses.
+# Every stage is a file target, so a re-run reuses what is finished; train_lm / train_caption resume with
+# --resume auto when interrupted. `make demo-clean` starts over. Stage times go to $(DEMO)/times.txt.
+DEMO    := runs/demo
+SHAPES  := data/shapes
+CACHE   := data/cache
+ENCODER := random-vit:mini:seed0
+LM_STEPS := 600
+LM      := $(DEMO)/lm/ckpt_$(shell printf %06d $(LM_STEPS)).pt
+BRIDGES := linear xattn qformer
+CAPTION_FLAGS := -B 64 --total-batch 64 --max-steps 300 --warmup-steps 30 --lr 1e-3 --val-every 100 \
+                 --val-pairs 500 --standardize --qformer-width 128 --qformer-heads 4 --queries 16
+# time one stage: run it, then append "<name> <seconds> s" to the summary
+stage = @mkdir -p $(DEMO); start=$$(date +%s); $(2) && echo "$(1) $$(( $$(date +%s) - start )) s" >> $(DEMO)/times.txt
+
+demo: setup $(DEMO)/results/table.md
+	@echo; echo "stage times (this run; reused stages are not listed):"; cat $(DEMO)/times.txt; rm -f $(DEMO)/times.txt
+	@echo; cat $(DEMO)/results/table.md
+
+$(SHAPES)/info.json:
+	$(call stage,data,$(BIN)/python data/shapes.py --out $(SHAPES) --train 5000 --val 500 --corpus-docs 20000 --seed 0)
+
+$(DEMO)/lm_shards/manifest.json: $(SHAPES)/info.json
+	$(call stage,shards,$(BIN)/python data/fineweb.py --data-files $(SHAPES)/corpus.jsonl --out-dir $(DEMO)/lm_shards --shard-size 200000 --workers 2)
+
+$(LM): $(DEMO)/lm_shards/manifest.json
+	$(call stage,lm,$(BIN)/python train_lm.py --preset mini --data-dir $(DEMO)/lm_shards --vocab-subset --out-dir $(DEMO)/lm \
+		--max-steps $(LM_STEPS) --warmup-steps 50 --lr 1e-3 -B 16 -T 128 --total-batch 2048 --val-every 300 \
+		--sample-every 300 --log-every 100 --resume auto)
+
+$(CACHE)/shapes_%/manifest.json: $(SHAPES)/info.json
+	$(call stage,features-$*,$(BIN)/python data/coco.py features --root $(SHAPES) --split $* --encoder $(ENCODER) --out $(CACHE)/shapes_$*)
+
+$(DEMO)/caption/%/ckpt_final.pt: $(LM) $(CACHE)/shapes_train/manifest.json $(CACHE)/shapes_val/manifest.json
+	$(call stage,bridge-$*,$(BIN)/python train_caption.py --bridge $* --lm $(LM) --coco-root $(SHAPES) \
+		--features $(CACHE)/shapes_train --val-features $(CACHE)/shapes_val --out-dir $(DEMO)/caption/$* $(CAPTION_FLAGS) --resume auto)
+
+$(DEMO)/results/table.md: $(foreach b,$(BRIDGES),$(DEMO)/caption/$(b)/ckpt_final.pt)
+	$(call stage,evaluate,$(BIN)/python evaluate.py --checkpoints $^ --coco-root $(SHAPES) --split val \
+		--features $(CACHE)/shapes_val --out $(DEMO)/results --method greedy)
+
+demo-clean:
+	rm -rf $(DEMO) $(SHAPES) $(CACHE)/shapes_train $(CACHE)/shapes_val
 
 clean-venv:
 	rm -rf $(VENV)
