@@ -270,11 +270,15 @@ class Captioner(nn.Module):
         self.lm.eval()  # the frozen LM always runs as at inference
         return self
 
+    def standardized(self, visual):
+        """The visual tokens (B, S, C_vis) as the bridge sees them."""
+        if self.standardize:
+            return (visual - self.visual_mean) / (self.visual_std + 1e-6)
+        return visual
+
     def condition(self, visual):
         """visual (B, S, C_vis) -> the GPT's prefix (B, 1 + P, C) and cross-attention callables (or None)."""
-        if self.standardize:
-            visual = (visual - self.visual_mean) / (self.visual_std + 1e-6)  # (B, S, C_vis)
-        prefix, cross = self.bridge(visual)
+        prefix, cross = self.bridge(self.standardized(visual))
         B = visual.size(0)
         start = self.lm.transformer.wte.weight[self.eot].expand(B, 1, -1)  # (B, 1, C): <|endoftext|>
         prefix = start if prefix is None else torch.cat([start, prefix.to(start.dtype)], dim=1)

@@ -544,13 +544,6 @@ def image_batches(encoder, items, batch_size, skipped):
             yield good, encoder(pixels)
 
 
-def standardized(captioner, visual):
-    """The visual tokens as the bridge sees them: Captioner.condition's standardisation, for attention maps."""
-    if captioner.standardize:
-        return (visual - captioner.visual_mean) / (captioner.visual_std + 1e-6)
-    return visual
-
-
 def blind_visual(captioner, cache, shape):
     """
     The blind baseline's input: one constant for every image. With the training set's statistics in the
@@ -855,7 +848,7 @@ def plot_qformer_attention(captioner, visual, records, features, out_path, title
     """
     plt = _pyplot()
     device = next(captioner.parameters()).device
-    weights = captioner.bridge.attention_maps(standardized(captioner, visual.to(device)))  # (B, nh, Q, S)
+    weights = captioner.bridge.attention_maps(captioner.standardized(visual.to(device)))  # (B, nh, Q, S)
     weights = weights.mean(dim=1).float().cpu()  # (B, Q, S)
     entropy = -(weights * weights.clamp_min(1e-12).log()).sum(-1).mean(0)  # (Q,)
     queries = entropy.argsort()[:n_queries].tolist()
