@@ -18,7 +18,6 @@ read by bridges.load_captioner and by --resume, which continues exactly where th
 """
 import argparse
 import dataclasses
-import glob
 import json
 import os
 import sys
@@ -35,8 +34,9 @@ import clip_loader
 from bridges import build_captioner, caption_batch, lm_fingerprint
 from data import coco
 from gpt2 import load_lm
-from train_utils import (JsonlLogger, autocast, check_finite, enable_speedups, format_eta, load_checkpoint, lr_at,
-                         print0, rng_state, save_checkpoint, set_rng_state, setup_distributed, teardown)
+from train_utils import (JsonlLogger, all_finite, autocast, check_finite, enable_speedups, format_eta,
+                         latest_checkpoint, load_checkpoint, lr_at, print0, rng_state, save_checkpoint, set_rng_state,
+                         setup_distributed, teardown)
 
 
 def get_args(argv=None):
@@ -101,7 +101,7 @@ class CachedVisual:
         self.settings = {k: cache.manifest[k] for k in ("encoder", "layer", "pooling", "image_size", "tokens", "width")}
 
     def has(self, image_id):
-        return int(image_id) in self.cache._rows
+        return image_id in self.cache
 
     def __call__(self, image_ids):
         return self.cache.batch([self.cache.row_of(i) for i in image_ids])  # (B, S, C) float32
@@ -180,10 +180,6 @@ def epoch_order(n, epoch, seed):
     g = torch.Generator().manual_seed(seed * 1000 + epoch)
     return torch.randperm(n, generator=g).numpy()
 
-
-def latest_checkpoint(out_dir):
-    paths = sorted(glob.glob(os.path.join(out_dir, "ckpt_[0-9]*.pt")))
-    return paths[-1] if paths else None
 
 # -----------------------------------------------------------------------------
 
@@ -326,7 +322,7 @@ def train(args, dist):
 
     def save(step, name=None):
         nonlocal last_ckpt
-        if not all(bool(torch.isfinite(p).all()) for p in captioner.bridge.parameters()):
+        if not all_finite(captioner.bridge.parameters()):
             raise FloatingPointError(f"bridge weights are not finite before step {step}; not checkpointing them; "
                                      f"last good checkpoint: {last_ckpt}")
         if dist.master:

@@ -16,7 +16,6 @@ gpt2.load_lm and by --resume, which continues exactly (same weights, bit for bit
 """
 import argparse
 import dataclasses
-import glob
 import os
 import sys
 import time
@@ -28,8 +27,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import fineweb, hellaswag
 from gpt2 import GPT, GPTConfig, PRESETS, SubsetTokenizer, get_tokenizer
-from train_utils import (JsonlLogger, autocast, check_finite, enable_speedups, estimate_mfu, format_eta,
-                         load_checkpoint, lr_at, print0, rng_state, save_checkpoint, set_rng_state,
+from train_utils import (JsonlLogger, all_finite, autocast, check_finite, enable_speedups, estimate_mfu, format_eta,
+                         latest_checkpoint, load_checkpoint, lr_at, print0, rng_state, save_checkpoint, set_rng_state,
                          setup_distributed, teardown)
 
 # -----------------------------------------------------------------------------
@@ -91,14 +90,6 @@ def get_args(argv=None):
             setattr(args, k, v)
     return args
 
-
-def latest_checkpoint(out_dir):
-    paths = sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))
-    return paths[-1] if paths else None
-
-
-def all_finite(model):
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 # -----------------------------------------------------------------------------
 
@@ -208,7 +199,7 @@ def train(args, dist):
     def save(step):
         """Checkpoint the state before `step` (step = steps done). Never writes non-finite weights."""
         nonlocal last_ckpt
-        if not all_finite(raw_model):
+        if not all_finite(raw_model.parameters()):
             raise FloatingPointError(f"weights are not finite before step {step}; not checkpointing them; "
                                      f"last good checkpoint: {last_ckpt}")
         if dist.master:

@@ -3,6 +3,7 @@ The few helpers both training loops (train_lm.py, train_caption.py) would otherw
 device / DDP setup, rank-0 printing, GPU speed-ups, the learning-rate schedule, atomic checkpoints,
 RNG state that survives a weights_only load, a JSONL log, and a clear stop on a NaN loss.
 """
+import glob
 import json
 import math
 import os
@@ -109,6 +110,17 @@ def load_checkpoint(path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError) as e:  # truncated zip, foreign pickle, bad magic number
         raise RuntimeError(f"checkpoint {path} is corrupt or not a torch checkpoint this code wrote: {e}") from e
+
+
+def latest_checkpoint(out_dir):
+    """The newest numbered checkpoint ckpt_NNNNNN.pt in out_dir (what --resume auto continues from), or None."""
+    paths = sorted(glob.glob(os.path.join(out_dir, "ckpt_[0-9]*.pt")))
+    return paths[-1] if paths else None
+
+
+def all_finite(params):
+    """True when every parameter is finite: the check before a checkpoint may replace the last good one."""
+    return all(bool(torch.isfinite(p).all()) for p in params)
 
 
 def rng_state():

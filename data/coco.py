@@ -355,6 +355,9 @@ class FeatureCache:
     def __len__(self):
         return len(self.image_ids)
 
+    def __contains__(self, image_id):
+        return int(image_id) in self._rows
+
     def row_of(self, image_id):
         return self._rows[int(image_id)]
 
