@@ -118,12 +118,12 @@ class LinearBridge(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.ln = nn.LayerNorm(config.vis_dim)
-        self.proj = nn.Linear(config.vis_dim, config.n_embd)
+        # LayerNorm + one Linear (+ a learned per-slot offset with vis_pos): nothing but a linear projection
+        self.input = VisualInput(config.vis_dim, config.vis_tokens, config.n_embd, config.vis_pos)
 
     def forward(self, visual):
-        prefix = self.proj(self.ln(visual))  # (B, S, C): one word-like embedding per visual token
-        return prefix, None  # the GPT adds its own position embeddings to the prefix
+        prefix = self.input(visual)  # (B, S, C): one word-like embedding per visual token
+        return prefix, None  # the GPT adds its own position embeddings too
 
 # -----------------------------------------------------------------------------
 # Bridge 2: gated cross-attention inside the frozen GPT blocks

@@ -42,8 +42,9 @@ command to compare bridge checkpoints on the same images, and one to caption a f
                                           # qformer_attention.png; --karpathy-json dataset_coco.json for Karpathy's test
     python evaluate.py --images my_photos/ --checkpoint runs/caption/qformer/ckpt_final.pt   # -> results/captions_images.json
 
-The table carries a blind baseline: the first checkpoint's captioner given the same constant input for every
-image (the training mean of the visual tokens). A bridge that does not beat it clearly ignores the image.
+The table carries a blind baseline: the first checkpoint's frozen LM with no image at all, decoded the same way
+(its first sentence after <|endoftext|>): the LM's caption prior. A bridge that does not beat it clearly has not
+learned to use the image.
 """
 import argparse
 import atexit
@@ -71,7 +72,7 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer import ptbtokenizer
 
 import clip_loader
-from bridges import load_captioner
+from bridges import Captioner, load_captioner
 from data.coco import FeatureCache, load_pixels, load_records
 from data.shapes import attribute_accuracy
 
@@ -544,17 +545,22 @@ def image_batches(encoder, items, batch_size, skipped):
             yield good, encoder(pixels)
 
 
-def blind_visual(captioner, cache, shape):
+class NoImage(torch.nn.Module):
     """
-    The blind baseline's input: one constant for every image. With the training set's statistics in the
-    checkpoint it is their mean, i.e. zeros after standardisation: the captioner sees "the average training
-    image". Without them, the evaluation cache's mean (or zeros, encoding on the fly). Returns (S, C).
+    The blind baseline's "bridge": no prefix, no cross-attention. A Captioner built on it is the frozen LM
+    alone, starting a new text after <|endoftext|>, i.e. the LM's own caption prior, the best a captioner can
+    do without looking. (Feeding a trained bridge one constant image instead is a weaker baseline than it
+    sounds: a prefix bridge given an input it never saw drives the LM into non-captions.)
     """
-    if captioner.standardize:
-        return captioner.visual_mean.detach().cpu().clone()
-    if cache is not None:
-        return torch.from_numpy(np.asarray(cache.mean, dtype=np.float32))
-    return torch.zeros(shape)
+
+    def forward(self, visual):
+        return None, None
+
+
+def first_sentence(text):
+    """The blind baseline's caption: an LM pretrained on running text does not stop after one caption."""
+    return text.split(".")[0].strip()
+
 
 # -----------------------------------------------------------------------------
 # The comparison: several bridge checkpoints on the same images, one table
@@ -671,16 +677,17 @@ def compare(args):
                    {str(i): dict(caption=c, references=references[i]) for i, c in captions.items()})
         print(f"{name}: CIDEr {row.get('CIDEr', float('nan')):.3f}, {captions_per_s:.1f} captions/s", file=sys.stderr)
 
-    # The blind baseline: the first checkpoint's captioner, every image replaced by one constant input. If a
-    # bridge's scores are not clearly above this row, the bridge has not learned to use the image at all.
+    # The blind baseline: the frozen LM with no image at all. If a bridge's scores are not clearly above this
+    # row, the bridge has not learned to use the image: everything it gets right, the LM guesses on its own.
     first = runs[0]
+    blind_captioner = Captioner(first["captioner"].lm, NoImage(), first["captioner"].eot).eval()
     image_ids = list(first["captions"])
-    S, C = first["ckpt"]["bridge_config"]["vis_tokens"], first["ckpt"]["bridge_config"]["vis_dim"]
-    constant = blind_visual(first["captioner"], cache, (S, C))  # (S, C)
-    blind_batches = ((image_ids[i:i + args.batch_size], constant.expand(len(image_ids[i:i + args.batch_size]), S, C))
+    no_image = torch.zeros(0, 0)  # (0, 0) per image: the blind captioner reads nothing
+    blind_batches = ((image_ids[i:i + args.batch_size], no_image.expand(len(image_ids[i:i + args.batch_size]), 0, 0))
                      for i in range(0, len(image_ids), args.batch_size))
-    captions, captions_per_s = decode(first["captioner"], first["tokenizer"], blind_batches, desc="blind", **decoding)
-    blind = score_row(f"blind ({first['name']}, constant image)", captions, references, args.metrics, scenes)
+    captions, captions_per_s = decode(blind_captioner, first["tokenizer"], blind_batches, desc="blind", **decoding)
+    captions = {i: first_sentence(c) for i, c in captions.items()}
+    blind = score_row(f"blind (frozen LM of {first['name']}, no image)", captions, references, args.metrics, scenes)
     blind.update(kind="blind", checkpoint=first["path"], captions_per_s=captions_per_s, blind=True)
     rows.append(blind)
     write_json(os.path.join(args.out, "captions_blind.json"),
@@ -747,7 +754,8 @@ def markdown_table(rows, decoding, where, images, with_attributes):
     lines = [f"{images} images of {where}, {how[method]}, at most {decoding['max_new_tokens']} tokens.",
              "Params: trainable / total (encoder + bridge + LM). METEOR: corpus score, then per-image mean ± std. "
              "CIDEr (CIDEr-D) with its 95% bootstrap interval over images.",
-             "The blind row is the first captioner fed one constant image (the training mean) for every image.", ""]
+             "The blind row is the first checkpoint's frozen LM with no image at all (its first sentence after "
+             "<|endoftext|>): what the LM guesses without looking.", ""]
     header = ["bridge", "trainable / total params", "train time", "val loss", "BLEU-4", "METEOR", "METEOR mean ± std",
               "CIDEr [95% CI]", "captions/s"] + [a for a in ATTRIBUTES if with_attributes]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 import evaluate
-from bridges import build_captioner, lm_fingerprint
+from bridges import Captioner, build_captioner, lm_fingerprint, load_captioner
 from data import coco, shapes
 from gpt2 import GPT, GPTConfig, SubsetTokenizer, get_tokenizer
 
@@ -273,7 +273,7 @@ def test_compare_writes_table_json_captions_and_pictures(world, tmp_path):
     rows = {row["bridge"]: row for row in saved["rows"]}
     assert list(rows)[:3] == KINDS
     blind = [row for row in saved["rows"] if row.get("blind")]
-    assert len(blind) == 1 and blind[0]["bridge"].startswith("blind (linear")
+    assert len(blind) == 1 and blind[0]["bridge"] == "blind (frozen LM of linear, no image)"
     for kind, row in rows.items():
         assert 0.0 <= row["BLEU-4"] <= 1.0 and row["CIDEr_ci"][0] <= row["CIDEr"] + 1e-9 <= row["CIDEr_ci"][1] + 2e-9
         assert row["captions_per_s"] > 0 and set(row["attributes"]) == set(evaluate.ATTRIBUTES)
@@ -290,11 +290,58 @@ def test_compare_writes_table_json_captions_and_pictures(world, tmp_path):
     assert len(captions) == 10 and all(len(v["references"]) == 5 for v in captions.values())
     table = open(os.path.join(out, "table.md")).read()
     assert table.count("\n| ") == 5  # header + 3 bridges + blind
-    assert "| blind (linear, constant image) |" in table
+    assert "| blind (frozen LM of linear, no image) |" in table
     assert "colour | shape | size | position | relation" in table
     for name in ["val_loss.png", "grid_linear.png", "grid_xattn.png", "grid_qformer.png", "qformer_attention.png"]:
         path = os.path.join(out, name)
         assert os.path.getsize(path) > 1000 and open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_blind_captioner_is_the_lm_alone(world):
+    captioner, tokenizer, _ = load_captioner(world["checkpoints"]["xattn"])
+    blind = Captioner(captioner.lm, evaluate.NoImage(), tokenizer.eot_token).eval()
+    start = torch.full((3, 1), tokenizer.eot_token)  # (3, 1): a new text, nothing else
+    with torch.no_grad():
+        expected, _ = captioner.lm(start)
+        # the prefix's last position: what the blind captioner predicts as the first word
+        prefix, cross = blind.condition(torch.zeros(3, 0, 0))
+        first, _ = captioner.lm(torch.zeros(3, 0, dtype=torch.long), prefix=prefix, cross=cross)
+    assert prefix.shape == (3, 1, captioner.lm.config.n_embd) and cross is None
+    torch.testing.assert_close(first[:, -1], expected[:, -1], rtol=0, atol=0)
+    greedy = captioner.lm.generate(start[:1], 8, temperature=0.0, eot=None)[0, 1:].tolist()
+    assert blind.generate(torch.zeros(2, 0, 0), 8) == [greedy[:greedy.index(tokenizer.eot_token)]
+                                                     if tokenizer.eot_token in greedy else greedy] * 2
+    assert evaluate.first_sentence(" a red circle. a blue square.") == "a red circle"
+
+
+@needs_java
+def test_compare_on_karpathy_split_with_meteor(world, tmp_path):
+    # Karpathy's json over the same images: 6 test, 4 val
+    images = [dict(filepath="val2017", filename=os.path.basename(r["path"]), cocoid=r["image_id"],
+                   split="test" if i < 6 else "val", sentences=[dict(raw=c) for c in r["captions"]])
+              for i, r in enumerate(world["records"])]
+    karpathy = tmp_path / "dataset_coco.json"
+    karpathy.write_text(json.dumps(dict(images=images, dataset="coco")))
+    out = str(tmp_path / "results")
+    result = evaluate.main(["--checkpoints", world["checkpoints"]["linear"], "--coco-root", world["root"],
+                            "--karpathy-json", str(karpathy), "--features", world["cache"], "--out", out,
+                            "--method", "greedy", "--max-new-tokens", "6", "--device", "cpu"])
+    assert result["split"] == "test" and result["images"] == 6 and "Karpathy test" in result["where"]
+    linear, blind = result["rows"]
+    assert linear["images"] == blind["images"] == 6
+    # METEOR: the corpus score and the per-image mean, std and bootstrap interval from one JVM
+    assert 0.0 <= linear["METEOR"] <= 1.0 and 0.0 <= linear["METEOR_std"]
+    assert linear["METEOR_ci"][0] - 1e-9 <= linear["METEOR_mean"] <= linear["METEOR_ci"][1] + 1e-9
+    # the same captions scored directly give the same numbers: only the 6 test images, with their references
+    with open(os.path.join(out, "captions_linear.json")) as f:
+        saved = json.load(f)
+    test_ids = {str(r["image_id"]) for r in world["records"][:6]}
+    assert set(saved) == test_ids
+    direct = evaluate.score_captions({k: v["caption"] for k, v in saved.items()},
+                                     {k: v["references"] for k, v in saved.items()})
+    assert direct["METEOR"] == pytest.approx(linear["METEOR"]) and direct["CIDEr"] == pytest.approx(linear["CIDEr"])
+    # no scene file is read on Karpathy's split, so no per-attribute columns
+    assert "attributes" not in linear and "colour" not in open(os.path.join(out, "table.md")).read()
 
 
 def test_cache_checkpoint_mismatch_is_refused(world, tmp_path):
