@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup test bench demo demo-clean clean-venv
+.PHONY: setup test bench demo demo-pictures demo-clean clean-venv
 
 setup: $(VENV)/.installed
 
@@ -28,15 +28,22 @@ bench: setup
 # make demo: the whole pipeline on the offline miniature, through the same scripts a full-scale run uses.
 # Every stage is a file target, so a re-run reuses what is finished; train_lm / train_caption resume with
 # --resume auto when interrupted. `make demo-clean` starts over. Stage times go to $(DEMO)/times.txt.
+# Every size is a variable, so a shortened demo is one command line (tests/test_demo.py runs one).
 DEMO    := runs/demo
 SHAPES  := data/shapes
 CACHE   := data/cache
 ENCODER := random-vit:mini:seed0
-LM_STEPS := 1500
+TRAIN_IMAGES := 5000
+VAL_IMAGES   := 500
+CORPUS_DOCS  := 20000
+LM_STEPS     := 1500
+BRIDGE_STEPS := 300
+VAL_PAIRS    := 500
+SHARD_SIZE   := 200000
 LM      := $(DEMO)/lm/ckpt_$(shell printf %06d $(LM_STEPS)).pt
 BRIDGES := linear xattn qformer
-CAPTION_FLAGS := -B 64 --total-batch 64 --max-steps 300 --warmup-steps 30 --val-every 100 \
-                 --val-pairs 500 --standardize --qformer-width 128 --qformer-heads 4 --queries 16
+CAPTION_FLAGS := -B 64 --total-batch 64 --max-steps $(BRIDGE_STEPS) --warmup-steps 30 --val-every 100 \
+                 --val-pairs $(VAL_PAIRS) --standardize --qformer-width 128 --qformer-heads 4 --queries 16
 # One linear layer (21k parameters) needs a far larger step than the attention bridges (0.6-0.8M).
 LR_linear  := 3e-2
 LR_xattn   := 1e-3
@@ -44,15 +51,20 @@ LR_qformer := 1e-3
 # time one stage: run it, then append "<name> <seconds> s" to the summary
 stage = @mkdir -p $(DEMO); start=$$(date +%s); $(2) && echo "$(1) $$(( $$(date +%s) - start )) s" >> $(DEMO)/times.txt
 
+# Without this, make deletes the feature caches' manifest.json (pattern-rule "intermediate" files) after a run,
+# and the next run would find the caches unfinished.
+.SECONDARY:
+
 demo: setup $(DEMO)/results/table.md
 	@echo; echo "stage times (this run; reused stages are not listed):"; cat $(DEMO)/times.txt; rm -f $(DEMO)/times.txt
 	@echo; cat $(DEMO)/results/table.md
 
 $(SHAPES)/info.json:
-	$(call stage,data,$(BIN)/python data/shapes.py --out $(SHAPES) --train 5000 --val 500 --corpus-docs 20000 --seed 0)
+	$(call stage,data,$(BIN)/python data/shapes.py --out $(SHAPES) --train $(TRAIN_IMAGES) --val $(VAL_IMAGES) \
+		--corpus-docs $(CORPUS_DOCS) --seed 0)
 
 $(DEMO)/lm_shards/manifest.json: $(SHAPES)/info.json
-	$(call stage,shards,$(BIN)/python data/fineweb.py --data-files $(SHAPES)/corpus.jsonl --out-dir $(DEMO)/lm_shards --shard-size 200000 --workers 2)
+	$(call stage,shards,$(BIN)/python data/fineweb.py --data-files $(SHAPES)/corpus.jsonl --out-dir $(DEMO)/lm_shards --shard-size $(SHARD_SIZE) --workers 2)
 
 $(LM): $(DEMO)/lm_shards/manifest.json
 	$(call stage,lm,$(BIN)/python train_lm.py --preset mini --data-dir $(DEMO)/lm_shards --vocab-subset --out-dir $(DEMO)/lm \
@@ -69,6 +81,12 @@ $(DEMO)/caption/%/ckpt_final.pt: $(LM) $(CACHE)/shapes_train/manifest.json $(CAC
 $(DEMO)/results/table.md: $(foreach b,$(BRIDGES),$(DEMO)/caption/$(b)/ckpt_final.pt)
 	$(call stage,evaluate,$(BIN)/python evaluate.py --checkpoints $^ --coco-root $(SHAPES) --split val \
 		--features $(CACHE)/shapes_val --out $(DEMO)/results --method greedy)
+
+# The README's pictures are the demo's own: after `make demo`, this refreshes docs/ from runs/demo/results/.
+demo-pictures: $(DEMO)/results/table.md
+	mkdir -p docs
+	cp $(DEMO)/results/grid_xattn.png $(DEMO)/results/grid_linear.png $(DEMO)/results/grid_qformer.png \
+		$(DEMO)/results/val_loss.png $(DEMO)/results/qformer_attention.png docs/
 
 demo-clean:
 	rm -rf $(DEMO) $(SHAPES) $(CACHE)/shapes_train $(CACHE)/shapes_val
