@@ -23,6 +23,7 @@ bench: setup
 	$(BIN)/python bench/bench_features.py
 	$(BIN)/python bench/bench_metrics.py
 	$(BIN)/python bench/bench_eval.py
+	$(BIN)/python bench/bench_caption.py
 
 # ---------------------------------------------------------------------------------------------------------------
 # make demo: the whole pipeline on the offline miniature, through the same scripts a full-scale run uses.

@@ -5,7 +5,7 @@ tokens given the context ("completion style", the only way a small base model ca
 with the lowest average loss is its answer: that accuracy is acc_norm (normalized by ending length).
 
     python data/hellaswag.py --model gpt2                  # OpenAI GPT-2 124M: acc_norm 0.2955 on the 10,042 val examples
-    python data/hellaswag.py --model runs/lm/ckpt_019072.pt  # a train_lm.py checkpoint
+    python data/hellaswag.py --model runs/lm/ckpt_019073.pt  # a train_lm.py checkpoint
 
 Expected acc_norm on the validation set with this script (as measured in karpathy/build-nanogpt):
     gpt2 (124M) 0.2955    gpt2-xl (1558M) 0.4881    random guessing 0.25
