@@ -548,8 +548,8 @@ def image_batches(encoder, items, batch_size, skipped):
 class NoImage(torch.nn.Module):
     """
     The blind baseline's "bridge": no prefix, no cross-attention. A Captioner built on it is the frozen LM
-    alone, starting a new text after <|endoftext|>, i.e. the LM's own caption prior, the best a captioner can
-    do without looking. (Feeding a trained bridge one constant image instead is a weaker baseline than it
+    alone, starting a new text after <|endoftext|>, i.e. the LM's own caption prior: what it guesses without
+    looking. (Feeding a trained bridge one constant image instead is a weaker baseline than it
     sounds: a prefix bridge given an input it never saw drives the LM into non-captions.)
     """
 
