@@ -15,13 +15,13 @@ CLIP's post-LayerNorm is applied only to the class token on its way to the image
 `pooler_output`); the token states we return are taken before it, which is exactly transformers'
 `last_hidden_state` for the last layer and `hidden_states[layer]` for any other (LLaVA uses the penultimate).
 
-Also here: CLIP's image preprocessing (bit-exact with the reference processor, batched), pooling the patch
-grid to a few tokens (the reference project's 257 -> 33), and a small *untrained* ViT with the same layout
+Also here: CLIP's image preprocessing (bit-exact with transformers' CLIPImageProcessor, batched), pooling the
+patch grid to a few tokens (257 -> 33, as Laurent, Lenain and Mebille's gpt2-vision-language, the project whose
+table we reproduce, pools them), and a small *untrained* ViT with the same layout
 for the offline miniature. No `transformers` at run time: the tests check parity against it.
 
     python clip_loader.py --encoder openai/clip-vit-large-patch14 some.jpg other.png
 """
-import json
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -31,6 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+
+from common import hub_folder, read_hub_weights, read_json
 
 # -----------------------------------------------------------------------------
 # Configuration: the four OpenAI checkpoints, and the miniature's untrained encoder
@@ -258,37 +260,6 @@ def hub_to_ours(state):
     return ours
 
 
-def fetch_from_hub(repo_id):
-    """Download (or find in the hub cache) config.json and the weights; return the folder holding them."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
-    try:
-        config_path = hf_hub_download(repo_id, "config.json")
-        try:
-            hf_hub_download(repo_id, "model.safetensors")
-        except EntryNotFoundError:  # an older repo with only the pickled weights
-            hf_hub_download(repo_id, "pytorch_model.bin")
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
-        raise RuntimeError(
-            f"could not get config.json and model.safetensors (or pytorch_model.bin) of '{repo_id}' from the "
-            f"Hugging Face hub ({type(e).__name__}). Offline? On a machine with internet run\n"
-            f"    hf download {repo_id} config.json model.safetensors --local-dir checkpoints/{repo_id.split('/')[-1]}\n"
-            f"copy that folder here, and pass its path instead of '{repo_id}'.") from e
-    return os.path.dirname(config_path)
-
-
-def read_weights(folder):
-    """The checkpoint's tensors: model.safetensors if present, else pytorch_model.bin, loaded without pickled code."""
-    safetensors_path, bin_path = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
-    if os.path.exists(safetensors_path):
-        from safetensors.torch import load_file
-        return load_file(safetensors_path)
-    if os.path.exists(bin_path):
-        return torch.load(bin_path, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{folder} holds neither model.safetensors nor pytorch_model.bin "
-                            f"(expected the hub's layout: config.json + model.safetensors)")
-
-
 def load_clip(name_or_dir="openai/clip-vit-large-patch14", layer=-1):
     """
     A frozen CLIP image tower (eval mode, no gradients) whose forward returns layer `layer`'s hidden states.
@@ -303,16 +274,10 @@ def load_clip(name_or_dir="openai/clip-vit-large-patch14", layer=-1):
                              f"with a preset in {sorted(CLIP_PRESETS)}")
         model = build_random_clip(CLIP_PRESETS[preset], int(seed), layer)
     else:
-        if os.path.isdir(name_or_dir):
-            folder = name_or_dir
-        elif name_or_dir.startswith((".", "/", "~")) or name_or_dir.count("/") != 1:
-            raise FileNotFoundError(f"{name_or_dir!r} is neither a folder nor a hub id like openai/clip-vit-large-patch14")
-        else:
-            folder = fetch_from_hub(name_or_dir)
-        with open(os.path.join(folder, "config.json")) as f:
-            config = config_from_hub(json.load(f))
+        folder = hub_folder(name_or_dir)
+        config = config_from_hub(read_json(os.path.join(folder, "config.json"), "CLIP config"))
         model = VisionTransformer(config, layer)
-        theirs = hub_to_ours(read_weights(folder))
+        theirs = hub_to_ours(read_hub_weights(folder))
         ours = model.state_dict()
         missing, unexpected = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
         if missing or unexpected:
@@ -352,7 +317,7 @@ def to_rgb(image):
 def resize_crop(image, size=224):
     """
     One image as a (size, size, 3) uint8 array: shortest side resized to `size` with bicubic, the long side to
-    int(size * long / short) (truncated, as the reference does: rounding moves pixels by up to 2.6 levels),
+    int(size * long / short) (truncated, as CLIPImageProcessor does: rounding moves pixels by up to 2.6 levels),
     then the centre crop starting at (long - size) // 2.
     """
     image = to_rgb(image)
@@ -380,7 +345,7 @@ def preprocess(images, size=224):
 
 
 # -----------------------------------------------------------------------------
-# Pooling the patch grid: the reference project's 257 tokens -> 33
+# Pooling the patch grid: 257 tokens -> 33
 
 
 def pool_tokens(tokens, grid=(4, 8)):
@@ -411,13 +376,40 @@ def parse_grid(text):
     return int(rows), int(cols)
 
 
+@torch.no_grad()
+def encode_pixels(model, pixels, grid=(4, 8)):
+    """
+    The one way images become visual tokens, everywhere in the project (feature caching, on-the-fly encoding in
+    training and evaluation): (B, H, W, 3) uint8 pixels, already resized and cropped (resize_crop, or
+    data.coco.load_pixels) -> the frozen encoder's tokens, pooled: (B, 1 + rows * cols, C), float32 on the CPU.
+    The model may sit on any device; the pixels follow it.
+    """
+    device = model.patch_embedding.weight.device
+    x = normalize_pixels(torch.as_tensor(np.stack(pixels)).to(device))  # (B, 3, H, W)
+    return pool_tokens(model(x), grid).float().cpu()  # (B, S, C)
+
+
 def encode_images(model, images, grid=(4, 8)):
+    """PIL images (any mode, any size) -> pooled tokens (B, S, C), preprocessed at the model's own input size."""
+    return encode_pixels(model, [resize_crop(im, model.config.image_size) for im in images], grid)
+
+
+def encoder_param_counts(name_or_dir):
     """
-    PIL images -> the frozen encoder's tokens, pooled: (B, 1 + rows * cols, C), float32 on the CPU.
-    Preprocessing runs at the model's own input size; the model may sit on any device.
+    {"total", "trainable": 0} of the frozen encoder an id names, without loading its weights (a model on the meta
+    device has shapes but no storage); None for a hub id this machine cannot size offline (left out, not guessed).
     """
-    pixels = preprocess(images, model.config.image_size).to(model.patch_embedding.weight.device)  # (B, 3, H, W)
-    return pool_tokens(model(pixels), grid).float().cpu()  # (B, S, C)
+    if name_or_dir.startswith(RANDOM_PREFIX):
+        config = CLIP_PRESETS[name_or_dir.removeprefix(RANDOM_PREFIX).split(":")[0]]
+    elif name_or_dir in CLIP_PRESETS:
+        config = CLIP_PRESETS[name_or_dir]
+    elif os.path.isfile(os.path.join(name_or_dir, "config.json")):
+        config = config_from_hub(read_json(os.path.join(name_or_dir, "config.json"), "CLIP config"))
+    else:
+        return None
+    with torch.device("meta"):
+        model = VisionTransformer(config)
+    return {"total": sum(p.numel() for p in model.parameters()), "trainable": 0}
 
 
 def is_untrained(model):

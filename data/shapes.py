@@ -37,6 +37,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `python data/shapes.py`
+from common import atomic_open, write_json  # noqa: E402
+
 # -----------------------------------------------------------------------------
 # The world: a handful of attributes, each clearly visible at 64 px
 
@@ -272,18 +275,9 @@ def corpus_documents(count, seed, image_size=64):
 
 
 def write_corpus(path, count, seed, image_size=64):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_open(path) as f:
         for doc in corpus_documents(count, seed, image_size):
             f.write(json.dumps({"text": doc}) + "\n")
-    os.replace(tmp, path)
-
-
-def write_json(path, obj):
-    tmp = path + ".tmp"  # atomic: a killed run never leaves a half-written file that looks finished
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
 
 
 def generate(out, train=10000, val=500, corpus_docs=20000, seed=0, image_size=64):

@@ -1,11 +1,8 @@
 """GPT-2 by hand: tokenizer, forward, extension point, KV cache, sampling, optimizer, and parity with transformers."""
-import json
-import os
-
 import pytest
 import torch
 
-from gpt2 import EOT, GPT, GPTConfig, PRESETS, KVCache, get_tokenizer, sample_next
+from gpt2 import EOT, GPT, GPTConfig, PRESETS, get_tokenizer, sample_next
 
 
 def tiny(seed=0, **kw):

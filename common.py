@@ -1,0 +1,152 @@
+"""
+What every script of the project shares: reading and writing files safely, and checking command-line numbers.
+
+- Atomic writes. A run killed mid-write (Ctrl-C, a time limit, a full disk) must never leave a half-written file
+  that looks finished: we write to `<path>.tmp`, flush it to disk, then rename it over `<path>` (a rename within
+  one folder is atomic on POSIX). JSON files (manifests, results) and torch checkpoints both go this way.
+- Safe loads. A checkpoint is read with `weights_only=True`: tensors, dicts, lists and numbers only, so opening a
+  file from somewhere else never runs pickled code. A missing, truncated or foreign file is an error that names it.
+- The Hugging Face hub's model folders (config.json + model.safetensors, or an older pytorch_model.bin), for
+  OpenAI's GPT-2 (gpt2.py) and CLIP (clip_loader.py) weights: a local folder is used as it is, a hub id is
+  downloaded (or found in the hub's cache), and offline that fails with the command to run elsewhere.
+- Numbers on the command line. `-B -16` or `--top-p 0` must stop the script at once with argparse's usual
+  "error: argument ..." (exit status 2), not train silently on nothing or fail an assertion an hour later:
+  the argparse types at the end of this file say what each number may be.
+"""
+import argparse
+import json
+import math
+import os
+from contextlib import contextmanager
+
+import torch
+
+# -----------------------------------------------------------------------------
+# Atomic writes
+
+
+@contextmanager
+def atomic_open(path, mode="w"):
+    """Open path + ".tmp" to write; when the block ends without error, flush it to disk and rename it to path."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, mode) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # atomic on POSIX when both are in the same folder
+
+
+def write_json(path, obj, indent=1):
+    """json.dump to path, atomically."""
+    with atomic_open(path) as f:
+        json.dump(obj, f, indent=indent)
+
+
+def read_json(path, what="file"):
+    """json.load with an error that names the file (and what it should have been) when it is not JSON."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} {path} is not valid JSON ({e}): a truncated or hand-edited file? "
+                         f"Restore or rebuild it") from e
+
+
+def save_checkpoint(path, state):
+    """torch.save to path, atomically: a crash mid-write never leaves a half-written checkpoint at path."""
+    with atomic_open(path, "wb") as f:
+        torch.save(state, f)
+
+
+def load_checkpoint(path, what="checkpoint"):
+    """Tensors, dicts, lists and numbers only (weights_only=True): loading never runs pickled code."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:  # truncated zip, foreign pickle...
+        raise RuntimeError(f"{what} {path} is corrupt or not a torch checkpoint this code wrote "
+                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+
+# -----------------------------------------------------------------------------
+# Model folders in the Hugging Face hub's layout
+
+
+def looks_like_path(name):
+    """A name with a path's shape (./x, /x, ~/x, x.pt, a/b/c) is a file or folder, never a hub id."""
+    return (name.startswith((".", "/", "~")) or name.count("/") > 1
+            or name.endswith((".pt", ".pth", ".bin", ".safetensors", ".json")))
+
+
+def hub_folder(name_or_dir, weights=("model.safetensors", "pytorch_model.bin")):
+    """
+    The folder holding a model's config.json and weights: name_or_dir itself if it is a folder, else the hub
+    repository of that id, downloaded into (or found in) the hub's cache. weights: the file names to try, in order.
+    """
+    if os.path.isdir(name_or_dir):
+        return name_or_dir
+    if looks_like_path(name_or_dir):
+        raise FileNotFoundError(f"{name_or_dir} does not exist (it names a file or folder, not a hub id like "
+                                f"openai-community/gpt2); was it moved or deleted?")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+    try:
+        config = hf_hub_download(name_or_dir, "config.json")
+        for i, name in enumerate(weights):
+            try:
+                hf_hub_download(name_or_dir, name)
+                break
+            except EntryNotFoundError:  # an older repository with only the pickled weights
+                if i == len(weights) - 1:
+                    raise
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        raise RuntimeError(
+            f"could not get config.json and {weights[0]} of '{name_or_dir}' from the Hugging Face hub "
+            f"({type(e).__name__}). Offline? On a machine with internet run\n"
+            f"    hf download {name_or_dir} config.json {weights[0]} --local-dir checkpoints/{name_or_dir.split('/')[-1]}\n"
+            f"copy that folder here, and pass its path instead of '{name_or_dir}'.") from e
+    return os.path.dirname(config)
+
+
+def read_hub_weights(folder):
+    """A hub folder's tensors: model.safetensors if present, else pytorch_model.bin (loaded without pickled code)."""
+    safetensors_path, bin_path = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
+    if os.path.exists(safetensors_path):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(safetensors_path)
+        except (SafetensorError, OSError) as e:
+            raise RuntimeError(f"{safetensors_path} is corrupt or truncated ({e}): download it again") from e
+    if os.path.exists(bin_path):
+        return load_checkpoint(bin_path, "weights file")
+    raise FileNotFoundError(f"{folder} holds neither model.safetensors nor pytorch_model.bin "
+                            f"(expected the hub's layout: config.json + model.safetensors)")
+
+# -----------------------------------------------------------------------------
+# Command-line numbers: argparse types that refuse values outside their range
+
+
+def _number(kind, low, high=math.inf, low_open=False, what=""):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        too_low = value <= low if low_open else value < low
+        if not math.isfinite(value) or too_low or value > high:  # no flag wants NaN or infinity
+            raise argparse.ArgumentTypeError(f"{text} is out of range: must be {what}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _number(int, 1, what=">= 1")
+natural_int = _number(int, 0, what=">= 0 (0: never / off)")
+positive_float = _number(float, 0.0, low_open=True, what="> 0")
+nonneg_float = _number(float, 0.0, what=">= 0")
+finite_float = _number(float, -math.inf, what="a finite number")
+probability = _number(float, 0.0, 1.0, low_open=True, what="in (0, 1]")
