@@ -25,7 +25,6 @@ The cache folder (--out):
 """
 import argparse
 import hashlib
-import json
 import os
 import sys
 import time
@@ -42,6 +41,7 @@ from tqdm import tqdm
 # runnable as `python data/coco.py` from the repo root as well as `import data.coco`
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import clip_loader  # noqa: E402
+from common import read_json, write_json  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Download (with resume), or use a COCO folder that is already there
@@ -127,8 +127,10 @@ def load_records(root, split, karpathy_json=None):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: expected a COCO-format root (run `python data/coco.py download "
                                 f"--root {root}`, or `python data/shapes.py --out {root}` for the miniature)")
-    with open(path) as f:
-        coco = json.load(f)
+    coco = read_json(path, "COCO caption file")
+    if not isinstance(coco, dict) or not {"images", "annotations"} <= set(coco):
+        raise ValueError(f"{path} is not a COCO caption file: it needs 'images' and 'annotations' lists "
+                         f"(found {sorted(coco) if isinstance(coco, dict) else type(coco).__name__})")
     captions = {}
     for a in coco["annotations"]:
         captions.setdefault(a["image_id"], []).append(a["caption"].strip())
@@ -141,8 +143,10 @@ def load_karpathy_records(root, split, karpathy_json):
     if split not in ("train", "val", "test"):
         raise ValueError(f"Karpathy split {split!r}: use train, val or test")
     keep = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}[split]
-    with open(karpathy_json) as f:
-        images = json.load(f)["images"]
+    data = read_json(karpathy_json, "Karpathy split file")
+    if not isinstance(data, dict) or "images" not in data:
+        raise ValueError(f"{karpathy_json} is not Karpathy's dataset_coco.json: it has no 'images' list")
+    images = data["images"]
     records, missing = [], []
     for im in images:
         if im["split"] not in keep:
@@ -180,7 +184,11 @@ def load_pixels(path, size):
 # The feature cache
 
 FORMAT = 1
-SETTINGS = ("format", "encoder", "layer", "pooling", "image_size", "tokens", "width", "images", "image_list_sha256")
+# What decides the visual tokens a bridge sees: a checkpoint records them, and every cache or encoder it is later
+# given must agree on each of them.
+FEATURE_FIELDS = ("encoder", "layer", "pooling", "image_size", "tokens", "width")
+# What a cache must match to be reused or resumed: the features, and the very same list of images.
+SETTINGS = ("format",) + FEATURE_FIELDS + ("images", "image_list_sha256")
 
 
 def cache_settings(model, pool_grid, records=None):
@@ -201,13 +209,6 @@ def differences(have, want):
     return [f"{k}: cache has {have.get(k)!r}, expected {v!r}" for k, v in want.items() if have.get(k) != v]
 
 
-def write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written manifest
-
-
 def build_feature_cache(records, encoder, out_dir, batch_size=64, pool_grid=(4, 8), layer=-1, device=None,
                         num_workers=4):
     """
@@ -226,8 +227,7 @@ def build_feature_cache(records, encoder, out_dir, batch_size=64, pool_grid=(4, 
     os.makedirs(out_dir, exist_ok=True)
     manifest_path = os.path.join(out_dir, "manifest.json")
     if os.path.exists(manifest_path):
-        with open(manifest_path) as f:
-            old = json.load(f)
+        old = read_json(manifest_path, "feature cache manifest")
         diff = differences(old, {k: settings[k] for k in SETTINGS})
         if diff:
             raise ValueError(f"{out_dir} holds a feature cache made with different settings ({'; '.join(diff)}). "
@@ -243,7 +243,7 @@ def build_feature_cache(records, encoder, out_dir, batch_size=64, pool_grid=(4, 
     skipped_path = os.path.join(out_dir, "skipped.json")
     # status per row: 0 = to do, 1 = written, 2 = unreadable image (skipped)
     status = np.load(status_path) if os.path.exists(status_path) else np.zeros(N, dtype=np.uint8)
-    skipped = json.load(open(skipped_path)) if os.path.exists(skipped_path) else []
+    skipped = read_json(skipped_path, "feature cache progress file") if os.path.exists(skipped_path) else []
     features = np.memmap(features_path, dtype=np.float16, mode="r+" if os.path.exists(features_path) else "w+",
                          shape=(N, S, C))
     todo = np.flatnonzero(status == 0)
@@ -268,10 +268,8 @@ def build_feature_cache(records, encoder, out_dir, batch_size=64, pool_grid=(4, 
                     skipped.append(dict(image_id=records[r]["image_id"], path=records[r]["path"], reason=reason))
                     status[r] = 2
             if good:
-                pixels = torch.from_numpy(np.stack([p for p, _ in loaded if p is not None]))  # (B, H, W, 3) uint8
-                pixels = clip_loader.normalize_pixels(pixels.to(device))  # (B, 3, H, W)
-                tokens = clip_loader.pool_tokens(model(pixels), pool_grid)  # (B, S, C)
-                features[good] = tokens.to(torch.float16).cpu().numpy()
+                tokens = clip_loader.encode_pixels(model, [p for p, _ in loaded if p is not None], pool_grid)  # (B, S, C)
+                features[good] = tokens.to(torch.float16).numpy()
                 status[good] = 1
             # features first, then the record of what is done: a crash in between only redoes this batch
             features.flush()
@@ -332,8 +330,7 @@ class FeatureCache:
         if not os.path.exists(manifest_path):
             raise FileNotFoundError(f"{out_dir} holds no feature cache (no manifest.json): build it with "
                                     f"`python data/coco.py features ... --out {out_dir}`")
-        with open(manifest_path) as f:
-            self.manifest = json.load(f)
+        self.manifest = read_json(manifest_path, "feature cache manifest")
         if not self.manifest.get("complete"):
             raise ValueError(f"{out_dir}: the feature cache is incomplete; run the same features command again to finish it")
         self.out_dir = out_dir
@@ -365,6 +362,16 @@ class FeatureCache:
         """Rows of features as a float32 tensor (B, S, C)."""
         return torch.from_numpy(self.features[np.asarray(rows)].astype(np.float32))
 
+    # A "visual source", like EncodedImages below: settings, `image_id in source`, tokens(image_ids).
+    @property
+    def settings(self):
+        """What a bridge trained on these features sees (FEATURE_FIELDS of the manifest)."""
+        return {k: self.manifest[k] for k in FEATURE_FIELDS}
+
+    def tokens(self, image_ids):
+        """(image_ids, visual tokens (B, S, C) float32) of images that are all in the cache."""
+        return list(image_ids), self.batch([self.row_of(i) for i in image_ids])
+
     @property
     def mean(self):
         """(S, C) float32 mean over this cache's images; standardise with the TRAINING cache's mean and std."""
@@ -380,6 +387,37 @@ class FeatureCache:
             with np.load(os.path.join(self.out_dir, "stats.npz")) as z:
                 self._stats = {k: z[k] for k in z.files}
         return self._stats
+
+
+class EncodedImages:
+    """
+    The other visual source: images read and encoded by the frozen encoder when asked for (no cache; slower, see
+    bench/bench_caption.py). tokens() leaves out an image that cannot be read and appends it to self.skipped as
+    {"image_id", "path", "reason"}: evaluation reports such images, training refuses them.
+    """
+
+    def __init__(self, encoder, grid, records, device="cpu"):
+        self.model, self.grid = encoder.to(device), grid
+        self.paths = {r["image_id"]: r["path"] for r in records}
+        self.settings = {k: v for k, v in cache_settings(encoder, grid).items() if k in FEATURE_FIELDS}
+        self.skipped = []
+
+    def __contains__(self, image_id):
+        return image_id in self.paths
+
+    def tokens(self, image_ids):
+        kept, pixels = [], []
+        for image_id in image_ids:
+            array, reason = load_pixels(self.paths[image_id], self.model.config.image_size)
+            if array is None:
+                tqdm.write(f"skipping {self.paths[image_id]}: {reason}", file=sys.stderr)
+                self.skipped.append(dict(image_id=image_id, path=self.paths[image_id], reason=reason))
+            else:
+                kept.append(image_id)
+                pixels.append(array)
+        if not kept:
+            return kept, None
+        return kept, clip_loader.encode_pixels(self.model, pixels, self.grid)  # (B, S, C)
 
 # -----------------------------------------------------------------------------
 
