@@ -19,8 +19,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import evaluate  # noqa: E402
+import metrics  # noqa: E402
 from bench_metrics import perturbed, synthetic_caption  # noqa: E402  (bench/ is on sys.path as the script's dir)
-from bridges import build_captioner  # noqa: E402
+from bridges import BRIDGES, build_captioner  # noqa: E402
 from gpt2 import EOT, GPT, GPTConfig, PRESETS  # noqa: E402
 
 
@@ -54,7 +55,7 @@ def timed(fn, device):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="gpt2", choices=sorted(PRESETS), help="LM size (random weights)")
-    parser.add_argument("--bridge", default="qformer", choices=["linear", "xattn", "qformer"])
+    parser.add_argument("--bridge", default="qformer", choices=sorted(BRIDGES))
     parser.add_argument("--images", type=int, default=4, help="images to caption (one batch for ours)")
     parser.add_argument("--new-tokens", type=int, default=20, help="tokens per caption")
     parser.add_argument("--beam", type=int, default=3, help="also time our beam search at this width (0: skip)")
@@ -111,9 +112,9 @@ if __name__ == "__main__":
         references = {i: [synthetic_caption(rng) for _ in range(args.refs)] for i in range(args.metric_images)}
         predictions = {i: perturbed(rng.choice(refs), rng) for i, refs in references.items()}
         t0 = time.perf_counter()
-        evaluate.get_meteor()
+        metrics.get_meteor()
         jvm_s = time.perf_counter() - t0
-        scores, t_metrics = timed(lambda: evaluate.score_captions(predictions, references), torch.device("cpu"))
+        scores, t_metrics = timed(lambda: metrics.score_captions(predictions, references), torch.device("cpu"))
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in scores["seconds"].items())
         print(f"\nmetrics on {args.metric_images} images x {args.refs} references: {t_metrics:.1f} s ({stages}); "
               f"+ {jvm_s:.1f} s METEOR JVM start, once per process")

@@ -1,5 +1,5 @@
 """
-Metric speed: how long evaluate.score_captions takes on a COCO-val-sized set (5,000 images x 5 references),
+Metric speed: how long metrics.score_captions takes on a COCO-val-sized set (5,000 images x 5 references),
 per stage, with the METEOR JVM's start-up timed on its own. The captions are synthetic, drawn from a small
 vocabulary with a fixed seed; each prediction is one of its image's references with a few words changed, so the
 scores land in a realistic range rather than at 0 or 1.
@@ -8,7 +8,7 @@ scores land in a realistic range rather than at 0 or 1.
     python bench/bench_metrics.py --images 500     # quicker
 
 The baseline is the JVM start itself: the reference project built a new Meteor() for every evaluation, so it
-paid that start-up (and ~1.3 GB) each time; evaluate.py pays it once per process.
+paid that start-up (and ~1.3 GB) each time; metrics.py pays it once per process.
 """
 import argparse
 import os
@@ -17,7 +17,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import evaluate  # noqa: E402
+import metrics  # noqa: E402
 
 ADJECTIVES = ["small", "large", "brown", "white", "black", "red", "young", "old", "wet", "happy"]
 NOUNS = ["dog", "cat", "man", "woman", "horse", "bird", "car", "boat", "child", "train", "table", "field"]
@@ -61,12 +61,12 @@ if __name__ == "__main__":
     predictions = {i: perturbed(rng.choice(refs), rng) for i, refs in references.items()}
 
     t0 = time.perf_counter()
-    meteor = evaluate.get_meteor()  # starts the JVM and waits for its first answer
+    meteor = metrics.get_meteor()  # starts the JVM and waits for its first answer
     jvm_s = time.perf_counter() - t0
     print(f"METEOR JVM start: {jvm_s:.1f} s, {jvm_rss_mb(meteor.meteor_p):.0f} MB resident (once per process)")
 
     t0 = time.perf_counter()
-    scores = evaluate.score_captions(predictions, references)
+    scores = metrics.score_captions(predictions, references)
     total_s = time.perf_counter() - t0
     print(f"\n{args.images} images x {args.refs} references, seconds per stage:")
     for stage, seconds in scores["seconds"].items():

@@ -5,22 +5,21 @@ a tiny LM, fake bridge checkpoints in train_caption.py's format, a few images of
 """
 import itertools
 import json
-import math
 import os
 import shutil
 from dataclasses import asdict
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
 import evaluate
-from bridges import Captioner, build_captioner, lm_fingerprint, load_captioner
+import metrics
+from bridges import BRIDGES, Captioner, build_captioner, lm_fingerprint, load_captioner
 from data import coco, shapes
 from gpt2 import GPT, GPTConfig, SubsetTokenizer, get_tokenizer
 
-KINDS = ["linear", "xattn", "qformer"]
+KINDS = list(BRIDGES)  # every registered bridge
 EOT = 0
 SMALL = dict(xattn_heads=2, queries=4, qformer_layers=2, qformer_width=32, qformer_heads=2)
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap's PTB tokenizer needs Java")
@@ -271,7 +270,7 @@ def test_compare_writes_table_json_captions_and_pictures(world, tmp_path):
         saved = json.load(f)
     assert saved["images"] == 10 and saved == json.loads(json.dumps(result))
     rows = {row["bridge"]: row for row in saved["rows"]}
-    assert list(rows)[:3] == KINDS
+    assert list(rows)[:len(KINDS)] == KINDS
     blind = [row for row in saved["rows"] if row.get("blind")]
     assert len(blind) == 1 and blind[0]["bridge"] == "blind (frozen LM of linear, no image)"
     for kind, row in rows.items():
@@ -289,10 +288,12 @@ def test_compare_writes_table_json_captions_and_pictures(world, tmp_path):
         captions = json.load(f)
     assert len(captions) == 10 and all(len(v["references"]) == 5 for v in captions.values())
     table = open(os.path.join(out, "table.md")).read()
-    assert table.count("\n| ") == 5  # header + 3 bridges + blind
+    assert table.count("\n| ") == len(KINDS) + 2  # header + the bridges + blind
     assert "| blind (frozen LM of linear, no image) |" in table
     assert "colour | shape | size | position | relation" in table
-    for name in ["val_loss.png", "grid_linear.png", "grid_xattn.png", "grid_qformer.png", "qformer_attention.png"]:
+    maps = [f"attention_{k}.png" for k in KINDS if hasattr(BRIDGES[k], "attention_maps")]
+    assert maps and not os.path.exists(os.path.join(out, "attention_linear.png"))
+    for name in ["val_loss.png"] + [f"grid_{k}.png" for k in KINDS] + maps:
         path = os.path.join(out, name)
         assert os.path.getsize(path) > 1000 and open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n", name
 
@@ -337,7 +338,7 @@ def test_compare_on_karpathy_split_with_meteor(world, tmp_path):
         saved = json.load(f)
     test_ids = {str(r["image_id"]) for r in world["records"][:6]}
     assert set(saved) == test_ids
-    direct = evaluate.score_captions({k: v["caption"] for k, v in saved.items()},
+    direct = metrics.score_captions({k: v["caption"] for k, v in saved.items()},
                                      {k: v["references"] for k, v in saved.items()})
     assert direct["METEOR"] == pytest.approx(linear["METEOR"]) and direct["CIDEr"] == pytest.approx(linear["CIDEr"])
     # no scene file is read on Karpathy's split, so no per-attribute columns
@@ -370,7 +371,7 @@ def test_caption_a_folder_reports_and_skips_unreadable_files(world, tmp_path, ca
     assert all(str(folder) in line for line in err.out.strip().splitlines()) and err.out.count("\n") == 3
     # the on-the-fly encoder computes what the cache holds (up to the cache's fp16 rounding)
     cache = coco.FeatureCache(world["cache"])
-    encoder = evaluate.Encoder(features_manifest(), torch.device("cpu"))
     rows = world["records"][:2]
-    visual = encoder([coco.load_pixels(r["path"], encoder.size)[0] for r in rows])  # (2, 5, 32)
+    source = evaluate.encoded_images(features_manifest(), rows, torch.device("cpu"))
+    _, visual = source.tokens([r["image_id"] for r in rows])  # (2, 5, 32)
     torch.testing.assert_close(visual, cache.batch([cache.row_of(r["image_id"]) for r in rows]), atol=2e-3, rtol=2e-3)

@@ -1,5 +1,5 @@
 """
-The metrics section of evaluate.py: alignment by image id, tokenization on both sides, inputs that used to hang
+metrics.py: alignment by image id, tokenization on both sides, inputs that used to hang
 the METEOR jar, and BLEU / CIDEr-D checked against implementations written here from their definitions.
 
 One METEOR JVM (~15 s to start) is shared by the whole file through evaluate's singleton; the test that breaks
@@ -14,7 +14,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-import evaluate
+import metrics
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="METEOR and the PTB tokenizer need Java")
 
@@ -54,7 +54,7 @@ def meteor():
     """Start the shared JVM once, outside the per-test timeouts."""
     if shutil.which("java") is None:
         pytest.skip("METEOR needs Java")
-    return evaluate.get_meteor()
+    return metrics.get_meteor()
 
 
 def corpus_scores(scores):
@@ -66,33 +66,33 @@ def corpus_scores(scores):
 
 
 def test_sanitize_makes_one_clean_line():
-    assert evaluate.sanitize("  a dog\nruns\ton\r\nthe\u2028grass\u2029 \x85now\x00 ") == "a dog runs on the grass now"
-    assert evaluate.sanitize("zero\u200bwidth\ufeff and\u00a0nbsp") == "zero width and nbsp"
-    assert evaluate.sanitize("lone \ud800 surrogate") == "lone surrogate"
-    assert evaluate.sanitize("café 🐶 ok") == "café 🐶 ok"  # ordinary non-ASCII text is kept
-    assert evaluate.sanitize("\n\t ") == ""
+    assert metrics.sanitize("  a dog\nruns\ton\r\nthe\u2028grass\u2029 \x85now\x00 ") == "a dog runs on the grass now"
+    assert metrics.sanitize("zero\u200bwidth\ufeff and\u00a0nbsp") == "zero width and nbsp"
+    assert metrics.sanitize("lone \ud800 surrogate") == "lone surrogate"
+    assert metrics.sanitize("café 🐶 ok") == "café 🐶 ok"  # ordinary non-ASCII text is kept
+    assert metrics.sanitize("\n\t ") == ""
     with pytest.raises(TypeError):
-        evaluate.sanitize(None)
+        metrics.sanitize(None)
 
 
 def test_check_java_explains_the_fix(monkeypatch):
-    monkeypatch.setattr(evaluate.shutil, "which", lambda name: None)
+    monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
     with pytest.raises(RuntimeError, match="apt-get install default-jre-headless"):
-        evaluate.check_java()
+        metrics.check_java()
 
 
 def test_unwritable_tokenizer_dir_gets_a_clear_message(tmp_path):
     with pytest.raises(RuntimeError, match="writes temporary files into its package directory"):
-        evaluate._check_tokenizer_dir(str(tmp_path / "does-not-exist"))
+        metrics._check_tokenizer_dir(str(tmp_path / "does-not-exist"))
 
 
 @needs_java
 def test_tokenizer_misalignment_is_detected(monkeypatch):
     # Without sanitize(), \u2028 is a line break to the Java tokenizer: one line too many, and every later
     # caption would land on the wrong image. The check inside ptb_tokenize must notice.
-    monkeypatch.setattr(evaluate, "sanitize", lambda caption: caption)
+    monkeypatch.setattr(metrics, "sanitize", lambda caption: caption)
     with pytest.raises(RuntimeError, match="no longer aligned"):
-        evaluate.ptb_tokenize({1: ["a dog\u2028runs"], 2: ["a cat"]})
+        metrics.ptb_tokenize({1: ["a dog\u2028runs"], 2: ["a cat"]})
 
 
 # -----------------------------------------------------------------------------
@@ -101,25 +101,25 @@ def test_tokenizer_misalignment_is_detected(monkeypatch):
 
 def test_missing_and_unknown_ids_are_errors():
     with pytest.raises(ValueError, match=r"unknown ids \[4\].*without a prediction \[\]"):
-        evaluate.score_captions({**PREDS, 4: "a cat"}, REFS)
+        metrics.score_captions({**PREDS, 4: "a cat"}, REFS)
     with pytest.raises(ValueError, match=r"unknown ids \[\].*without a prediction \[3\]"):
-        evaluate.score_captions({1: PREDS[1], 2: PREDS[2]}, REFS)
+        metrics.score_captions({1: PREDS[1], 2: PREDS[2]}, REFS)
     with pytest.raises(ValueError, match="non-empty list of reference captions"):
-        evaluate.score_captions(PREDS, {**REFS, 3: []})
+        metrics.score_captions(PREDS, {**REFS, 3: []})
     with pytest.raises(ValueError, match="SPICE is not computed"):
-        evaluate.score_captions(PREDS, REFS, metrics=("bleu", "spice"))
+        metrics.score_captions(PREDS, REFS, metrics=("bleu", "spice"))
     with pytest.raises(TypeError, match="image 2"):
-        evaluate.score_captions({**PREDS, 2: ["a list", "of captions"]}, REFS)
+        metrics.score_captions({**PREDS, 2: ["a list", "of captions"]}, REFS)
 
 
 @needs_java
 def test_scores_are_aligned_by_image_id_not_by_order(meteor):
     mixed = {1: PREDS[1], 2: WRONG[2], 3: PREDS[3]}
-    a = run_with_timeout(lambda: evaluate.score_captions(mixed, REFS))
+    a = run_with_timeout(lambda: metrics.score_captions(mixed, REFS))
     ids = list(REFS)
     random.Random(0).shuffle(ids)
     ids_b = list(reversed(ids))
-    b = run_with_timeout(lambda: evaluate.score_captions({i: mixed[i] for i in ids},
+    b = run_with_timeout(lambda: metrics.score_captions({i: mixed[i] for i in ids},
                                                          {i: REFS[i] for i in ids_b}))
     assert corpus_scores(a) == corpus_scores(b)
     assert a["image_ids"] == b["image_ids"] == [1, 2, 3]
@@ -133,36 +133,36 @@ def test_scores_are_aligned_by_image_id_not_by_order(meteor):
 
 @needs_java
 def test_ptb_tokenization_on_both_sides(meteor):
-    tokenized = evaluate.ptb_tokenize({"x": ["A Dog, running!", "(Two) CATS..."]})
+    tokenized = metrics.ptb_tokenize({"x": ["A Dog, running!", "(Two) CATS..."]})
     assert tokenized == {"x": ["a dog running", "-lrb- two -rrb- cats"]}  # pycocoevalcap keeps lower-cased brackets
     shouting = {1: "A Dog is Running, on GRASS.", 2: "a man, rides a horse!", 3: "Two cats..."}
     shouting_refs = {i: [r.upper() + " ." for r in refs] for i, refs in REFS.items()}
-    plain = run_with_timeout(lambda: evaluate.score_captions(PREDS, REFS))
-    loud = run_with_timeout(lambda: evaluate.score_captions(shouting, shouting_refs))
+    plain = run_with_timeout(lambda: metrics.score_captions(PREDS, REFS))
+    loud = run_with_timeout(lambda: metrics.score_captions(shouting, shouting_refs))
     assert corpus_scores(plain) == corpus_scores(loud)
 
 
 @needs_java
 def test_empty_prediction_scores_zero_without_hanging(meteor):
     preds = {1: "", 2: PREDS[2], 3: " ... "}  # the third becomes empty only after punctuation removal
-    scores = run_with_timeout(lambda: evaluate.score_captions(preds, REFS))
+    scores = run_with_timeout(lambda: metrics.score_captions(preds, REFS))
     for name, values in scores["per_image"].items():
         assert values[0] == 0 and values[2] == 0, name
         assert values[1] > 0, name
     assert all(math.isfinite(v) for v in corpus_scores(scores).values())
     # an empty reference is a data bug, not a caption to match (ROUGE-L would give "" a perfect 1.0 against it)
     with pytest.raises(ValueError, match=r"empty after tokenization.*\[2\]"):
-        evaluate.score_captions(PREDS, {**REFS, 2: ["a man riding a horse", ". . ."]})
+        metrics.score_captions(PREDS, {**REFS, 2: ["a man riding a horse", ". . ."]})
 
 
 @needs_java
 def test_control_characters_do_not_hang_and_score_as_sanitized(meteor):
     dirty = {1: "a dog\nruns on\r\nthe\u2028grass\x85", 2: "a man\trides\x00 a\u200bhorse", 3: "two\x1bcats\n"}
     dirty_refs = {**REFS, 3: ["two cats sleeping\non a bed", "cats on\u2029a bed"]}
-    clean = {i: evaluate.sanitize(c) for i, c in dirty.items()}
-    clean_refs = {i: [evaluate.sanitize(r) for r in refs] for i, refs in dirty_refs.items()}
-    got = run_with_timeout(lambda: evaluate.score_captions(dirty, dirty_refs))
-    want = run_with_timeout(lambda: evaluate.score_captions(clean, clean_refs))
+    clean = {i: metrics.sanitize(c) for i, c in dirty.items()}
+    clean_refs = {i: [metrics.sanitize(r) for r in refs] for i, refs in dirty_refs.items()}
+    got = run_with_timeout(lambda: metrics.score_captions(dirty, dirty_refs))
+    want = run_with_timeout(lambda: metrics.score_captions(clean, clean_refs))
     assert corpus_scores(got) == corpus_scores(want)
     assert got["BLEU-1"] > 0.5  # the words survived: nothing was shifted onto another image
 
@@ -231,7 +231,7 @@ def hand_cider_d(preds, refs, sigma=6.0):
 
 @needs_java
 def test_bleu_and_cider_match_hand_computation(meteor):
-    scores = run_with_timeout(lambda: evaluate.score_captions(PREDS, REFS, metrics=("bleu", "cider")))
+    scores = run_with_timeout(lambda: metrics.score_captions(PREDS, REFS, metrics=("bleu", "cider")))
     want_bleu = hand_bleu(PREDS, REFS, max_n=4)
     assert hand_bleu(PREDS, REFS, 1)[0] < 1  # this example has a brevity penalty (and a tie on the closest length)
     for n in range(4):
@@ -245,8 +245,8 @@ def test_bleu_and_cider_match_hand_computation(meteor):
 @needs_java
 def test_perfect_captions_beat_wrong_ones(meteor):
     perfect = {i: refs[0] for i, refs in REFS.items()}
-    good = run_with_timeout(lambda: evaluate.score_captions(perfect, REFS))
-    bad = run_with_timeout(lambda: evaluate.score_captions(WRONG, REFS))
+    good = run_with_timeout(lambda: metrics.score_captions(perfect, REFS))
+    bad = run_with_timeout(lambda: metrics.score_captions(WRONG, REFS))
     assert good["BLEU-4"] > 0.9 and bad["BLEU-4"] < 1e-3
     for name in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"):
         assert good[name] > bad[name], name
@@ -263,15 +263,15 @@ def test_perfect_captions_beat_wrong_ones(meteor):
 
 def test_bootstrap_ci_contains_the_mean_and_is_deterministic():
     values = np.random.default_rng(1).normal(loc=0.4, scale=0.15, size=400)
-    low, high = evaluate.bootstrap_ci(values, n=1000, seed=0)
+    low, high = metrics.bootstrap_ci(values, n=1000, seed=0)
     assert low < values.mean() < high
-    assert evaluate.bootstrap_ci(values, n=1000, seed=0) == (low, high)
-    assert evaluate.bootstrap_ci(values, n=1000, seed=1) != (low, high)
+    assert metrics.bootstrap_ci(values, n=1000, seed=0) == (low, high)
+    assert metrics.bootstrap_ci(values, n=1000, seed=1) != (low, high)
     # the width matches the normal approximation of the mean's 95% interval, 2 * 1.96 * std / sqrt(n)
     assert high - low == pytest.approx(2 * 1.96 * values.std() / math.sqrt(len(values)), rel=0.1)
-    assert evaluate.bootstrap_ci([0.3] * 10) == pytest.approx((0.3, 0.3))
+    assert metrics.bootstrap_ci([0.3] * 10) == pytest.approx((0.3, 0.3))
     with pytest.raises(ValueError):
-        evaluate.bootstrap_ci([])
+        metrics.bootstrap_ci([])
 
 
 # -----------------------------------------------------------------------------
@@ -283,9 +283,9 @@ def test_a_desynchronised_meteor_jar_raises_and_is_replaced(meteor):
     # Bypass sanitize(): a raw newline makes the jar answer the wrong request. pycocoevalcap alone would raise
     # with its lock held and then hang the interpreter at exit; we must raise, stop the jar, free the lock.
     with pytest.raises(RuntimeError, match="METEOR jar failed"):
-        run_with_timeout(lambda: evaluate._meteor_compute(meteor, {1: ["a dog"], 2: ["a cat"]},
+        run_with_timeout(lambda: metrics._meteor_compute(meteor, {1: ["a dog"], 2: ["a cat"]},
                                                           {1: ["a\ndog"], 2: ["a cat"]}))
     assert meteor.meteor_p.poll() is not None and not meteor.lock.locked()
-    assert evaluate.get_meteor() is not meteor  # the next evaluation starts a fresh jar
-    scores = run_with_timeout(lambda: evaluate.score_captions(PREDS, REFS, metrics=("meteor",)))
+    assert metrics.get_meteor() is not meteor  # the next evaluation starts a fresh jar
+    scores = run_with_timeout(lambda: metrics.score_captions(PREDS, REFS, metrics=("meteor",)))
     assert 0 < scores["METEOR"] < 1
