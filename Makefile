@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup test bench demo demo-pictures demo-clean clean-venv
+.PHONY: setup test bench demo demo-table demo-pictures demo-clean clean-venv
 
 setup: $(VENV)/.installed
 
@@ -42,13 +42,14 @@ BRIDGE_STEPS := 300
 VAL_PAIRS    := 500
 SHARD_SIZE   := 200000
 LM      := $(DEMO)/lm/ckpt_$(shell printf %06d $(LM_STEPS)).pt
-BRIDGES := linear xattn qformer
+# Every bridge registered in bridges.py (its BRIDGES registry): a new bridge joins the demo by itself.
+BRIDGES = $(shell $(BIN)/python -c "import bridges; print(*bridges.BRIDGES)")
 CAPTION_FLAGS := -B 64 --total-batch 64 --max-steps $(BRIDGE_STEPS) --warmup-steps 30 --val-every 100 \
                  --val-pairs $(VAL_PAIRS) --standardize --qformer-width 128 --qformer-heads 4 --queries 16
-# One linear layer (21k parameters) needs a far larger step than the attention bridges (0.6-0.8M).
+# Learning rate per bridge: LR_<name>, else LR. One linear layer (21k parameters) needs a far larger step than
+# the attention bridges (0.6-0.8M).
+LR         := 1e-3
 LR_linear  := 3e-2
-LR_xattn   := 1e-3
-LR_qformer := 1e-3
 # time one stage: run it, then append "<name> <seconds> s" to the summary
 stage = @mkdir -p $(DEMO); start=$$(date +%s); $(2) && echo "$(1) $$(( $$(date +%s) - start )) s" >> $(DEMO)/times.txt
 
@@ -56,7 +57,11 @@ stage = @mkdir -p $(DEMO); start=$$(date +%s); $(2) && echo "$(1) $$(( $$(date +
 # and the next run would find the caches unfinished.
 .SECONDARY:
 
-demo: setup $(DEMO)/results/table.md
+# `demo` installs first, then runs the stages in a second make, which can ask bridges.py for the bridge list.
+demo: setup
+	@$(MAKE) --no-print-directory demo-table
+
+demo-table: $(DEMO)/results/table.md
 	@echo; echo "stage times (this run; reused stages are not listed):"; cat $(DEMO)/times.txt; rm -f $(DEMO)/times.txt
 	@echo; cat $(DEMO)/results/table.md
 
@@ -77,17 +82,18 @@ $(CACHE)/shapes_%/manifest.json: $(SHAPES)/info.json
 
 $(DEMO)/caption/%/ckpt_final.pt: $(LM) $(CACHE)/shapes_train/manifest.json $(CACHE)/shapes_val/manifest.json
 	$(call stage,bridge-$*,$(BIN)/python train_caption.py --bridge $* --lm $(LM) --coco-root $(SHAPES) \
-		--features $(CACHE)/shapes_train --val-features $(CACHE)/shapes_val --out-dir $(DEMO)/caption/$* $(CAPTION_FLAGS) --lr $(LR_$*) --resume auto)
+		--features $(CACHE)/shapes_train --val-features $(CACHE)/shapes_val --out-dir $(DEMO)/caption/$* $(CAPTION_FLAGS) \
+		--lr $(or $(LR_$*),$(LR)) --resume auto)
 
 $(DEMO)/results/table.md: $(foreach b,$(BRIDGES),$(DEMO)/caption/$(b)/ckpt_final.pt)
+	$(if $(BRIDGES),,$(error no bridges: `$(BIN)/python -c "import bridges"` failed; run `make setup`))
 	$(call stage,evaluate,$(BIN)/python evaluate.py --checkpoints $^ --coco-root $(SHAPES) --split val \
 		--features $(CACHE)/shapes_val --out $(DEMO)/results --method greedy)
 
 # The README's pictures are the demo's own: after `make demo`, this refreshes docs/ from runs/demo/results/.
 demo-pictures: $(DEMO)/results/table.md
 	mkdir -p docs
-	cp $(DEMO)/results/grid_xattn.png $(DEMO)/results/grid_linear.png $(DEMO)/results/grid_qformer.png \
-		$(DEMO)/results/val_loss.png $(DEMO)/results/qformer_attention.png docs/
+	cp $(DEMO)/results/grid_*.png $(DEMO)/results/attention_*.png $(DEMO)/results/val_loss.png docs/
 
 demo-clean:
 	rm -rf $(DEMO) $(SHAPES) $(CACHE)/shapes_train $(CACHE)/shapes_val

@@ -1,15 +1,20 @@
 """
 Three ways to let a frozen GPT-2 see an image, side by side, and the captioner that joins one to the GPT.
 
-Every bridge reads the frozen vision encoder's tokens, visual (B, S, C_vis) (CLIP's class token + 32 pooled
-patch tokens by default), and returns what gpt2.py's one extension point accepts:
-- a prefix (B, P, C): embeddings placed before the caption, as if they were words (linear, Q-Former);
-- or per-block cross-attention callables that read the image from inside the GPT (cross-attention).
-The GPT itself is never copied or edited: the bridge is the only trainable part.
-
     LinearBridge          each visual token -> one prefix embedding (ClipCap's idea, in one layer)
     CrossAttentionBridge  gated cross-attention inserted into every k-th GPT block (Flamingo's idea)
     QFormerBridge         learnable queries read the image, their outputs become the prefix (BLIP-2's idea)
+
+The bridge contract (all a new bridge must do):
+- it is an nn.Module built from a BridgeConfig (below) and registered under a name with @register("name");
+- forward(visual) takes the frozen encoder's tokens, visual (B, S, C_vis) (CLIP's class token + 32 pooled patch
+  tokens by default), and returns (prefix, cross), what gpt2.py's one extension point accepts:
+    prefix  (B, P, n_embd) embeddings placed before the caption, as if they were words, or None;
+    cross   a list of n_layer callables-or-None, cross[i] updating block i's residual stream (B, T, C), or None;
+- optionally attention_maps(visual) -> (B, heads, Q, S) weights over the visual tokens: evaluate.py then draws
+  where the bridge looks.
+The GPT itself is never copied or edited: the bridge is the only trainable part. BRIDGES is the one list of
+bridges: train_caption.py's --bridge choices, the Makefile's demo, the tests and the benches all read it.
 
 The captioner lays each example out as
     [<|endoftext|>] [prefix p_1 .. p_P] [caption c_1 .. c_n] [<|endoftext|>]
@@ -17,37 +22,61 @@ The LM was pretrained on documents that each start after an <|endoftext|>, so th
 one, where the LM expects the start of a new text (a prefix before it would be read as the end of some
 previous document and largely ignored). The loss covers c_1 .. c_n and the final <|endoftext|> only.
 """
+import dataclasses
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from common import load_checkpoint
 from gpt2 import GPTConfig, MLP, load_lm
 
 # -----------------------------------------------------------------------------
-# The bridges' configuration: one dataclass for all three, stored in every checkpoint
+# The bridges' configuration: one dataclass for all of them, stored in every checkpoint
+
+
+def flag(default, help, minimum=None):
+    """A BridgeConfig field that train_caption.py offers as a command-line flag (--field-name)."""
+    return field(default=default, metadata=dict(help=help, minimum=minimum))
 
 
 @dataclass
 class BridgeConfig:
-    kind: str = "qformer"       # linear | xattn | qformer
+    # what the data and the LM decide (filled in by build_captioner)
+    kind: str = "qformer"       # a name in BRIDGES
     vis_dim: int = 1024         # width of the encoder's tokens (CLIP ViT-L/14: 1024)
     vis_tokens: int = 33        # visual tokens per image (CLS + 32 pooled patches)
-    n_embd: int = 768           # the GPT's width (filled in from the LM)
-    n_layer: int = 12           # the GPT's depth (filled in from the LM)
-    vis_pos: bool = True        # learned position embedding of the visual tokens inside the bridge
-    # cross-attention bridge
-    xattn_every: int = 1        # a gated cross-attention layer in every k-th GPT block
-    xattn_heads: int = 12
-    # Q-Former bridge (the reference project's sizes)
-    queries: int = 32           # learnable query tokens = prefix length
-    qformer_layers: int = 2
-    qformer_width: int = 768
-    qformer_heads: int = 12
+    n_embd: int = 768           # the GPT's width
+    n_layer: int = 12           # the GPT's depth
+    # the bridges' own hyper-parameters, each a flag of train_caption.py
+    vis_pos: bool = flag(True, "learned position embedding of the visual tokens inside the bridge")
+    xattn_every: int = flag(1, "cross-attention: a gated layer in every k-th GPT block", minimum=1)
+    xattn_heads: int = flag(0, "cross-attention heads (0: as many as the GPT has)", minimum=0)
+    queries: int = flag(32, "Q-Former: learnable queries (= prefix length)", minimum=1)
+    qformer_layers: int = flag(2, "Q-Former: layers", minimum=1)  # sizes of Laurent, Lenain and Mebille's Q-Former
+    qformer_width: int = flag(768, "Q-Former: width", minimum=1)
+    qformer_heads: int = flag(12, "Q-Former: attention heads (must divide --qformer-width)", minimum=1)
+
+    def __post_init__(self):
+        if self.xattn_heads and self.n_embd % self.xattn_heads:
+            raise ValueError(f"--xattn-heads {self.xattn_heads} does not divide the GPT's width {self.n_embd}")
+        if self.qformer_width % self.qformer_heads:
+            raise ValueError(f"--qformer-heads {self.qformer_heads} does not divide --qformer-width {self.qformer_width}")
+
+
+BRIDGES = {}  # name -> bridge class, filled by @register below
+
+
+def register(name):
+    """Class decorator: add a bridge to BRIDGES under `name` (see the contract at the top of this file)."""
+    def add(cls):
+        BRIDGES[name] = cls
+        return cls
+    return add
 
 
 def count_params(module):
@@ -114,6 +143,7 @@ class VisualInput(nn.Module):
 # Bridge 1: a linear map of each visual token into the GPT's embedding space, used as a prefix
 
 
+@register("linear")
 class LinearBridge(nn.Module):
 
     def __init__(self, config):
@@ -151,6 +181,7 @@ class GatedCrossAttention(nn.Module):
         return x
 
 
+@register("xattn")
 class CrossAttentionBridge(nn.Module):
 
     def __init__(self, config):
@@ -195,6 +226,7 @@ class QFormerLayer(nn.Module):
         return q, weights
 
 
+@register("qformer")
 class QFormerBridge(nn.Module):
 
     def __init__(self, config):
@@ -218,8 +250,6 @@ class QFormerBridge(nn.Module):
         """The last layer's cross-attention weights (B, nh, Q, S): where each query looks in the image."""
         return self(visual, return_weights=True)[2]
 
-
-BRIDGES = {"linear": LinearBridge, "xattn": CrossAttentionBridge, "qformer": QFormerBridge}
 
 # -----------------------------------------------------------------------------
 # The captioner: a bridge joined to a frozen GPT
@@ -339,12 +369,17 @@ def build_captioner(lm, eot, kind, vis_dim, vis_tokens, unfreeze_last=0, visual_
         raise ValueError(f"unknown bridge {kind!r}; choose one of {sorted(BRIDGES)}")
     config = BridgeConfig(kind=kind, vis_dim=vis_dim, vis_tokens=vis_tokens,
                           n_embd=lm.config.n_embd, n_layer=lm.config.n_layer, **overrides)
+    if not config.xattn_heads:  # 0: as many heads as the GPT's own attention
+        config = dataclasses.replace(config, xattn_heads=lm.config.n_head)
     return Captioner(lm, BRIDGES[kind](config), eot, unfreeze_last, visual_stats), config
 
 
 def captioner_from_config(lm, eot, config, unfreeze_last=0, visual_stats=None):
     """Rebuild a captioner from a checkpoint's bridge config (a dict), checking it fits this LM."""
     config = BridgeConfig(**config)
+    if config.kind not in BRIDGES:
+        raise ValueError(f"this checkpoint's bridge {config.kind!r} is not one of {sorted(BRIDGES)}: "
+                         f"register it (bridges.register) before loading")
     if (config.n_embd, config.n_layer) != (lm.config.n_embd, lm.config.n_layer):
         raise ValueError(f"bridge was trained for a GPT of width {config.n_embd} and depth {config.n_layer}, "
                          f"this LM has {lm.config.n_embd} and {lm.config.n_layer}")
@@ -357,8 +392,8 @@ def load_captioner(path, lm=None, device="cpu"):
     The frozen LM is loaded from the identity the checkpoint records (lm: another path to the same LM, if it
     moved) and must be the very LM the bridge was trained on: its weights' fingerprint is checked.
     """
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only, never code
-    if ckpt.get("kind") != "caption":
+    ckpt = load_checkpoint(path, "caption checkpoint")  # tensors and plain data only, never code
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "caption":
         raise ValueError(f"{path} is not a train_caption.py checkpoint")
     model, tokenizer = load_lm(lm or ckpt["lm"]["name"])
     if lm_fingerprint(model) != ckpt["lm"]["fingerprint"]:

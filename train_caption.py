@@ -1,5 +1,5 @@
 """
-Train any bridge (linear | xattn | qformer) between a frozen vision encoder and a frozen GPT, with one loop.
+Train any bridge (see bridges.BRIDGES) between a frozen vision encoder and a frozen GPT, with one loop.
 
     # the real run: one epoch of COCO 2017 train on cached CLIP ViT-L/14 features, OpenAI's GPT-2 as the LM
     python train_caption.py --bridge qformer --lm gpt2 --coco-root data/coco \\
@@ -18,352 +18,90 @@ read by bridges.load_captioner and by --resume, which continues exactly where th
 """
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import clip_loader
-from bridges import build_captioner, caption_batch, lm_fingerprint
+from bridges import BRIDGES, BridgeConfig, build_captioner, caption_batch, lm_fingerprint
+from common import natural_int, nonneg_float, positive_float, positive_int
 from data import coco
 from gpt2 import load_lm
-from train_utils import (JsonlLogger, all_finite, autocast, check_finite, enable_speedups, format_eta,
-                         latest_checkpoint, load_checkpoint, lr_at, print0, rng_state, save_checkpoint, set_rng_state,
-                         setup_distributed, teardown)
-
-
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bridge", required=True, choices=["linear", "xattn", "qformer"])
-    p.add_argument("--lm", default="gpt2", help="a train_lm.py checkpoint (.pt), or gpt2 / a hub-format folder")
-    p.add_argument("--coco-root", default="data/coco", help="COCO-format root (captions and images)")
-    p.add_argument("--karpathy-json", default=None, help="Karpathy's dataset_coco.json: use his train/val split")
-    p.add_argument("--features", default=None, help="feature cache of the train split (data/coco.py features)")
-    p.add_argument("--val-features", default=None, help="feature cache of the val split")
-    p.add_argument("--encoder", default="openai/clip-vit-large-patch14",
-                   help="encode images on the fly with this encoder when no --features are given")
-    p.add_argument("--layer", type=int, default=-1, help="encoder layer, on-the-fly encoding only")
-    p.add_argument("--pool", default="4x8", help="patch pooling grid (or none), on-the-fly encoding only")
-    p.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=False,
-                   help="standardise visual tokens with the train cache's per-(token, channel) mean and std")
-    p.add_argument("--out-dir", default=None, help="default runs/caption/<bridge>")
-    p.add_argument("--resume", default=None, help="a checkpoint, or 'auto' (the latest in --out-dir, if any)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--seed", type=int, default=1337)
-    # the bridge
-    p.add_argument("--queries", type=int, default=32, help="Q-Former: learnable queries (= prefix length)")
-    p.add_argument("--qformer-layers", type=int, default=2)
-    p.add_argument("--qformer-width", type=int, default=768)
-    p.add_argument("--qformer-heads", type=int, default=12)
-    p.add_argument("--xattn-every", type=int, default=1, help="cross-attention in every k-th GPT block")
-    p.add_argument("--xattn-heads", type=int, default=None, help="default: the GPT's number of heads")
-    p.add_argument("--vis-pos", action=argparse.BooleanOptionalAction, default=True,
-                   help="learned position embedding of the visual tokens inside the bridge")
-    p.add_argument("--unfreeze-last", type=int, default=0, help="also train the last K GPT blocks")
-    # optimisation
-    p.add_argument("--epochs", type=float, default=1.0, help="passes over all (image, caption) pairs")
-    p.add_argument("--max-steps", type=int, default=None, help="length of the schedule (default: --epochs)")
-    p.add_argument("--stop-step", type=int, default=None, help="stop (and checkpoint) before this step")
-    p.add_argument("-B", "--batch-size", type=int, default=64, help="micro-batch of pairs per process")
-    p.add_argument("--total-batch", type=int, default=256, help="pairs per optimizer step (gradient accumulation)")
-    p.add_argument("--lr", type=float, default=3e-4, help="bridge max learning rate (cosine to 10%%)")
-    p.add_argument("--lm-lr", type=float, default=1e-5, help="learning rate of the unfrozen GPT blocks")
-    p.add_argument("--warmup-steps", type=int, default=200)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--max-caption-tokens", type=int, default=40, help="longer captions are cut (COCO: >99%% fit)")
-    # evaluation, logging, checkpoints (0 = never)
-    p.add_argument("--val-every", type=int, default=250)
-    p.add_argument("--val-pairs", type=int, default=2000, help="size of the fixed val subset (pairs)")
-    p.add_argument("--ckpt-every", type=int, default=1000)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on CUDA)")
-    args = p.parse_args(argv)
-    args.out_dir = args.out_dir or os.path.join("runs", "caption", args.bridge)
-    return args
+from train_utils import (Checkpoints, JsonlLogger, autocast, check_finite, enable_speedups, find_resume, format_eta,
+                         launch, lr_at, micro_batches, print0, rng_state, set_rng_state)
 
 # -----------------------------------------------------------------------------
-# Where the visual tokens come from: a feature cache (fast), or the frozen encoder on every batch
-
-
-class CachedVisual:
-    """Visual tokens of images by COCO id, read from a memory-mapped feature cache."""
-
-    def __init__(self, cache):
-        self.cache = cache
-        self.settings = {k: cache.manifest[k] for k in ("encoder", "layer", "pooling", "image_size", "tokens", "width")}
-
-    def has(self, image_id):
-        return image_id in self.cache
-
-    def __call__(self, image_ids):
-        return self.cache.batch([self.cache.row_of(i) for i in image_ids])  # (B, S, C) float32
-
-
-class EncodedVisual:
-    """Visual tokens computed on the fly: load, preprocess and encode every batch (the reference's approach)."""
-
-    def __init__(self, encoder, grid, records, device):
-        self.model, self.grid, self.device = encoder.to(device), grid, device
-        self.paths = {r["image_id"]: r["path"] for r in records}
-        self.settings = {k: v for k, v in coco.cache_settings(encoder, grid).items()
-                         if k in ("encoder", "layer", "pooling", "image_size", "tokens", "width")}
-
-    def has(self, image_id):
-        return image_id in self.paths
-
-    @torch.no_grad()
-    def __call__(self, image_ids):
-        pixels = []
-        for i in image_ids:
-            array, reason = coco.load_pixels(self.paths[i], self.model.config.image_size)
-            if array is None:  # training data must be readable: build a feature cache to skip bad files
-                raise ValueError(f"cannot read {self.paths[i]}: {reason} (data/coco.py features skips such files)")
-            pixels.append(array)
-        pixels = clip_loader.normalize_pixels(torch.from_numpy(np.stack(pixels)).to(self.device))  # (B, 3, H, W)
-        return clip_loader.pool_tokens(self.model(pixels), self.grid).float().cpu()  # (B, S, C)
-
-
-def encoder_params(settings):
-    """Parameter count of the frozen encoder a cache was made with, without loading its weights (meta device)."""
-    encoder = settings["encoder"]
-    if encoder.startswith(clip_loader.RANDOM_PREFIX):
-        config = clip_loader.CLIP_PRESETS[encoder[len(clip_loader.RANDOM_PREFIX):].split(":")[0]]
-    elif encoder in clip_loader.CLIP_PRESETS:
-        config = clip_loader.CLIP_PRESETS[encoder]
-    elif os.path.isfile(os.path.join(encoder, "config.json")):
-        with open(os.path.join(encoder, "config.json")) as f:
-            config = clip_loader.config_from_hub(json.load(f))
-    else:
-        return None  # an encoder this code cannot size offline: the count is left out, not guessed
-    with torch.device("meta"):
-        model = clip_loader.VisionTransformer(config)
-    return {"total": sum(p.numel() for p in model.parameters()), "trainable": 0}
-
-# -----------------------------------------------------------------------------
-# The examples: every (image, caption) pair, tokenized once
-
-
-def make_pairs(records, visual, tokenizer, max_tokens):
-    """[(image_id, caption tokens)] for the records whose image the visual source has (cache skips bad files)."""
-    pairs, missing = [], 0
-    for r in records:
-        if not visual.has(r["image_id"]):
-            missing += 1
-            continue
-        for caption in r["captions"]:
-            pairs.append((r["image_id"], tokenizer.encode_ordinary(caption.strip())[:max_tokens]))
-    if missing:
-        print0(f"note: {missing} of {len(records)} images are not in the visual source (unreadable when cached); "
-               "their captions are left out")
-    if not pairs:
-        raise ValueError("no (image, caption) pairs: is the feature cache made from this split?")
-    return pairs
-
-
-def batch_of(pairs, index, visual, eot, device):
-    """Visual tokens (B, S, C), caption tokens and targets (B, T) of the pairs at `index`."""
-    chosen = [pairs[i] for i in index]
-    tokens, targets = caption_batch([t for _, t in chosen], eot)
-    return visual([i for i, _ in chosen]).to(device), tokens.to(device), targets.to(device)
-
-
-def epoch_order(n, epoch, seed):
-    """The pairs' order in one epoch: a permutation fixed by (seed, epoch), so a resumed run sees the same."""
-    g = torch.Generator().manual_seed(seed * 1000 + epoch)
-    return torch.randperm(n, generator=g).numpy()
-
-
-# -----------------------------------------------------------------------------
-
-
-def main(argv=None):
-    args = get_args(argv)
-    dist = setup_distributed(args.device)
-    try:
-        return train(args, dist)
-    finally:
-        teardown(dist)
+# The training loop: one optimizer step = grad_accum micro-batches on each process
 
 
 def train(args, dist):
     enable_speedups(dist.device_type)
-    use_compile = args.compile if args.compile is not None else dist.device_type == "cuda"
-    assert args.total_batch % (args.batch_size * dist.world_size) == 0, \
-        "--total-batch must be a multiple of --batch-size x number of processes"
-    grad_accum = args.total_batch // (args.batch_size * dist.world_size)
-
-    # ---- the frozen LM and its tokenizer
+    args.batch_size, grad_accum = micro_batches(args.total_batch, args.batch_size, dist.world_size, "pairs")
     lm, tokenizer = load_lm(args.lm)
     eot = tokenizer.eot_token  # <|endoftext|> in the LM's vocabulary: ends every caption
     fingerprint = lm_fingerprint(lm)  # before any block is unfrozen and trained
-
-    # ---- visual tokens: cached features or on-the-fly encoding
     train_records = coco.load_records(args.coco_root, "train", args.karpathy_json)
-    if args.features:
-        visual = CachedVisual(coco.FeatureCache(args.features))
-    else:
-        encoder = clip_loader.load_clip(args.encoder, layer=args.layer)
-        visual = EncodedVisual(encoder, clip_loader.parse_grid(args.pool), train_records, dist.device)
-    stats = None
-    if args.standardize:
-        if not args.features:
-            raise ValueError("--standardize needs --features (the train cache holds the statistics)")
-        stats = {k: torch.from_numpy(v) for k, v in visual.cache.stats.items()}
-    val_visual = None
-    if args.val_features:
-        val_visual = CachedVisual(coco.FeatureCache(args.val_features, expect=visual.settings))
-    elif not args.features:
-        val_visual = EncodedVisual(visual.model, visual.grid, coco.load_records(args.coco_root, "val", args.karpathy_json),
-                                   dist.device)
+    visual, val_visual, stats = visual_sources(args, train_records, dist.device)
+    ckpt_path, ckpt = find_resume(args.resume, args.out_dir)
 
-    # ---- resume: the checkpoint must describe this very setup
-    ckpt_path = latest_checkpoint(args.out_dir) if args.resume == "auto" else args.resume
-    ckpt = load_checkpoint(ckpt_path) if ckpt_path else None
-    if args.resume == "auto" and ckpt is None:
-        print0(f"--resume auto: no checkpoint in {args.out_dir}, starting from scratch")
-
-    # ---- the captioner
     torch.manual_seed(args.seed)  # the same fresh bridge on every rank
-    overrides = dict(vis_pos=args.vis_pos, xattn_every=args.xattn_every, xattn_heads=args.xattn_heads or lm.config.n_head,
-                     queries=args.queries, qformer_layers=args.qformer_layers, qformer_width=args.qformer_width,
-                     qformer_heads=args.qformer_heads)
-    captioner, bridge_config = build_captioner(lm, eot, args.bridge, visual.settings["width"],
-                                               visual.settings["tokens"], args.unfreeze_last, stats, **overrides)
-    if ckpt is not None:
-        if ckpt.get("kind") != "caption":
-            raise ValueError(f"{ckpt_path} is not a train_caption.py checkpoint")
-        problems = []
-        if ckpt["bridge_config"] != dataclasses.asdict(bridge_config):
-            problems.append(f"bridge config {ckpt['bridge_config']} != {dataclasses.asdict(bridge_config)}")
-        if ckpt["lm"]["fingerprint"] != fingerprint:
-            problems.append(f"LM weights differ (checkpoint trained on {ckpt['lm']['name']!r}, now {args.lm!r})")
-        if ckpt["features"] != visual.settings:
-            problems.append(f"visual features {ckpt['features']} != {visual.settings}")
-        if ckpt["unfreeze_last"] != args.unfreeze_last:
-            problems.append(f"--unfreeze-last {ckpt['unfreeze_last']} != {args.unfreeze_last}")
-        if problems:
-            raise ValueError(f"cannot resume from {ckpt_path}: " + "; ".join(problems))
+    captioner, bridge_config = build_captioner(lm, eot, args.bridge, visual.settings["width"], visual.settings["tokens"],
+                                               args.unfreeze_last, stats, **bridge_overrides(args))
+    check_resumable(ckpt, ckpt_path, bridge_config, fingerprint, visual.settings, args)
     captioner.to(dist.device)
-
-    # ---- parameter counts per part, as in the reference project's table
-    params = captioner.param_counts()
-    params["encoder"] = encoder_params(visual.settings)
-    for part in ("encoder", "bridge", "lm"):
-        c = params[part]
-        counts = "unknown" if c is None else f"{c['total']:>13,} params, {c['trainable']:>11,} trainable"
-        print0(f"{part:8s} {counts}")
-
-    # ---- optimizer: the bridge, and any unfrozen GPT blocks at their own (smaller) learning rate
-    def groups(params_list, lr):
-        decay = [p for p in params_list if p.dim() >= 2]
-        no_decay = [p for p in params_list if p.dim() < 2]
-        return [{"params": decay, "weight_decay": args.weight_decay, "base_lr": lr},
-                {"params": no_decay, "weight_decay": 0.0, "base_lr": lr}]
-    param_groups = groups(list(captioner.bridge.parameters()), args.lr)
-    lm_trainable = [p for p in captioner.lm.parameters() if p.requires_grad]
-    if lm_trainable:
-        param_groups += groups(lm_trainable, args.lm_lr)
-    fused = {"fused": True} if dist.device_type == "cuda" else {}
-    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95), **fused)
-    model = torch.compile(captioner) if use_compile else captioner
+    params = parameter_counts(captioner, visual.settings)
+    optimizer, trained = build_optimizer(captioner, args, dist.device_type)
+    model = torch.compile(captioner) if args.compile else captioner
     if dist.ddp:
         model = DDP(model, device_ids=[dist.local_rank] if dist.device_type == "cuda" else None)
 
-    # ---- data: pairs, epochs, steps
     pairs = make_pairs(train_records, visual, tokenizer, args.max_caption_tokens)
-    steps_per_epoch = len(pairs) // args.total_batch
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(pairs)} pairs < one batch of --total-batch {args.total_batch}")
-    max_steps = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
+    order = PairOrder(len(pairs), args.total_batch, args.seed, dist.rank, dist.world_size)
+    max_steps = args.max_steps or max(1, int(args.epochs * order.steps_per_epoch))
     val_pairs = None
-    if val_visual is not None:
+    if val_visual is not None:  # a fixed subset, the same at every evaluation
         val_records = coco.load_records(args.coco_root, "val", args.karpathy_json)
         val_pairs = make_pairs(val_records, val_visual, tokenizer, args.max_caption_tokens)[:args.val_pairs]
-
-    start_step, last_ckpt, train_seconds = 0, None, 0.0
-    if ckpt is not None:
-        captioner.load_trainable_state(ckpt["trainable"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"])
-        start_step, last_ckpt, train_seconds = ckpt["step"], ckpt_path, ckpt["train_seconds"]
-        del ckpt
-
+    start_step, train_seconds, last_val = restore(ckpt, captioner, optimizer)
+    del ckpt  # its optimizer state now lives in `optimizer`
+    checkpoints = Checkpoints(args.out_dir, dist.master, last=ckpt_path)
     logger = JsonlLogger(os.path.join(args.out_dir, "log.jsonl"), resume=start_step > 0,
                          config={"args": vars(args), "bridge": dataclasses.asdict(bridge_config), "params": params,
                                  "pairs": len(pairs), "max_steps": max_steps, "grad_accum": grad_accum,
                                  "world_size": dist.world_size}, device=dist.device) if dist.master else None
-    print0(f"{args.bridge} bridge: {len(pairs):,} pairs, {steps_per_epoch:,} steps/epoch, {max_steps:,} steps of "
+    print0(f"{args.bridge} bridge: {len(pairs):,} pairs, {order.steps_per_epoch:,} steps/epoch, {max_steps:,} steps of "
            f"{args.total_batch} = {args.batch_size} x {dist.world_size} process(es) x {grad_accum} accumulation")
 
-    @torch.no_grad()
-    def val_loss():
-        """Mean caption loss over the fixed val subset (weighted by batch size; split over processes)."""
-        captioner.eval()
-        total = torch.zeros(2, device=dist.device)  # (loss sum, pairs)
-        mine = range(dist.rank * args.batch_size, len(val_pairs), args.batch_size * dist.world_size)
-        for start in mine:
-            index = range(start, min(start + args.batch_size, len(val_pairs)))
-            v, tokens, targets = batch_of(val_pairs, index, val_visual, eot, dist.device)
-            with autocast(dist.device_type):
-                _, loss = captioner(v, tokens, targets)
-            total += torch.stack([loss.float() * len(index), torch.tensor(float(len(index)), device=dist.device)])
-        if dist.ddp:
-            torch_dist.all_reduce(total)
-        captioner.train()
-        return (total[0] / total[1]).item()
-
-    def save(step, name=None):
-        nonlocal last_ckpt
-        if not all_finite(captioner.bridge.parameters()):
-            raise FloatingPointError(f"bridge weights are not finite before step {step}; not checkpointing them; "
-                                     f"last good checkpoint: {last_ckpt}")
-        if dist.master:
-            path = os.path.join(args.out_dir, name or f"ckpt_{step:06d}.pt")
-            save_checkpoint(path, {
-                "kind": "caption", "step": step, "max_steps": max_steps,
-                "bridge_config": dataclasses.asdict(bridge_config), "trainable": captioner.trainable_state(),
-                "unfreeze_last": args.unfreeze_last, "visual_stats": stats,
+    def state(step, train_seconds, last_val):  # a checkpoint: enough to rebuild the captioner and to resume exactly
+        return {"kind": "caption", "step": step, "max_steps": max_steps, "bridge_config": dataclasses.asdict(bridge_config),
+                "trainable": captioner.trainable_state(), "unfreeze_last": args.unfreeze_last, "visual_stats": stats,
                 "lm": {"name": args.lm, "config": dataclasses.asdict(lm.config),
                        "vocab": getattr(tokenizer, "ids", None), "fingerprint": fingerprint},
-                "features": visual.settings, "params": params, "train_seconds": train_seconds,
-                "val_loss": last_val, "optimizer": optimizer.state_dict(), "rng": rng_state(), "args": vars(args)})
-            last_ckpt = path
-        return last_ckpt
+                "features": visual.settings, "params": params, "train_seconds": train_seconds, "val_loss": last_val,
+                "optimizer": optimizer.state_dict(), "rng": rng_state(), "args": vars(args)}
 
-    # -------------------------------------------------------------------------
-    # The loop: one optimizer step = grad_accum micro-batches on each process
     end_step = min(max_steps, args.stop_step or max_steps)
-    last_val = None
-    micro = args.batch_size
-    bar = tqdm(range(start_step, end_step), initial=start_step, total=max_steps, desc=f"{args.bridge}",
+    bar = tqdm(range(start_step, end_step), initial=start_step, total=max_steps, desc=args.bridge,
                disable=not dist.master, dynamic_ncols=True)
     captioner.train()
     run_seconds = 0.0  # training time of this job (the ETA comes from it)
     for step in bar:
         if val_pairs and args.val_every and step % args.val_every == 0:
-            last_val = val_loss()
-            if logger:
-                logger.log(step=step, val_loss=last_val)
-            if dist.master:
-                bar.write(f"step {step:6d} | val loss {last_val:.4f}")
+            last_val = log_val_loss(captioner, val_pairs, val_visual, eot, args, dist, logger, step, bar.write)
 
         t0 = time.time()
-        epoch, offset = divmod(step, steps_per_epoch)
-        order = epoch_order(len(pairs), epoch, args.seed)
-        # this process's share of the global batch, then its micro-batches
-        mine = order[offset * args.total_batch:][dist.rank * micro * grad_accum:][:micro * grad_accum]
+        mine = order.indices(step)  # this process's share of the step's pairs
         optimizer.zero_grad(set_to_none=True)
         loss_accum = torch.zeros((), device=dist.device)
         for k in range(grad_accum):
-            v, tokens, targets = batch_of(pairs, mine[k * micro:(k + 1) * micro], visual, eot, dist.device)
+            v, tokens, targets = batch_of(pairs, mine[k * args.batch_size:(k + 1) * args.batch_size], visual, eot,
+                                          dist.device)
             sync = nullcontext() if not dist.ddp or k == grad_accum - 1 else model.no_sync()
             with sync:
                 with autocast(dist.device_type):
@@ -374,9 +112,9 @@ def train(args, dist):
         if dist.ddp:
             torch_dist.all_reduce(loss_accum)
             loss_accum /= dist.world_size
-        check_finite(loss_accum, step, last_ckpt)
-        norm = torch.nn.utils.clip_grad_norm_([p for g in param_groups for p in g["params"]], args.grad_clip)
-        check_finite(norm, step, last_ckpt)
+        check_finite(loss_accum, step, checkpoints.last)
+        norm = torch.nn.utils.clip_grad_norm_(trained, args.grad_clip)
+        check_finite(norm, step, checkpoints.last)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, max_steps, args.warmup_steps, group["base_lr"], 0.1 * group["base_lr"])
         optimizer.step()
@@ -394,22 +132,245 @@ def train(args, dist):
             bar.set_postfix(loss=f"{record['loss']:.3f}", samples_s=f"{record['samples_per_s']:.0f}",
                             eta=format_eta(run_seconds / (step + 1 - start_step) * (end_step - step - 1)))
         if args.ckpt_every and (step + 1) % args.ckpt_every == 0 and step + 1 < end_step:
-            save(step + 1)
+            checkpoints.save(f"ckpt_{step + 1:06d}.pt", state(step + 1, train_seconds, last_val), trained)
     bar.close()
 
     if end_step > start_step:
         if end_step == max_steps and val_pairs:
-            last_val = val_loss()
-            if logger:
-                logger.log(step=end_step, val_loss=last_val)
-            print0(f"final val loss {last_val:.4f}")
+            last_val = log_val_loss(captioner, val_pairs, val_visual, eot, args, dist, logger, end_step, print0)
         # the end of the run (ckpt_final.pt, what evaluate.py reads), or of this job (--stop-step, for --resume)
-        path = save(end_step, "ckpt_final.pt" if end_step == max_steps else None)
+        name = "ckpt_final.pt" if end_step == max_steps else f"ckpt_{end_step:06d}.pt"
+        path = checkpoints.save(name, state(end_step, train_seconds, last_val), trained)
         print0(f"saved {path} ({train_seconds:.0f} s of training so far)")
     if logger:
         logger.log(event="end", step=end_step, train_seconds=train_seconds)
         logger.close()
     return captioner
+
+# -----------------------------------------------------------------------------
+# Where the visual tokens come from: feature caches (fast), or the frozen encoder on every batch
+
+
+def visual_sources(args, train_records, device):
+    """(train source, val source or None, standardisation stats or None); see data.coco.FeatureCache."""
+    if args.features:
+        visual = coco.FeatureCache(args.features)
+    else:
+        encoder = clip_loader.load_clip(args.encoder, layer=args.layer)
+        visual = coco.EncodedImages(encoder, clip_loader.parse_grid(args.pool), train_records, device)
+    stats = None
+    if args.standardize:
+        if not args.features:
+            raise ValueError("--standardize needs --features (the train cache holds the statistics)")
+        stats = {k: torch.from_numpy(v) for k, v in visual.stats.items()}
+    val_visual = None
+    if args.val_features:  # another cache, which must hold the same kind of features
+        val_visual = coco.FeatureCache(args.val_features, expect=visual.settings)
+    elif not args.features:
+        val_records = coco.load_records(args.coco_root, "val", args.karpathy_json)
+        val_visual = coco.EncodedImages(visual.model, visual.grid, val_records, device)
+    return visual, val_visual, stats
+
+
+def parameter_counts(captioner, features):
+    """Total and trainable parameters per part (encoder, bridge, LM), printed as in the reference project's table."""
+    params = captioner.param_counts()
+    params["encoder"] = clip_loader.encoder_param_counts(features["encoder"])
+    for part in ("encoder", "bridge", "lm"):
+        c = params[part]
+        counts = "unknown" if c is None else f"{c['total']:>13,} params, {c['trainable']:>11,} trainable"
+        print0(f"{part:8s} {counts}")
+    return params
+
+# -----------------------------------------------------------------------------
+# The examples: every (image, caption) pair, tokenized once, and which of them each step reads
+
+
+def make_pairs(records, visual, tokenizer, max_tokens):
+    """[(image_id, caption tokens)] for the records whose image the visual source has (cache skips bad files)."""
+    pairs, missing = [], 0
+    for r in records:
+        if r["image_id"] not in visual:
+            missing += 1
+            continue
+        for caption in r["captions"]:
+            pairs.append((r["image_id"], tokenizer.encode_ordinary(caption.strip())[:max_tokens]))
+    if missing:
+        print0(f"note: {missing} of {len(records)} images are not in the visual source (unreadable when cached); "
+               "their captions are left out")
+    if not pairs:
+        raise ValueError("no (image, caption) pairs: is the feature cache made from this split?")
+    return pairs
+
+
+class PairOrder:
+    """
+    Which pairs each optimizer step reads. Every epoch is a permutation of all pairs, fixed by (seed, epoch) so a
+    resumed run sees the same order; step k of an epoch reads its k-th slice of total_batch pairs, and each of the
+    world_size processes takes its own contiguous share of that slice.
+    """
+
+    def __init__(self, n_pairs, total_batch, seed, rank=0, world_size=1):
+        self.n, self.total_batch, self.seed = n_pairs, total_batch, seed
+        self.share = total_batch // world_size  # pairs per process per step
+        self.start = rank * self.share
+        self.steps_per_epoch = n_pairs // total_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{n_pairs} pairs < one batch of --total-batch {total_batch}")
+        self.epoch, self.order = None, None
+
+    def indices(self, step):
+        epoch, k = divmod(step, self.steps_per_epoch)
+        if epoch != self.epoch:  # one permutation per epoch, not per step
+            g = torch.Generator().manual_seed(self.seed * 1000 + epoch)
+            self.epoch, self.order = epoch, torch.randperm(self.n, generator=g).numpy()
+        batch = self.order[k * self.total_batch:(k + 1) * self.total_batch]  # the step's pairs, all processes
+        return batch[self.start:self.start + self.share]
+
+
+def batch_of(pairs, index, visual, eot, device):
+    """Visual tokens (B, S, C), caption tokens and targets (B, T) of the pairs at `index`."""
+    chosen = [pairs[i] for i in index]
+    ids, v = visual.tokens([i for i, _ in chosen])
+    if len(ids) < len(chosen):  # training data must be readable; a feature cache skips such files instead
+        bad = visual.skipped[-1]
+        raise ValueError(f"cannot read {bad['path']}: {bad['reason']} (data/coco.py features skips such files)")
+    tokens, targets = caption_batch([t for _, t in chosen], eot)
+    return v.to(device), tokens.to(device), targets.to(device)
+
+# -----------------------------------------------------------------------------
+# Model, optimizer, validation
+
+
+def bridge_overrides(args):
+    """The BridgeConfig fields given as flags (every field but those the data and the LM decide)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(BridgeConfig) if "help" in f.metadata}
+
+
+def check_resumable(ckpt, ckpt_path, bridge_config, fingerprint, features, args):
+    """ValueError unless the checkpoint was written by this very setup: same bridge, LM, features, unfreezing."""
+    if ckpt is None:
+        return
+    if ckpt.get("kind") != "caption":
+        raise ValueError(f"{ckpt_path} is not a train_caption.py checkpoint")
+    problems = []
+    if ckpt["bridge_config"] != dataclasses.asdict(bridge_config):
+        problems.append(f"bridge config {ckpt['bridge_config']} != {dataclasses.asdict(bridge_config)}")
+    if ckpt["lm"]["fingerprint"] != fingerprint:
+        problems.append(f"LM weights differ (checkpoint trained on {ckpt['lm']['name']!r}, now {args.lm!r})")
+    if ckpt["features"] != features:
+        problems.append(f"visual features {ckpt['features']} != {features}")
+    if ckpt["unfreeze_last"] != args.unfreeze_last:
+        problems.append(f"--unfreeze-last {ckpt['unfreeze_last']} != {args.unfreeze_last}")
+    if problems:
+        raise ValueError(f"cannot resume from {ckpt_path}: " + "; ".join(problems))
+
+
+def restore(ckpt, captioner, optimizer):
+    """Load a checkpoint's bridge, optimizer and RNG state; return (step, train_seconds, val_loss) to go on from."""
+    if ckpt is None:
+        return 0, 0.0, None
+    captioner.load_trainable_state(ckpt["trainable"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    set_rng_state(ckpt["rng"])
+    return ckpt["step"], ckpt["train_seconds"], ckpt.get("val_loss")
+
+
+def build_optimizer(captioner, args, device_type):
+    """AdamW over the bridge, and any unfrozen GPT blocks at their own (smaller) learning rate; (optimizer, params)."""
+    groups = []
+    for params, lr in [(list(captioner.bridge.parameters()), args.lr),
+                       ([p for p in captioner.lm.parameters() if p.requires_grad], args.lm_lr)]:
+        if params:  # weight decay on matrices only, as for the GPT
+            groups += [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay, "base_lr": lr},
+                       {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "base_lr": lr}]
+    fused = {"fused": True} if device_type == "cuda" else {}
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), **fused)
+    return optimizer, [p for g in groups for p in g["params"]]
+
+
+@torch.no_grad()
+def val_loss(captioner, val_pairs, val_visual, eot, batch_size, dist):
+    """Mean caption loss over the fixed val subset (weighted by batch size; split over processes)."""
+    captioner.eval()
+    total = torch.zeros(2, device=dist.device)  # (loss sum, pairs)
+    for start in range(dist.rank * batch_size, len(val_pairs), batch_size * dist.world_size):
+        index = range(start, min(start + batch_size, len(val_pairs)))
+        v, tokens, targets = batch_of(val_pairs, index, val_visual, eot, dist.device)
+        with autocast(dist.device_type):
+            _, loss = captioner(v, tokens, targets)
+        total += torch.stack([loss.float() * len(index), torch.tensor(float(len(index)), device=dist.device)])
+    if dist.ddp:
+        torch_dist.all_reduce(total)
+    captioner.train()
+    return (total[0] / total[1]).item()
+
+
+def log_val_loss(captioner, val_pairs, val_visual, eot, args, dist, logger, step, write):
+    loss = val_loss(captioner, val_pairs, val_visual, eot, args.batch_size, dist)
+    if logger:
+        logger.log(step=step, val_loss=loss)
+    if dist.master:
+        write(f"step {step:6d} | val loss {loss:.4f}")
+    return loss
+
+# -----------------------------------------------------------------------------
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bridge", required=True, choices=sorted(BRIDGES))
+    p.add_argument("--lm", default="gpt2", help="a train_lm.py checkpoint (.pt), or gpt2 / a hub-format folder")
+    p.add_argument("--coco-root", default="data/coco", help="COCO-format root (captions and images)")
+    p.add_argument("--karpathy-json", default=None, help="Karpathy's dataset_coco.json: use his train/val split")
+    p.add_argument("--features", default=None, help="feature cache of the train split (data/coco.py features)")
+    p.add_argument("--val-features", default=None, help="feature cache of the val split")
+    p.add_argument("--encoder", default="openai/clip-vit-large-patch14",
+                   help="encode images on the fly with this encoder when no --features are given")
+    p.add_argument("--layer", type=int, default=-1, help="encoder layer, on-the-fly encoding only")
+    p.add_argument("--pool", default="4x8", help="patch pooling grid (or none), on-the-fly encoding only")
+    p.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=False,
+                   help="standardise visual tokens with the train cache's per-(token, channel) mean and std")
+    p.add_argument("--out-dir", default=None, help="default runs/caption/<bridge>")
+    p.add_argument("--resume", default=None, help="a checkpoint, or 'auto' (the latest in --out-dir, if any)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=1337)
+    # the bridge: one flag per field of bridges.BridgeConfig
+    for f in dataclasses.fields(BridgeConfig):
+        if "help" not in f.metadata:
+            continue  # decided by the data and the LM
+        name = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            kind = positive_int if f.metadata["minimum"] == 1 else natural_int
+            p.add_argument(name, type=kind, default=f.default, help=f.metadata["help"])
+    p.add_argument("--unfreeze-last", type=natural_int, default=0, help="also train the last K GPT blocks")
+    # optimisation
+    p.add_argument("--epochs", type=positive_float, default=1.0, help="passes over all (image, caption) pairs")
+    p.add_argument("--max-steps", type=positive_int, default=None, help="length of the schedule (default: --epochs)")
+    p.add_argument("--stop-step", type=positive_int, default=None, help="stop (and checkpoint) before this step")
+    p.add_argument("-B", "--batch-size", type=positive_int, default=64, help="micro-batch of pairs per process")
+    p.add_argument("--total-batch", type=positive_int, default=256, help="pairs per optimizer step (gradient accumulation)")
+    p.add_argument("--lr", type=positive_float, default=3e-4, help="bridge max learning rate (cosine to 10%%)")
+    p.add_argument("--lm-lr", type=positive_float, default=1e-5, help="learning rate of the unfrozen GPT blocks")
+    p.add_argument("--warmup-steps", type=natural_int, default=200)
+    p.add_argument("--weight-decay", type=nonneg_float, default=0.01)
+    p.add_argument("--grad-clip", type=positive_float, default=1.0)
+    p.add_argument("--max-caption-tokens", type=positive_int, default=40, help="longer captions are cut (COCO: >99%% fit)")
+    # evaluation, logging, checkpoints (0 = never)
+    p.add_argument("--val-every", type=natural_int, default=250)
+    p.add_argument("--val-pairs", type=positive_int, default=2000, help="size of the fixed val subset (pairs)")
+    p.add_argument("--ckpt-every", type=natural_int, default=1000)
+    p.add_argument("--log-every", type=positive_int, default=10)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on CUDA)")
+    args = p.parse_args(argv)
+    args.out_dir = args.out_dir or os.path.join("runs", "caption", args.bridge)
+    return args
+
+
+def main(argv=None):
+    return launch(train, get_args(argv))
 
 
 if __name__ == "__main__":

@@ -27,9 +27,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import fineweb, hellaswag
 from gpt2 import GPT, GPTConfig, PRESETS, SubsetTokenizer, get_tokenizer
-from train_utils import (JsonlLogger, all_finite, autocast, check_finite, enable_speedups, estimate_mfu, format_eta,
-                         latest_checkpoint, load_checkpoint, lr_at, print0, rng_state, save_checkpoint, set_rng_state,
-                         setup_distributed, teardown)
+from train_utils import (Checkpoints, JsonlLogger, autocast, check_finite, enable_speedups, estimate_mfu, find_resume,
+                         format_eta, launch, lr_at, micro_batches, print0, rng_state, set_rng_state)
 
 # -----------------------------------------------------------------------------
 # Presets: the real run, and small runs for a CPU (defaults of every flag left unset)
@@ -92,167 +91,63 @@ def get_args(argv=None):
 
 
 # -----------------------------------------------------------------------------
-
-
-def main(argv=None):
-    args = get_args(argv)
-    dist = setup_distributed(args.device)
-    try:
-        return train(args, dist)
-    finally:
-        teardown(dist)
+# The training loop
 
 
 def train(args, dist):
     enable_speedups(dist.device_type)
-    use_compile = args.compile if args.compile is not None else dist.device_type == "cuda"
-    B, T = args.batch_size, args.seq_len
-    assert args.total_batch % (B * T * dist.world_size) == 0, "--total-batch must be a multiple of B * T * world_size"
-    grad_accum = args.total_batch // (B * T * dist.world_size)
-
-    # ---- resume: find the checkpoint first, its vocabulary and config must match this run's
-    ckpt_path = latest_checkpoint(args.out_dir) if args.resume == "auto" else args.resume
-    ckpt = load_checkpoint(ckpt_path) if ckpt_path else None
-    if args.resume == "auto" and ckpt is None:
-        print0(f"--resume auto: no checkpoint in {args.out_dir}, starting from scratch")
-
-    # ---- vocabulary: all of GPT-2 (padded to 50304), or the tokens the shards use
-    vocab = None
-    if args.vocab_subset:
-        vocab = SubsetTokenizer(fineweb.token_ids(args.data_dir)).ids  # sorted GPT-2 ids; model token i = vocab[i]
-    if ckpt is not None and ckpt["vocab"] != vocab:
-        raise ValueError(f"{ckpt_path} was trained with a vocabulary of "
-                         f"{'50304 (all GPT-2)' if ckpt['vocab'] is None else len(ckpt['vocab'])} tokens, this run has "
-                         f"{'50304 (all GPT-2)' if vocab is None else len(vocab)}: use the same --data-dir/--vocab-subset")
-
-    # ---- model
-    model_kw = dict(PRESETS[TRAIN_PRESETS[args.preset]["model"]])
-    model_kw.update({k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd") if getattr(args, k) is not None})
-    model_kw["vocab_size"] = len(vocab) if vocab is not None else 50304
-    model_kw["block_size"] = max(model_kw.get("block_size", 1024), T)
-    config = GPTConfig(**model_kw)
-    if ckpt is not None and ckpt["config"] != dataclasses.asdict(config):
-        diff = {k: (ckpt["config"].get(k), v) for k, v in dataclasses.asdict(config).items() if ckpt["config"].get(k) != v}
-        raise ValueError(f"{ckpt_path} holds a model with a different config: (checkpoint, this run) = {diff}; "
-                         f"resume with the same --preset/--n-layer/--n-head/--n-embd/-T")
+    T = args.seq_len
+    if args.total_batch % T:
+        raise ValueError(f"--total-batch {args.total_batch} tokens is not a whole number of -T {T} sequences")
+    B, grad_accum = micro_batches(args.total_batch // T, args.batch_size, dist.world_size, "sequences")
+    ckpt_path, ckpt = find_resume(args.resume, args.out_dir)
+    vocab = SubsetTokenizer(fineweb.token_ids(args.data_dir)).ids if args.vocab_subset else None  # model token i = vocab[i]
+    config = model_config(args, vocab)
+    check_resumable(ckpt, ckpt_path, vocab, config)
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     raw_model = GPT(config).to(dist.device)
     optimizer = raw_model.configure_optimizers(args.weight_decay, args.lr, betas=(0.9, 0.95), device_type=dist.device_type)
-    model = torch.compile(raw_model) if use_compile else raw_model  # shares raw_model's parameters
+    model = torch.compile(raw_model) if args.compile else raw_model  # shares raw_model's parameters
     if dist.ddp:
         model = DDP(model, device_ids=[dist.local_rank] if dist.device_type == "cuda" else None)
-
-    # ---- data
     train_loader = fineweb.ShardLoader(args.data_dir, "train", B, T, dist.rank, dist.world_size, vocab,
                                        step_tokens=args.total_batch)
     val_loader = fineweb.ShardLoader(args.data_dir, "val", B, T, dist.rank, dist.world_size, vocab)
-    start_step, last_ckpt = 0, None
-    if ckpt is not None:
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        train_loader.load_state(ckpt["loader"])
-        set_rng_state(ckpt["rng"])
-        start_step, last_ckpt = ckpt["step"], ckpt_path
-        changed = {k: (ckpt["args"].get(k), v) for k, v in vars(args).items()
-                   if k not in ("resume", "stop_step") and ckpt["args"].get(k) != v}
-        if changed:
-            print0(f"note: resuming with changed arguments (checkpoint, now): {changed}")
-        del ckpt  # the optimizer state of a big model is large; it now lives in `optimizer`
+    start_step = restore(ckpt, raw_model, optimizer, train_loader, args)
+    del ckpt  # the optimizer state of a big model is large; it now lives in `optimizer`
 
     tokenizer = SubsetTokenizer(vocab) if vocab is not None else get_tokenizer()
     logger = JsonlLogger(os.path.join(args.out_dir, "log.jsonl"), resume=start_step > 0,
                          config={"args": vars(args), "model": dataclasses.asdict(config), "grad_accum": grad_accum,
-                                 "world_size": dist.world_size, "compile": use_compile},
+                                 "world_size": dist.world_size, "compile": args.compile},
                          device=dist.device) if dist.master else None
-
-    def note(message, **record):  # a remark every reader of the log should see, printed and logged
-        print0(message)
-        if logger:
-            logger.log(event="note", message=message, **record)
-
     print0(f"model {raw_model.num_params() / 1e6:.2f}M params {config}; {dist.world_size} process(es) on {dist.device}; "
            f"{args.total_batch:,} tokens/step = {B} x {T} x {dist.world_size} x {grad_accum} accumulation steps")
+    examples = hellaswag_examples(args, dist, vocab, logger)
+    prompt = sample_prompt(tokenizer, args.sample_prompt, logger)
+    checkpoints = Checkpoints(args.out_dir, dist.master, last=ckpt_path)
 
-    # ---- HellaSwag: skipped, with a note, when it cannot be run
-    examples = None
-    if args.hellaswag_every:
-        if vocab is not None:
-            note("HellaSwag skipped: the vocabulary is a subset of GPT-2's, its endings cannot be tokenized")
-        else:
-            if dist.master:  # one download, then every rank reads the file
-                try:
-                    hellaswag.download("val", args.hellaswag_dir)
-                except RuntimeError as e:
-                    note(f"HellaSwag skipped: {e}")
-            if dist.ddp:
-                torch_dist.barrier()
-            if os.path.exists(os.path.join(args.hellaswag_dir, "hellaswag_val.jsonl")):
-                examples = hellaswag.load_examples("val", args.hellaswag_dir, download_if_missing=False)[:args.hellaswag_limit]
+    def state(step):  # a checkpoint: the model and its config for gpt2.load_lm, the rest to resume exactly
+        return {"model": raw_model.state_dict(), "config": dataclasses.asdict(config), "vocab": vocab,
+                "optimizer": optimizer.state_dict(), "step": step, "loader": train_loader.state(), "rng": rng_state(),
+                "args": vars(args)}
 
-    # ---- sampling prompt: with a vocabulary subset the prompt may use tokens outside it
-    try:
-        prompt = [tokenizer.eot_token] + tokenizer.encode_ordinary(args.sample_prompt)
-    except ValueError as e:
-        note(f"samples start from <|endoftext|> alone: {e}")
-        prompt = [tokenizer.eot_token]
-
-    def save(step):
-        """Checkpoint the state before `step` (step = steps done). Never writes non-finite weights."""
-        nonlocal last_ckpt
-        if not all_finite(raw_model.parameters()):
-            raise FloatingPointError(f"weights are not finite before step {step}; not checkpointing them; "
-                                     f"last good checkpoint: {last_ckpt}")
-        if dist.master:
-            path = os.path.join(args.out_dir, f"ckpt_{step:06d}.pt")
-            save_checkpoint(path, {"model": raw_model.state_dict(), "config": dataclasses.asdict(config),
-                                   "vocab": vocab, "optimizer": optimizer.state_dict(), "step": step,
-                                   "loader": train_loader.state(), "rng": rng_state(), "args": vars(args)})
-            last_ckpt = path
-            print0(f"saved {path}")
-
-    # -------------------------------------------------------------------------
-    # The training loop
     end_step = min(args.max_steps, args.stop_step or args.max_steps)
     dts = []  # recent step times, for tokens/s and the ETA
-    step = start_step
     for step in range(start_step, end_step):
         last = step == args.max_steps - 1
-
         # ---- evaluation (timed apart from training: it does not count in tokens/s)
         if args.val_every and (step % args.val_every == 0 or last):
-            model.eval()
-            val_loader.reset()
-            val_loss = torch.zeros((), device=dist.device)
-            val_steps = max(1, args.val_steps // dist.world_size)  # per rank: the same val tokens on any world size
-            with torch.no_grad():
-                for _ in range(val_steps):
-                    x, y = val_loader.next_batch()
-                    with autocast(dist.device_type):
-                        _, loss = model(x.to(dist.device), y.to(dist.device))
-                    val_loss += loss.detach() / val_steps
-            if dist.ddp:
-                torch_dist.all_reduce(val_loss)  # gloo has no AVG: sum, then divide
-                val_loss /= dist.world_size
-            model.train()
-            print0(f"step {step:6d} | val loss {val_loss.item():.4f}")
-            if logger:
-                logger.log(step=step, val_loss=val_loss.item())
+            loss = val_loss(model, val_loader, args.val_steps, dist)
+            report(logger, f"step {step:6d} | val loss {loss:.4f}", step=step, val_loss=loss)
         if examples is not None and (step % args.hellaswag_every == 0 or last):
             # through raw_model: its shapes change every batch, which would make the compiled module recompile
             acc, n = hellaswag.evaluate(raw_model, examples, dist.device, tokenizer, rank=dist.rank,
                                         world_size=dist.world_size)
-            print0(f"step {step:6d} | hellaswag acc_norm {acc:.4f} ({n} examples)")
-            if logger:
-                logger.log(step=step, hellaswag=acc, hellaswag_n=n)
+            report(logger, f"step {step:6d} | hellaswag acc_norm {acc:.4f} ({n} examples)", step=step,
+                   hellaswag=acc, hellaswag_n=n)
         if dist.master and args.sample_every and step > 0 and (step % args.sample_every == 0 or last):
-            raw_model.eval()
-            gen = torch.Generator(device=dist.device).manual_seed(42)  # its own RNG: training's stays untouched
-            idx = torch.tensor([prompt] * 4, device=dist.device)  # (4, P)
-            with autocast(dist.device_type):
-                out = raw_model.generate(idx, min(32, config.block_size - len(prompt)), top_k=50, eot=None, generator=gen)
-            raw_model.train()
-            for row in out.tolist():
-                print0(f"sample: {tokenizer.decode([t for t in row[1:] if t < tokenizer.n_vocab])!r}")
+            print_samples(raw_model, prompt, tokenizer, dist)
 
         # ---- one optimizer step over grad_accum micro-batches
         t0 = time.time()
@@ -277,9 +172,9 @@ def train(args, dist):
         if dist.ddp:
             torch_dist.all_reduce(loss_accum)  # for the log: the mean over all ranks
             loss_accum /= dist.world_size
-        check_finite(loss_accum, step, last_ckpt)
+        check_finite(loss_accum, step, checkpoints.last)
         norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-        check_finite(norm, step, last_ckpt)  # an inf gradient would put inf into every weight
+        check_finite(norm, step, checkpoints.last)  # an inf gradient would put inf into every weight
         lr = lr_at(step, args.max_steps, args.warmup_steps, args.lr, 0.1 * args.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -289,29 +184,154 @@ def train(args, dist):
         dt = time.time() - t0
         dts = (dts + [dt])[-20:]
 
-        # ---- log
-        tokens_per_s = args.total_batch / dt
-        record = dict(step=step, loss=loss_accum.item(), lr=lr, grad_norm=norm.item(), tokens_per_s=tokens_per_s, dt=dt)
+        # ---- log, checkpoint
+        record = dict(step=step, loss=loss_accum.item(), lr=lr, grad_norm=norm.item(),
+                      tokens_per_s=args.total_batch / dt, dt=dt)
         if dist.device_type == "cuda":
             record["mfu"] = estimate_mfu(raw_model.num_params(), config.n_layer, config.n_head,
-                                         config.n_embd // config.n_head, T, tokens_per_s)
+                                         config.n_embd // config.n_head, T, record["tokens_per_s"])
         if logger:
             logger.log(**record)
         if step % args.log_every == 0 or step == end_step - 1:
-            eta = format_eta(sum(dts) / len(dts) * (end_step - step - 1))  # from the last 20 steps
-            mfu = f" | mfu {record['mfu']:.0%}" if "mfu" in record else ""
-            print0(f"step {step:6d}/{args.max_steps} | loss {record['loss']:.4f} | lr {lr:.2e} | norm {record['grad_norm']:.3f} "
-                   f"| {dt * 1000:.0f} ms | {tokens_per_s:,.0f} tok/s{mfu} | eta {eta}")
-
+            print_step(record, args.max_steps, eta=sum(dts) / len(dts) * (end_step - step - 1))  # from the last 20 steps
         if args.ckpt_every and (step + 1) % args.ckpt_every == 0 and step + 1 < end_step:
-            save(step + 1)
+            print0(f"saved {checkpoints.save(f'ckpt_{step + 1:06d}.pt', state(step + 1), raw_model.parameters())}")
 
-    if end_step > start_step:
-        save(end_step)  # the end of the run, or of this job (--stop-step): --resume continues from here
+    if end_step > start_step:  # the end of the run, or of this job (--stop-step): --resume continues from here
+        print0(f"saved {checkpoints.save(f'ckpt_{end_step:06d}.pt', state(end_step), raw_model.parameters())}")
     if logger:
         logger.log(event="end", step=end_step)
         logger.close()
     return raw_model
+
+# -----------------------------------------------------------------------------
+# Setting up: the model's config, resuming, HellaSwag, the sampling prompt
+
+
+def model_config(args, vocab):
+    """The preset's GPT config with the --n-layer/--n-head/--n-embd overrides; vocabulary padded to 50304."""
+    model_kw = dict(PRESETS[TRAIN_PRESETS[args.preset]["model"]])
+    model_kw.update({k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd") if getattr(args, k) is not None})
+    model_kw["vocab_size"] = len(vocab) if vocab is not None else 50304
+    model_kw["block_size"] = max(model_kw.get("block_size", 1024), args.seq_len)
+    return GPTConfig(**model_kw)
+
+
+def check_resumable(ckpt, ckpt_path, vocab, config):
+    """ValueError unless the checkpoint holds a model of this config and vocabulary."""
+    if ckpt is None:
+        return
+    if ckpt["vocab"] != vocab:
+        raise ValueError(f"{ckpt_path} was trained with a vocabulary of "
+                         f"{'50304 (all GPT-2)' if ckpt['vocab'] is None else len(ckpt['vocab'])} tokens, this run has "
+                         f"{'50304 (all GPT-2)' if vocab is None else len(vocab)}: use the same --data-dir/--vocab-subset")
+    if ckpt["config"] != dataclasses.asdict(config):
+        diff = {k: (ckpt["config"].get(k), v) for k, v in dataclasses.asdict(config).items() if ckpt["config"].get(k) != v}
+        raise ValueError(f"{ckpt_path} holds a model with a different config: (checkpoint, this run) = {diff}; "
+                         f"resume with the same --preset/--n-layer/--n-head/--n-embd/-T")
+
+
+def restore(ckpt, raw_model, optimizer, train_loader, args):
+    """Load a checkpoint's weights, optimizer, data position and RNG; return the step to go on from (0: none)."""
+    if ckpt is None:
+        return 0
+    raw_model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    train_loader.load_state(ckpt["loader"])
+    set_rng_state(ckpt["rng"])
+    changed = {k: (ckpt["args"].get(k), v) for k, v in vars(args).items()
+               if k not in ("resume", "stop_step") and ckpt["args"].get(k) != v}
+    if changed:
+        print0(f"note: resuming with changed arguments (checkpoint, now): {changed}")
+    return ckpt["step"]
+
+
+def report(logger, line, **record):
+    """Print line on rank 0 and add record to the log (logger is None on the other ranks)."""
+    print0(line)
+    if logger:
+        logger.log(**record)
+
+
+def note(logger, message):
+    """A remark every reader of the run should see, printed and logged."""
+    report(logger, message, event="note", message=message)
+
+
+def hellaswag_examples(args, dist, vocab, logger):
+    """The HellaSwag examples to score every --hellaswag-every steps, or None (with a note saying why not)."""
+    if not args.hellaswag_every:
+        return None
+    if vocab is not None:
+        note(logger, "HellaSwag skipped: the vocabulary is a subset of GPT-2's, its endings cannot be tokenized")
+        return None
+    if dist.master:  # one download, then every rank reads the file
+        try:
+            hellaswag.download("val", args.hellaswag_dir)
+        except RuntimeError as e:
+            note(logger, f"HellaSwag skipped: {e}")
+    if dist.ddp:
+        torch_dist.barrier()
+    if not os.path.exists(os.path.join(args.hellaswag_dir, "hellaswag_val.jsonl")):
+        return None
+    return hellaswag.load_examples("val", args.hellaswag_dir, download_if_missing=False)[:args.hellaswag_limit]
+
+
+def sample_prompt(tokenizer, text, logger):
+    """<|endoftext|> + the prompt's tokens; with a vocabulary subset the prompt may use tokens outside it."""
+    try:
+        return [tokenizer.eot_token] + tokenizer.encode_ordinary(text)
+    except ValueError as e:
+        note(logger, f"samples start from <|endoftext|> alone: {e}")
+        return [tokenizer.eot_token]
+
+# -----------------------------------------------------------------------------
+# What the loop does besides training: validation loss and samples
+
+
+@torch.no_grad()
+def val_loss(model, val_loader, val_steps, dist):
+    """Mean loss over the first val_steps batches of the val shard, over all processes."""
+    model.eval()
+    val_loader.reset()
+    total = torch.zeros((), device=dist.device)
+    steps = max(1, val_steps // dist.world_size)  # per rank: the same val tokens on any world size
+    for _ in range(steps):
+        x, y = val_loader.next_batch()
+        with autocast(dist.device_type):
+            _, loss = model(x.to(dist.device), y.to(dist.device))
+        total += loss.detach() / steps
+    if dist.ddp:
+        torch_dist.all_reduce(total)  # gloo has no AVG: sum, then divide
+        total /= dist.world_size
+    model.train()
+    return total.item()
+
+
+def print_step(record, max_steps, eta):
+    mfu = f" | mfu {record['mfu']:.0%}" if "mfu" in record else ""
+    print0(f"step {record['step']:6d}/{max_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} "
+           f"| norm {record['grad_norm']:.3f} | {record['dt'] * 1000:.0f} ms | {record['tokens_per_s']:,.0f} tok/s{mfu} "
+           f"| eta {format_eta(eta)}")
+
+
+def print_samples(raw_model, prompt, tokenizer, dist):
+    """Four samples from the prompt, with their own RNG: training's stays untouched."""
+    raw_model.eval()
+    gen = torch.Generator(device=dist.device).manual_seed(42)
+    idx = torch.tensor([prompt] * 4, device=dist.device)  # (4, P)
+    with autocast(dist.device_type):
+        out = raw_model.generate(idx, min(32, raw_model.config.block_size - len(prompt)), top_k=50, eot=None,
+                                 generator=gen)
+    raw_model.train()
+    for row in out.tolist():
+        print0(f"sample: {tokenizer.decode([t for t in row[1:] if t < tokenizer.n_vocab])!r}")
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    return launch(train, get_args(argv))
 
 
 if __name__ == "__main__":

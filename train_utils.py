@@ -1,7 +1,8 @@
 """
-The few helpers both training loops (train_lm.py, train_caption.py) would otherwise repeat:
-device / DDP setup, rank-0 printing, GPU speed-ups, the learning-rate schedule, atomic checkpoints,
-RNG state that survives a weights_only load, a JSONL log, and a clear stop on a NaN loss.
+The few helpers the training loops (train_lm.py, train_caption.py) would otherwise repeat:
+device / DDP setup, rank-0 printing, GPU speed-ups, the learning-rate schedule, finding the checkpoint to resume
+from and writing new ones (atomically, by files.py), RNG state that survives a weights_only load, a JSONL log,
+and a clear stop on a NaN loss.
 """
 import glob
 import json
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as torch_dist
+
+from common import load_checkpoint, save_checkpoint
 
 # -----------------------------------------------------------------------------
 # Devices and distributed training
@@ -58,6 +61,34 @@ def teardown(dist):
         torch_dist.destroy_process_group()
 
 
+def launch(train, args):
+    """Run train(args, dist) as this process's part of the run (one of torchrun's, or alone), then clean up."""
+    dist = setup_distributed(args.device)
+    if args.compile is None:
+        args.compile = dist.device_type == "cuda"  # torch.compile pays off on GPUs; on a CPU it mostly costs time
+    try:
+        return train(args, dist)
+    finally:
+        teardown(dist)
+
+
+def micro_batches(total, micro, world_size, unit="examples"):
+    """
+    (micro-batch, accumulation steps) such that micro-batch x world_size x steps == total, the examples of one
+    optimizer step. The micro-batch is the one asked for, or the largest smaller one that fits: with many processes
+    each one's share of the step can be less than a micro-batch (256 pairs on 8 GPUs are 32 each, not 64).
+    """
+    if total % world_size:
+        raise ValueError(f"the batch of {total} {unit} per step cannot be split evenly over {world_size} processes: "
+                         f"choose a --total-batch that {world_size} divides")
+    share = total // world_size
+    fitting = max(d for d in range(1, min(micro, share) + 1) if share % d == 0)
+    if fitting != micro:
+        print0(f"note: micro-batch {micro} -> {fitting} {unit}, so that {world_size} process(es) x accumulation "
+               f"steps make the {total} {unit} of one step")
+    return fitting, share // fitting
+
+
 def print0(*args, **kw):
     """print, on rank 0 only (the rank comes from the process group, or torchrun's environment)."""
     rank = torch_dist.get_rank() if torch_dist.is_initialized() else int(os.environ.get("RANK", 0))
@@ -88,28 +119,7 @@ def lr_at(step, max_steps, warmup_steps, max_lr, min_lr):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
 # -----------------------------------------------------------------------------
-# Checkpoints: atomic writes, safe loads, RNG state in weights_only-loadable form
-
-
-def save_checkpoint(path, state):
-    """Write to path.tmp, fsync, then rename: a crash mid-write never leaves a half-written checkpoint at path."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic on POSIX when both are in the same directory
-
-
-def load_checkpoint(path):
-    """Tensors, dicts, lists and numbers only (weights_only=True): loading never runs pickled code."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError) as e:  # truncated zip, foreign pickle, bad magic number
-        raise RuntimeError(f"checkpoint {path} is corrupt or not a torch checkpoint this code wrote: {e}") from e
+# Checkpoints (written atomically and loaded safely by files.py) and resuming from them
 
 
 def latest_checkpoint(out_dir):
@@ -118,9 +128,34 @@ def latest_checkpoint(out_dir):
     return paths[-1] if paths else None
 
 
+def find_resume(resume, out_dir):
+    """(path, contents) of the checkpoint --resume names ('auto': the newest in out_dir), or (None, None)."""
+    path = latest_checkpoint(out_dir) if resume == "auto" else resume
+    if resume == "auto" and path is None:
+        print0(f"--resume auto: no checkpoint in {out_dir}, starting from scratch")
+    return path, (load_checkpoint(path) if path else None)
+
+
 def all_finite(params):
     """True when every parameter is finite: the check before a checkpoint may replace the last good one."""
     return all(bool(torch.isfinite(p).all()) for p in params)
+
+
+class Checkpoints:
+    """A run's checkpoints in out_dir: written by rank 0 only, atomically, and never with non-finite weights."""
+
+    def __init__(self, out_dir, master, last=None):
+        self.out_dir, self.master = out_dir, master
+        self.last = last  # the newest good checkpoint: where a run stopped by a NaN can resume from
+
+    def save(self, name, state, params):
+        """Write state to out_dir/name unless `params` (the trained weights) hold a NaN or inf; return its path."""
+        if not all_finite(params):
+            raise FloatingPointError(f"weights are not finite; not checkpointing them; last good checkpoint: {self.last}")
+        if self.master:
+            self.last = os.path.join(self.out_dir, name)
+            save_checkpoint(self.last, state)
+        return self.last
 
 
 def rng_state():

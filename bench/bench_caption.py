@@ -20,10 +20,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import clip_loader  # noqa: E402
-from bridges import build_captioner  # noqa: E402
+from bridges import BRIDGES, build_captioner  # noqa: E402
 from data import coco, shapes  # noqa: E402
 from gpt2 import GPT, GPTConfig, PRESETS, get_tokenizer  # noqa: E402
-from train_caption import CachedVisual, EncodedVisual, batch_of, make_pairs  # noqa: E402
+from train_caption import batch_of, make_pairs  # noqa: E402
 
 
 def peak_memory_mb(device):
@@ -73,15 +73,15 @@ def main():
         records = coco.load_records(os.path.join(tmp, "world"), "train")
         cache = coco.build_feature_cache(records, encoder, os.path.join(tmp, "cache"), batch_size=32,
                                          device=args.device, num_workers=2)
-        cached = CachedVisual(cache)
-        encoded = EncodedVisual(encoder, (4, 8), records, args.device)
+        cached = cache
+        encoded = coco.EncodedImages(encoder, (4, 8), records, args.device)
         tokenizer = get_tokenizer()
         pairs = make_pairs(records, cached, tokenizer, 40)
         print(f"device {args.device}; LM {args.lm} (random), ViT {args.vit} layout (random, {config.image_size} px, "
               f"{cached.settings['tokens']} pooled tokens x {config.width}); batch {args.batch_size}, "
               f"{args.steps} timed steps")
         print(f"{'bridge':8s} {'cached samples/s':>17s} {'on-the-fly samples/s':>21s} {'speed-up':>9s} {'peak MB':>8s}")
-        for kind in ("linear", "xattn", "qformer"):
+        for kind in BRIDGES:
             lm = GPT(GPTConfig(**{**dict(vocab_size=50257), **PRESETS[args.lm]}))
             heads = lm.config.n_head
             captioner, _ = build_captioner(lm, tokenizer.eot_token, kind, config.width, cached.settings["tokens"],

@@ -4,10 +4,11 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from bridges import BridgeConfig, Captioner, caption_batch, build_captioner, captioner_from_config, count_params
+from bridges import (BRIDGES, BridgeConfig, Captioner, caption_batch, build_captioner, captioner_from_config,
+                     count_params)
 from gpt2 import GPT, GPTConfig
 
-KINDS = ["linear", "xattn", "qformer"]
+KINDS = list(BRIDGES)  # every registered bridge
 EOT = 0  # the tiny LM's <|endoftext|> id
 SMALL = dict(xattn_heads=2, queries=4, qformer_layers=2, qformer_width=32, qformer_heads=2)
 
@@ -78,7 +79,9 @@ def test_layout_positions_and_masks_on_a_hand_made_example(kind):
     tokens, targets = caption_batch([[5, 6], [7]], EOT)
     logits, loss = captioner(visual, tokens, targets)
 
-    P = {"linear": 2, "xattn": 0, "qformer": 4}[kind]  # prefix tokens after the <|endoftext|> start
+    bridge_prefix, _ = captioner.bridge(visual)
+    P = 0 if bridge_prefix is None else bridge_prefix.size(1)  # prefix tokens after the <|endoftext|> start
+    assert P == {"linear": 2, "xattn": 0, "qformer": 4}.get(kind, P)
     prefix = seen["prefix"]
     assert prefix.shape == (2, 1 + P, 32)
     # the sequence starts with the LM's own <|endoftext|> embedding, then the image

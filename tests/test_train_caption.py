@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -10,10 +11,11 @@ import pytest
 import torch
 
 import bridges
+import evaluate
 import train_caption
 from data import coco, shapes
 from gpt2 import GPT, GPTConfig, SubsetTokenizer, get_tokenizer, load_lm
-from train_utils import load_checkpoint
+from common import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENCODER = "random-vit:tiny:seed0"
@@ -61,7 +63,7 @@ def records(out_dir, key):
     return [r for r in map(json.loads, open(os.path.join(out_dir, "log.jsonl"))) if key in r]
 
 
-@pytest.mark.parametrize("bridge", ["linear", "xattn", "qformer"])
+@pytest.mark.parametrize("bridge", list(bridges.BRIDGES))
 def test_resume_is_exact_and_the_lm_stays_frozen(world, tmp_path, bridge):
     full = train_caption.main(args(world, tmp_path / "full", bridge))
     half = tmp_path / "half"
@@ -152,3 +154,40 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_path, monk
     good = load_checkpoint(str(tmp_path / "ckpt_000004.pt"))
     assert all(torch.isfinite(v).all() for v in good["trainable"]["bridge"].values())
     assert not os.path.exists(tmp_path / "ckpt_final.pt")
+
+
+class MixerBridge(torch.nn.Module):
+    """
+    A fourth bridge, defined here and nowhere else: `queries` prefix embeddings, each a learned softmax mixture of
+    the visual tokens, projected to the GPT's width. It offers attention_maps, so evaluate.py draws them too.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.mix = torch.nn.Parameter(torch.zeros(config.queries, config.vis_tokens))  # (Q, S) mixing logits
+        self.proj = torch.nn.Linear(config.vis_dim, config.n_embd)
+
+    def attention_maps(self, visual):
+        return self.mix.softmax(-1).expand(visual.size(0), 1, -1, -1)  # (B, 1, Q, S): one "head"
+
+    def forward(self, visual):
+        prefix = self.proj(self.attention_maps(visual)[:, 0] @ visual)  # (B, Q, S) @ (B, S, C_vis) -> (B, Q, C)
+        return prefix, None
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="the caption metrics need Java")
+def test_a_fourth_bridge_registered_at_run_time_trains_and_is_evaluated(world, tmp_path, monkeypatch):
+    monkeypatch.setitem(bridges.BRIDGES, "mixer", MixerBridge)  # the one line a new bridge adds (@register)
+    out = tmp_path / "mixer"
+    train_caption.main(args(world, out, "mixer", "--queries", "3", "--max-steps", "4"))
+    losses = [r["loss"] for r in records(out, "loss")]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    ckpt = load_checkpoint(str(out / "ckpt_final.pt"))
+    assert ckpt["bridge_config"]["kind"] == "mixer" and set(ckpt["trainable"]["bridge"]) == {"mix", "proj.weight", "proj.bias"}
+    result = evaluate.main(["--checkpoints", str(out / "ckpt_final.pt"), "--coco-root", world["root"], "--features",
+                            world["val"], "--out", str(tmp_path / "results"), "--method", "greedy", "--max-new-tokens",
+                            "6", "--metrics", "bleu", "cider", "--device", "cpu"])
+    assert [row["bridge"] for row in result["rows"]] == ["mixer", "blind (frozen LM of mixer, no image)"]
+    assert result["rows"][0]["kind"] == "mixer" and "CIDEr" in result["rows"][0]
+    for name in ("grid_mixer.png", "attention_mixer.png", "val_loss.png"):
+        assert (tmp_path / "results" / name).stat().st_size > 1000, name

@@ -12,7 +12,7 @@ import torch
 import train_lm
 from data import fineweb
 from gpt2 import GPT, load_lm
-from train_utils import load_checkpoint
+from common import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = "the cat sat on a mat and then it ran far away from home under blue sky".split()

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from train_utils import (JsonlLogger, check_finite, format_eta, load_checkpoint, lr_at, rng_state, save_checkpoint,
-                         set_rng_state)
+from common import load_checkpoint, save_checkpoint
+from train_utils import JsonlLogger, check_finite, format_eta, lr_at, rng_state, set_rng_state
 
 
 def test_lr_schedule_warmup_then_cosine_to_min():
