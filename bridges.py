@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from common import load_checkpoint
+from common import UsageError, load_checkpoint
 from gpt2 import GPTConfig, MLP, load_lm
 
 # -----------------------------------------------------------------------------
@@ -63,9 +63,9 @@ class BridgeConfig:
 
     def __post_init__(self):
         if self.xattn_heads and self.n_embd % self.xattn_heads:
-            raise ValueError(f"--xattn-heads {self.xattn_heads} does not divide the GPT's width {self.n_embd}")
+            raise UsageError(f"--xattn-heads {self.xattn_heads} does not divide the GPT's width {self.n_embd}")
         if self.qformer_width % self.qformer_heads:
-            raise ValueError(f"--qformer-heads {self.qformer_heads} does not divide --qformer-width {self.qformer_width}")
+            raise UsageError(f"--qformer-heads {self.qformer_heads} does not divide --qformer-width {self.qformer_width}")
 
 
 BRIDGES = {}  # name -> bridge class, filled by @register below
@@ -255,19 +255,21 @@ class QFormerBridge(nn.Module):
 # The captioner: a bridge joined to a frozen GPT
 
 
-def caption_batch(token_lists, eot):
+def caption_batch(token_lists, eot, complete=None):
     """
     Captions (lists of token ids) -> tokens (B, T) and targets (B, T) for Captioner.forward.
     Each row is the caption followed by <|endoftext|>; rows are padded with <|endoftext|> in `tokens`
     (any valid id would do: the causal mask keeps padding from affecting real positions) and with -100
-    in `targets`, so padding carries no loss.
+    in `targets`, so padding carries no loss. complete[i] False marks a caption cut short (at a token limit):
+    its <|endoftext|> is no target, or the model would learn to stop mid-sentence.
     """
     T = max(len(t) for t in token_lists) + 1
     tokens = torch.full((len(token_lists), T), eot, dtype=torch.long)
     targets = torch.full((len(token_lists), T), -100, dtype=torch.long)
     for i, t in enumerate(token_lists):
         tokens[i, :len(t)] = torch.tensor(t, dtype=torch.long)
-        targets[i, :len(t) + 1] = tokens[i, :len(t) + 1]
+        ends = complete is None or complete[i]
+        targets[i, :len(t) + ends] = tokens[i, :len(t) + ends]
     return tokens, targets
 
 
@@ -287,6 +289,8 @@ class Captioner(nn.Module):
         # Freeze once, here: no gradient and no optimizer state for the LM, except its last
         # `unfreeze_last` blocks when asked (progressive unfreezing).
         blocks = lm.transformer.h
+        if not 0 <= unfreeze_last <= len(blocks):
+            raise UsageError(f"--unfreeze-last {unfreeze_last}: the LM has {len(blocks)} blocks")
         for p in lm.parameters():
             p.requires_grad_(False)
         for block in blocks[len(blocks) - unfreeze_last:] if unfreeze_last else []:

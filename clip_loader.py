@@ -314,19 +314,25 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
+MAX_RESIZED_PIXELS = 2 ** 25  # 33.5M pixels (100 MB as RGB): far above any real photo's resized size
+
+
 def resize_crop(image, size=224):
     """
     One image as a (size, size, 3) uint8 array: shortest side resized to `size` with bicubic, the long side to
     int(size * long / short) (truncated, as CLIPImageProcessor does: rounding moves pixels by up to 2.6 levels),
-    then the centre crop starting at (long - size) // 2.
+    then the centre crop starting at (long - size) // 2. A needle-thin image (a 1 x 5000 PNG of 100 bytes) would
+    become gigapixels before the crop: beyond MAX_RESIZED_PIXELS it is refused with a ValueError instead.
     """
-    image = to_rgb(image)
     w, h = image.size
     if w <= h:
         new_w, new_h = size, int(size * h / w)
     else:
         new_w, new_h = int(size * w / h), size
-    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    if new_w * new_h > MAX_RESIZED_PIXELS:
+        raise ValueError(f"a {w}x{h} image (aspect ratio 1:{max(w, h) / min(w, h):.0f}) would be resized to "
+                         f"{new_w}x{new_h} pixels before the crop; refusing images beyond {MAX_RESIZED_PIXELS:,} pixels")
+    image = to_rgb(image).resize((new_w, new_h), Image.Resampling.BICUBIC)
     left, top = (new_w - size) // 2, (new_h - size) // 2
     return np.asarray(image.crop((left, top, left + size, top + size)))  # (size, size, 3)
 

@@ -130,6 +130,10 @@ def read_hub_weights(folder):
 # Command-line numbers: argparse types that refuse values outside their range
 
 
+class UsageError(ValueError):
+    """A flag that does not fit what it meets (the model's depth, an existing run folder): exit status 2 at the top."""
+
+
 def _number(kind, low, high=math.inf, low_open=False, what=""):
     def parse(text):
         try:
@@ -144,7 +148,11 @@ def _number(kind, low, high=math.inf, low_open=False, what=""):
     return parse
 
 
-positive_int = _number(int, 1, what=">= 1")
+def int_at_least(n):
+    return _number(int, n, what=f">= {n}")
+
+
+positive_int = int_at_least(1)
 natural_int = _number(int, 0, what=">= 0 (0: never / off)")
 positive_float = _number(float, 0.0, low_open=True, what="> 0")
 nonneg_float = _number(float, 0.0, what=">= 0")

@@ -342,11 +342,12 @@ def compare(args):
 
     pictures = draw_pictures(args, runs, records)
     skipped = {s["image_id"]: s for source in sources.values() for s in source.skipped}
-    result = dict(split=split, where=where, images=len(records), skipped=list(skipped.values()), decoding=decoding,
+    scored = len(first["captions"])  # images left out as unreadable are not in any row
+    result = dict(split=split, where=where, images=scored, skipped=list(skipped.values()), decoding=decoding,
                   metrics=list(args.metrics), features=args.features, device=str(args.device), rows=rows,
                   pictures=[p for p in pictures if p])
     write_json(os.path.join(args.out, "results.json"), result)
-    table = markdown_table(rows, decoding, where, len(records), scenes is not None)
+    table = markdown_table(rows, decoding, where, scored, scenes is not None)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table)
     print(table)

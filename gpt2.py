@@ -416,15 +416,16 @@ def load_lm(name_or_path, device="cpu"):
 
 if __name__ == "__main__":
     import argparse
+    from common import nonneg_float, positive_int, probability
     parser = argparse.ArgumentParser(description="Generate text with GPT-2 (OpenAI weights or random init).")
     parser.add_argument("--model", default="gpt2", help="gpt2..gpt2-xl, a hub id, a local hub-format dir, "
                         "or 'random:<preset>' for untrained weights (e.g. random:gpt2)")
     parser.add_argument("--prompt", default="Hello, I'm a language model,")
-    parser.add_argument("--num-samples", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=50)
-    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--num-samples", type=positive_int, default=4)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=32)
+    parser.add_argument("--temperature", type=nonneg_float, default=1.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=positive_int, default=50)
+    parser.add_argument("--top-p", type=probability, default=None)
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args()
 

@@ -33,8 +33,9 @@ from bridges import BRIDGES, BridgeConfig, build_captioner, caption_batch, lm_fi
 from common import natural_int, nonneg_float, positive_float, positive_int
 from data import coco
 from gpt2 import load_lm
-from train_utils import (Checkpoints, JsonlLogger, autocast, check_finite, enable_speedups, find_resume, format_eta,
-                         launch, lr_at, micro_batches, print0, rng_state, set_rng_state)
+from train_utils import (Checkpoints, JsonlLogger, autocast, changed_args, check_finite, enable_speedups, find_resume,
+                         format_eta, launch, load_optimizer_state, lr_at, micro_batches, print0, rng_state,
+                         set_rng_state)
 
 # -----------------------------------------------------------------------------
 # The training loop: one optimizer step = grad_accum micro-batches on each process
@@ -48,7 +49,7 @@ def train(args, dist):
     fingerprint = lm_fingerprint(lm)  # before any block is unfrozen and trained
     train_records = coco.load_records(args.coco_root, "train", args.karpathy_json)
     visual, val_visual, stats = visual_sources(args, train_records, dist.device)
-    ckpt_path, ckpt = find_resume(args.resume, args.out_dir)
+    ckpt_path, ckpt = find_resume(args.resume, args.out_dir, args.overwrite)
 
     torch.manual_seed(args.seed)  # the same fresh bridge on every rank
     captioner, bridge_config = build_captioner(lm, eot, args.bridge, visual.settings["width"], visual.settings["tokens"],
@@ -61,19 +62,20 @@ def train(args, dist):
     if dist.ddp:
         model = DDP(model, device_ids=[dist.local_rank] if dist.device_type == "cuda" else None)
 
-    pairs = make_pairs(train_records, visual, tokenizer, args.max_caption_tokens)
+    pairs, left_out = make_pairs(train_records, visual, tokenizer, args.max_caption_tokens)
     order = PairOrder(len(pairs), args.total_batch, args.seed, dist.rank, dist.world_size)
     max_steps = args.max_steps or max(1, int(args.epochs * order.steps_per_epoch))
     val_pairs = None
     if val_visual is not None:  # a fixed subset, the same at every evaluation
         val_records = coco.load_records(args.coco_root, "val", args.karpathy_json)
-        val_pairs = make_pairs(val_records, val_visual, tokenizer, args.max_caption_tokens)[:args.val_pairs]
-    start_step, train_seconds, last_val = restore(ckpt, captioner, optimizer)
+        val_pairs = make_pairs(val_records, val_visual, tokenizer, args.max_caption_tokens)[0][:args.val_pairs]
+    start_step, train_seconds, last_val = restore(ckpt, captioner, optimizer, args)
     del ckpt  # its optimizer state now lives in `optimizer`
     checkpoints = Checkpoints(args.out_dir, dist.master, last=ckpt_path)
-    logger = JsonlLogger(os.path.join(args.out_dir, "log.jsonl"), resume=start_step > 0,
+    logger = JsonlLogger(os.path.join(args.out_dir, "log.jsonl"), resume_step=start_step or None,
                          config={"args": vars(args), "bridge": dataclasses.asdict(bridge_config), "params": params,
-                                 "pairs": len(pairs), "max_steps": max_steps, "grad_accum": grad_accum,
+                                 "pairs": len(pairs), "captions_left_out": {"count": len(left_out), "first": left_out[:10]},
+                                 "max_steps": max_steps, "grad_accum": grad_accum,
                                  "world_size": dist.world_size}, device=dist.device) if dist.master else None
     print0(f"{args.bridge} bridge: {len(pairs):,} pairs, {order.steps_per_epoch:,} steps/epoch, {max_steps:,} steps of "
            f"{args.total_batch} = {args.batch_size} x {dist.world_size} process(es) x {grad_accum} accumulation")
@@ -187,20 +189,35 @@ def parameter_counts(captioner, features):
 
 
 def make_pairs(records, visual, tokenizer, max_tokens):
-    """[(image_id, caption tokens)] for the records whose image the visual source has (cache skips bad files)."""
-    pairs, missing = [], 0
+    """
+    [(image_id, caption tokens, complete)] for the records whose image the visual source has (a cache skips
+    unreadable files), cut at max_tokens (complete=False then). A caption without a single word (empty, spaces,
+    emoji only) or with a token outside a --vocab-subset LM's vocabulary is left out, counted and named.
+    """
+    pairs, missing, left_out = [], 0, []
     for r in records:
         if r["image_id"] not in visual:
             missing += 1
             continue
         for caption in r["captions"]:
-            pairs.append((r["image_id"], tokenizer.encode_ordinary(caption.strip())[:max_tokens]))
+            if not any(ch.isalnum() for ch in caption):
+                left_out.append(dict(image_id=r["image_id"], caption=caption, reason="no words"))
+                continue
+            try:
+                tokens = tokenizer.encode_ordinary(caption.strip())
+            except ValueError as e:  # SubsetTokenizer: a token this LM never saw
+                left_out.append(dict(image_id=r["image_id"], caption=caption, reason=str(e)))
+                continue
+            pairs.append((r["image_id"], tokens[:max_tokens], len(tokens) <= max_tokens))
     if missing:
         print0(f"note: {missing} of {len(records)} images are not in the visual source (unreadable when cached); "
                "their captions are left out")
+    if left_out:
+        first = "; ".join(f"image {c['image_id']}: {c['caption']!r} ({c['reason']})" for c in left_out[:3])
+        print0(f"note: {len(left_out)} caption(s) left out, e.g. {first}")
     if not pairs:
         raise ValueError("no (image, caption) pairs: is the feature cache made from this split?")
-    return pairs
+    return pairs, left_out
 
 
 class PairOrder:
@@ -231,11 +248,11 @@ class PairOrder:
 def batch_of(pairs, index, visual, eot, device):
     """Visual tokens (B, S, C), caption tokens and targets (B, T) of the pairs at `index`."""
     chosen = [pairs[i] for i in index]
-    ids, v = visual.tokens([i for i, _ in chosen])
+    ids, v = visual.tokens([image_id for image_id, _, _ in chosen])
     if len(ids) < len(chosen):  # training data must be readable; a feature cache skips such files instead
         bad = visual.skipped[-1]
         raise ValueError(f"cannot read {bad['path']}: {bad['reason']} (data/coco.py features skips such files)")
-    tokens, targets = caption_batch([t for _, t in chosen], eot)
+    tokens, targets = caption_batch([t for _, t, _ in chosen], eot, [complete for _, _, complete in chosen])
     return v.to(device), tokens.to(device), targets.to(device)
 
 # -----------------------------------------------------------------------------
@@ -266,13 +283,19 @@ def check_resumable(ckpt, ckpt_path, bridge_config, fingerprint, features, args)
         raise ValueError(f"cannot resume from {ckpt_path}: " + "; ".join(problems))
 
 
-def restore(ckpt, captioner, optimizer):
-    """Load a checkpoint's bridge, optimizer and RNG state; return (step, train_seconds, val_loss) to go on from."""
+def restore(ckpt, captioner, optimizer, args):
+    """
+    Load a checkpoint's bridge, optimizer and RNG state; return (step, train_seconds, val_loss) to go on from.
+    This run's --lr, --lm-lr and --weight-decay apply from here on (see train_utils.load_optimizer_state).
+    """
     if ckpt is None:
         return 0, 0.0, None
     captioner.load_trainable_state(ckpt["trainable"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    load_optimizer_state(optimizer, ckpt["optimizer"])
     set_rng_state(ckpt["rng"])
+    changed = changed_args(ckpt["args"], args)
+    if changed:
+        print0(f"note: resuming with changed arguments (checkpoint, now), applied from here on: {changed}")
     return ckpt["step"], ckpt["train_seconds"], ckpt.get("val_loss")
 
 
@@ -333,6 +356,7 @@ def get_args(argv=None):
                    help="standardise visual tokens with the train cache's per-(token, channel) mean and std")
     p.add_argument("--out-dir", default=None, help="default runs/caption/<bridge>")
     p.add_argument("--resume", default=None, help="a checkpoint, or 'auto' (the latest in --out-dir, if any)")
+    p.add_argument("--overwrite", action="store_true", help="delete the log and checkpoints of a run already in --out-dir")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=1337)
     # the bridge: one flag per field of bridges.BridgeConfig

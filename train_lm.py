@@ -25,10 +25,12 @@ import torch
 import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from common import natural_int, nonneg_float, positive_float, positive_int
 from data import fineweb, hellaswag
 from gpt2 import GPT, GPTConfig, PRESETS, SubsetTokenizer, get_tokenizer
-from train_utils import (Checkpoints, JsonlLogger, autocast, check_finite, enable_speedups, estimate_mfu, find_resume,
-                         format_eta, launch, lr_at, micro_batches, print0, rng_state, set_rng_state)
+from train_utils import (Checkpoints, JsonlLogger, autocast, changed_args, check_finite, enable_speedups, estimate_mfu,
+                         find_resume, format_eta, launch, load_optimizer_state, lr_at, micro_batches, print0, rng_state,
+                         set_rng_state)
 
 # -----------------------------------------------------------------------------
 # Presets: the real run, and small runs for a CPU (defaults of every flag left unset)
@@ -52,41 +54,47 @@ def get_args(argv=None):
     p.add_argument("--data-dir", default="data/fineweb_edu10B", help="shards made by data/fineweb.py")
     p.add_argument("--out-dir", default="runs/lm", help="log.jsonl and checkpoints")
     p.add_argument("--resume", default=None, help="a checkpoint to continue from, or 'auto' (latest in --out-dir, if any)")
+    p.add_argument("--overwrite", action="store_true", help="delete the log and checkpoints of a run already in --out-dir")
     p.add_argument("--device", default=None, help="cuda / mps / cpu (default: the best present; torchrun: per rank)")
     p.add_argument("--seed", type=int, default=1337)
     # model (the preset's unless given)
-    p.add_argument("--n-layer", type=int, default=None)
-    p.add_argument("--n-head", type=int, default=None)
-    p.add_argument("--n-embd", type=int, default=None)
+    p.add_argument("--n-layer", type=positive_int, default=None)
+    p.add_argument("--n-head", type=positive_int, default=None)
+    p.add_argument("--n-embd", type=positive_int, default=None)
     p.add_argument("--vocab-subset", action="store_true",
                    help="restrict the vocabulary to the tokens present in the shards (small corpora; disables HellaSwag)")
     # batch and schedule
-    p.add_argument("-B", "--batch-size", type=int, default=None, help="micro-batch sequences per process (gpt2-124m: 64)")
-    p.add_argument("-T", "--seq-len", type=int, default=None, help="tokens per sequence (gpt2-124m: 1024)")
-    p.add_argument("--total-batch", type=int, default=None, help="tokens per optimizer step (gpt2-124m: 524288)")
-    p.add_argument("--lr", type=float, default=None, help="max learning rate (gpt2-124m: 6e-4); min is 10%% of it")
-    p.add_argument("--warmup-steps", type=int, default=None, help="gpt2-124m: 715")
-    p.add_argument("--max-steps", type=int, default=None, help="length of the schedule (gpt2-124m: 19073)")
-    p.add_argument("--stop-step", type=int, default=None,
+    p.add_argument("-B", "--batch-size", type=positive_int, default=None, help="micro-batch sequences per process (gpt2-124m: 64)")
+    p.add_argument("-T", "--seq-len", type=positive_int, default=None, help="tokens per sequence (gpt2-124m: 1024)")
+    p.add_argument("--total-batch", type=positive_int, default=None, help="tokens per optimizer step (gpt2-124m: 524288)")
+    p.add_argument("--lr", type=positive_float, default=None, help="max learning rate (gpt2-124m: 6e-4); min is 10%% of it")
+    p.add_argument("--warmup-steps", type=natural_int, default=None, help="gpt2-124m: 715")
+    p.add_argument("--max-steps", type=positive_int, default=None, help="length of the schedule (gpt2-124m: 19073)")
+    p.add_argument("--stop-step", type=positive_int, default=None,
                    help="stop before this step, checkpointing (a job with a time limit); the schedule still ends at --max-steps")
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--weight-decay", type=nonneg_float, default=0.1)
+    p.add_argument("--grad-clip", type=positive_float, default=1.0)
     # evaluation, logging, checkpoints (0 = never)
-    p.add_argument("--val-every", type=int, default=None)
-    p.add_argument("--val-steps", type=int, default=None,
+    p.add_argument("--val-every", type=natural_int, default=None)
+    p.add_argument("--val-steps", type=positive_int, default=None,
                    help="val batches of B x T per evaluation, over all processes (gpt2-124m: 160, ~10M tokens)")
-    p.add_argument("--hellaswag-every", type=int, default=None)
+    p.add_argument("--hellaswag-every", type=natural_int, default=None)
     p.add_argument("--hellaswag-dir", default=hellaswag.DATA_DIR)
-    p.add_argument("--hellaswag-limit", type=int, default=None, help="score only the first N examples")
-    p.add_argument("--sample-every", type=int, default=None)
+    p.add_argument("--hellaswag-limit", type=positive_int, default=None, help="score only the first N examples")
+    p.add_argument("--sample-every", type=natural_int, default=None)
     p.add_argument("--sample-prompt", default="Hello, I'm a language model,")
-    p.add_argument("--ckpt-every", type=int, default=None)
-    p.add_argument("--log-every", type=int, default=None)
+    p.add_argument("--ckpt-every", type=natural_int, default=None)
+    p.add_argument("--log-every", type=positive_int, default=None)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on CUDA)")
     args = p.parse_args(argv)
     for k, v in TRAIN_PRESETS[args.preset].items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
+    n_head, n_embd = args.n_head or PRESETS[args.model]["n_head"], args.n_embd or PRESETS[args.model]["n_embd"]
+    if n_embd % n_head:
+        p.error(f"--n-head {n_head} does not divide --n-embd {n_embd} (each head gets n_embd / n_head channels)")
+    if args.total_batch % args.seq_len:
+        p.error(f"--total-batch {args.total_batch} tokens is not a whole number of -T {args.seq_len} sequences")
     return args
 
 
@@ -97,27 +105,25 @@ def get_args(argv=None):
 def train(args, dist):
     enable_speedups(dist.device_type)
     T = args.seq_len
-    if args.total_batch % T:
-        raise ValueError(f"--total-batch {args.total_batch} tokens is not a whole number of -T {T} sequences")
     B, grad_accum = micro_batches(args.total_batch // T, args.batch_size, dist.world_size, "sequences")
-    ckpt_path, ckpt = find_resume(args.resume, args.out_dir)
+    ckpt_path, ckpt = find_resume(args.resume, args.out_dir, args.overwrite)
     vocab = SubsetTokenizer(fineweb.token_ids(args.data_dir)).ids if args.vocab_subset else None  # model token i = vocab[i]
     config = model_config(args, vocab)
     check_resumable(ckpt, ckpt_path, vocab, config)
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     raw_model = GPT(config).to(dist.device)
     optimizer = raw_model.configure_optimizers(args.weight_decay, args.lr, betas=(0.9, 0.95), device_type=dist.device_type)
-    model = torch.compile(raw_model) if args.compile else raw_model  # shares raw_model's parameters
-    if dist.ddp:
-        model = DDP(model, device_ids=[dist.local_rank] if dist.device_type == "cuda" else None)
     train_loader = fineweb.ShardLoader(args.data_dir, "train", B, T, dist.rank, dist.world_size, vocab,
                                        step_tokens=args.total_batch)
     val_loader = fineweb.ShardLoader(args.data_dir, "val", B, T, dist.rank, dist.world_size, vocab)
-    start_step = restore(ckpt, raw_model, optimizer, train_loader, args)
+    start_step = restore(ckpt, raw_model, optimizer, train_loader, args)  # before DDP: it starts from these weights
     del ckpt  # the optimizer state of a big model is large; it now lives in `optimizer`
+    model = torch.compile(raw_model) if args.compile else raw_model  # shares raw_model's parameters
+    if dist.ddp:
+        model = DDP(model, device_ids=[dist.local_rank] if dist.device_type == "cuda" else None)
 
     tokenizer = SubsetTokenizer(vocab) if vocab is not None else get_tokenizer()
-    logger = JsonlLogger(os.path.join(args.out_dir, "log.jsonl"), resume=start_step > 0,
+    logger = JsonlLogger(os.path.join(args.out_dir, "log.jsonl"), resume_step=start_step or None,
                          config={"args": vars(args), "model": dataclasses.asdict(config), "grad_accum": grad_accum,
                                  "world_size": dist.world_size, "compile": args.compile},
                          device=dist.device) if dist.master else None
@@ -221,6 +227,10 @@ def check_resumable(ckpt, ckpt_path, vocab, config):
     """ValueError unless the checkpoint holds a model of this config and vocabulary."""
     if ckpt is None:
         return
+    if not isinstance(ckpt, dict) or not {"model", "config", "vocab", "optimizer", "loader"} <= set(ckpt):
+        what = "a train_caption.py checkpoint" if isinstance(ckpt, dict) and ckpt.get("kind") == "caption" else "not one"
+        raise ValueError(f"--resume {ckpt_path} is {what}: resume train_lm.py from its own ckpt_NNNNNN.pt "
+                         f"(model, config, vocab, optimizer and data position)")
     if ckpt["vocab"] != vocab:
         raise ValueError(f"{ckpt_path} was trained with a vocabulary of "
                          f"{'50304 (all GPT-2)' if ckpt['vocab'] is None else len(ckpt['vocab'])} tokens, this run has "
@@ -236,13 +246,12 @@ def restore(ckpt, raw_model, optimizer, train_loader, args):
     if ckpt is None:
         return 0
     raw_model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    load_optimizer_state(optimizer, ckpt["optimizer"])
     train_loader.load_state(ckpt["loader"])
     set_rng_state(ckpt["rng"])
-    changed = {k: (ckpt["args"].get(k), v) for k, v in vars(args).items()
-               if k not in ("resume", "stop_step") and ckpt["args"].get(k) != v}
+    changed = changed_args(ckpt["args"], args)
     if changed:
-        print0(f"note: resuming with changed arguments (checkpoint, now): {changed}")
+        print0(f"note: resuming with changed arguments (checkpoint, now), applied from here on: {changed}")
     return ckpt["step"]
 
 

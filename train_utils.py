@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
-from common import load_checkpoint, save_checkpoint
+from common import UsageError, atomic_open, load_checkpoint, save_checkpoint
 
 # -----------------------------------------------------------------------------
 # Devices and distributed training
@@ -62,12 +62,19 @@ def teardown(dist):
 
 
 def launch(train, args):
-    """Run train(args, dist) as this process's part of the run (one of torchrun's, or alone), then clean up."""
+    """
+    Run train(args, dist) as this process's part of the run (one of torchrun's, or alone), then clean up.
+    A UsageError (a flag that does not fit the data, the model or the out-dir) ends the process as argparse
+    would: the message and exit status 2.
+    """
     dist = setup_distributed(args.device)
     if args.compile is None:
         args.compile = dist.device_type == "cuda"  # torch.compile pays off on GPUs; on a CPU it mostly costs time
     try:
         return train(args, dist)
+    except UsageError as e:
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from e
     finally:
         teardown(dist)
 
@@ -128,12 +135,62 @@ def latest_checkpoint(out_dir):
     return paths[-1] if paths else None
 
 
-def find_resume(resume, out_dir):
-    """(path, contents) of the checkpoint --resume names ('auto': the newest in out_dir), or (None, None)."""
-    path = latest_checkpoint(out_dir) if resume == "auto" else resume
-    if resume == "auto" and path is None:
-        print0(f"--resume auto: no checkpoint in {out_dir}, starting from scratch")
-    return path, (load_checkpoint(path) if path else None)
+def find_resume(resume, out_dir, overwrite=False):
+    """
+    (path, contents) of the checkpoint --resume names ('auto': the newest in out_dir), or (None, None). Rank 0
+    decides and reads it, and every process gets what rank 0 found: on several machines only rank 0's disk is sure
+    to hold the run's checkpoints. Without --resume, an out_dir that holds another run is refused (two runs in one
+    folder would mix their logs and checkpoints), unless --overwrite deletes that run's files first.
+    """
+    path, ckpt = None, None
+    if not torch_dist.is_initialized() or torch_dist.get_rank() == 0:
+        if resume is None:
+            claim_out_dir(out_dir, overwrite)
+        path = latest_checkpoint(out_dir) if resume == "auto" else resume
+        if resume == "auto" and path is None:
+            print0(f"--resume auto: no checkpoint in {out_dir}, starting from scratch")
+        ckpt = load_checkpoint(path) if path else None
+    return from_rank0((path, ckpt))
+
+
+def from_rank0(value):
+    """Rank 0's value on every process (the identity without a process group)."""
+    if not torch_dist.is_initialized() or torch_dist.get_world_size() == 1:
+        return value
+    box = [value]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def claim_out_dir(out_dir, overwrite):
+    """Refuse an out_dir that holds a run (a log or checkpoints); with overwrite, delete those files instead."""
+    run_files = sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")) + glob.glob(os.path.join(out_dir, "log.jsonl")))
+    if not run_files:
+        return
+    if not overwrite:
+        raise UsageError(f"--out-dir {out_dir} already holds a run ({', '.join(map(os.path.basename, run_files[:4]))}"
+                         f"{' ...' if len(run_files) > 4 else ''}): continue it with --resume auto, train into a new or "
+                         f"empty --out-dir, or pass --overwrite to delete that run's log and checkpoints first")
+    for path in run_files:
+        os.remove(path)
+    print0(f"--overwrite: deleted {len(run_files)} file(s) of the earlier run in {out_dir}")
+
+
+def load_optimizer_state(optimizer, state, keep=("lr", "base_lr", "weight_decay")):
+    """
+    optimizer.load_state_dict(state), keeping this run's hyper-parameters: the checkpoint brings back the moments
+    and step counts, but not its learning rate or weight decay. So a run resumed with another --lr (after a NaN,
+    say) really trains with it.
+    """
+    now = [{k: group[k] for k in keep if k in group} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, settings in zip(optimizer.param_groups, now):
+        group.update(settings)
+
+
+def changed_args(ckpt_args, args, ignore=("resume", "stop_step", "overwrite")):
+    """{flag: (in the checkpoint, now)} for every argument a resumed run changes: printed, so nothing changes unseen."""
+    return {k: (ckpt_args.get(k), v) for k, v in vars(args).items() if k not in ignore and ckpt_args.get(k) != v}
 
 
 def all_finite(params):
@@ -199,13 +256,24 @@ def git_revision():
 
 
 class JsonlLogger:
-    """One JSON object per line; the first record of every run holds its config and environment."""
+    """
+    One JSON object per line; the first record of every run holds its config and environment. A run resumed at
+    step N continues the same file, without the records of steps >= N that the interrupted job logged after its
+    last checkpoint: those steps are done again, and the log must read as one run.
+    """
 
-    def __init__(self, path, resume=False, config=None, device=None):
+    def __init__(self, path, resume_step=None, config=None, device=None):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
-        self.f = open(path, "a" if resume else "w")  # a resumed run continues the same file
-        self.log(event="start", resume=resume, config=config, git=git_revision(),
+        kept = []
+        if resume_step is not None and os.path.exists(path):
+            with open(path) as f:
+                records = [json.loads(line) for line in f if line.strip().startswith("{") and line.strip().endswith("}")]
+            kept = [r for r in records if r.get("step") is None or r["step"] < resume_step]
+        with atomic_open(path) as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        self.f = open(path, "a")
+        self.log(event="start", resume=resume_step is not None, config=config, git=git_revision(),
                  torch=torch.__version__, device=device, argv=sys.argv, time=time.time())
 
     def log(self, **record):

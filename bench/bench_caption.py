@@ -76,7 +76,7 @@ def main():
         cached = cache
         encoded = coco.EncodedImages(encoder, (4, 8), records, args.device)
         tokenizer = get_tokenizer()
-        pairs = make_pairs(records, cached, tokenizer, 40)
+        pairs, _ = make_pairs(records, cached, tokenizer, 40)
         print(f"device {args.device}; LM {args.lm} (random), ViT {args.vit} layout (random, {config.image_size} px, "
               f"{cached.settings['tokens']} pooled tokens x {config.width}); batch {args.batch_size}, "
               f"{args.steps} timed steps")

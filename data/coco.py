@@ -41,7 +41,7 @@ from tqdm import tqdm
 # runnable as `python data/coco.py` from the repo root as well as `import data.coco`
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import clip_loader  # noqa: E402
-from common import read_json, write_json  # noqa: E402
+from common import atomic_open, positive_int, read_json, write_json  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Download (with resume), or use a COCO folder that is already there
@@ -218,11 +218,13 @@ def build_feature_cache(records, encoder, out_dir, batch_size=64, pool_grid=(4, 
     made with other settings or another image list is refused with a ValueError naming what differs.
     Returns the FeatureCache.
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not records:
+        raise ValueError("no images to encode")
     model = clip_loader.load_clip(encoder, layer=layer) if isinstance(encoder, str) else encoder
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    if not records:
-        raise ValueError("no images to encode")
     settings = cache_settings(model, pool_grid, records)
     os.makedirs(out_dir, exist_ok=True)
     manifest_path = os.path.join(out_dir, "manifest.json")
@@ -238,14 +240,18 @@ def build_feature_cache(records, encoder, out_dir, batch_size=64, pool_grid=(4, 
     else:
         write_json(manifest_path, dict(settings, complete=False, count=None, skipped=[]))
 
+    # The rows are written into rows.fp16 (one per record, in order), and status.npy says which are done:
+    # 0 = to do, 1 = written, 2 = unreadable image (skipped). finalize() then makes features.fp16 of the good rows.
     N, S, C = len(records), settings["tokens"], settings["width"]
-    features_path, status_path = os.path.join(out_dir, "features.fp16"), os.path.join(out_dir, "status.npy")
+    rows_path, status_path = os.path.join(out_dir, "rows.fp16"), os.path.join(out_dir, "status.npy")
     skipped_path = os.path.join(out_dir, "skipped.json")
-    # status per row: 0 = to do, 1 = written, 2 = unreadable image (skipped)
     status = np.load(status_path) if os.path.exists(status_path) else np.zeros(N, dtype=np.uint8)
     skipped = read_json(skipped_path, "feature cache progress file") if os.path.exists(skipped_path) else []
-    features = np.memmap(features_path, dtype=np.float16, mode="r+" if os.path.exists(features_path) else "w+",
-                         shape=(N, S, C))
+    if not os.path.exists(rows_path):
+        if (status == 0).all() or not os.path.exists(os.path.join(out_dir, "features.fp16")):
+            reserve(rows_path, N * S * C * 2)  # a full disk fails here, before any work, not as a bus error later
+        elif (status == 0).any():  # a build interrupted by an earlier version of this file, which wrote rows there
+            os.replace(os.path.join(out_dir, "features.fp16"), rows_path)
     todo = np.flatnonzero(status == 0)
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     size = model.config.image_size
@@ -256,6 +262,7 @@ def build_feature_cache(records, encoder, out_dir, batch_size=64, pool_grid=(4, 
     t0 = time.time()
     with ThreadPoolExecutor(num_workers) as pool, ThreadPoolExecutor(1) as prefetch, \
             tqdm(total=N, initial=N - len(todo), unit="img", desc=f"features {settings['encoder']}") as bar:
+        features = np.memmap(rows_path, dtype=np.float16, mode="r+", shape=(N, S, C)) if batches else None
         # decoding and resizing (PIL releases the GIL) overlap with the model: batch k+1 loads while k runs
         upcoming = prefetch.submit(load_batch, batches[0]) if batches else None
         for k, rows in enumerate(batches):
@@ -274,12 +281,12 @@ def build_feature_cache(records, encoder, out_dir, batch_size=64, pool_grid=(4, 
             # features first, then the record of what is done: a crash in between only redoes this batch
             features.flush()
             write_json(skipped_path, skipped)
-            np.save(status_path + ".tmp.npy", status)
-            os.replace(status_path + ".tmp.npy", status_path)
+            with atomic_open(status_path, "wb") as f:
+                np.save(f, status)
             bar.update(len(rows))
+        del features
     seconds = time.time() - t0
-    del features
-    finalize(out_dir, records, status, skipped, settings, N, S, C)
+    finalize(out_dir, records, status, skipped, settings)
     if skipped:
         print(f"skipped {len(skipped)} unreadable image(s) of {N}; listed in {manifest_path}", file=sys.stderr)
     if todo.size:
@@ -287,20 +294,43 @@ def build_feature_cache(records, encoder, out_dir, batch_size=64, pool_grid=(4, 
     return FeatureCache(out_dir)
 
 
-def finalize(out_dir, records, status, skipped, settings, N, S, C):
-    """Drop the skipped rows (moving good rows up, in place), write ids, stats and the complete manifest."""
-    features_path = os.path.join(out_dir, "features.fp16")
+def reserve(path, nbytes):
+    """Create path with nbytes of disk space allocated now: OSError naming the path and the size if they do not fit."""
+    with open(path, "wb") as f:
+        try:
+            if nbytes:
+                os.posix_fallocate(f.fileno(), 0, nbytes)
+        except OSError as e:
+            f.close()
+            os.remove(path)
+            raise OSError(e.errno, f"cannot reserve {nbytes / 2**30:.2f} GiB ({nbytes:,} bytes) for {path}: "
+                                   f"{e.strerror}. Free disk space or pass an --out on a larger disk") from e
+
+
+def finalize(out_dir, records, status, skipped, settings):
+    """
+    features.fp16 of the good rows, image ids, statistics, then the manifest that marks the cache complete.
+    It never changes rows.fp16 or status.npy, and every file it writes appears whole (written, then renamed): a
+    run killed at any moment of it and started again simply finalizes again, from the same inputs.
+    """
+    N, S, C = len(records), settings["tokens"], settings["width"]
+    rows_path, features_path = os.path.join(out_dir, "rows.fp16"), os.path.join(out_dir, "features.fp16")
     good = np.flatnonzero(status == 1)
-    features = np.memmap(features_path, dtype=np.float16, mode="r+", shape=(N, S, C))
-    if len(good) < N:
-        for dest, src in enumerate(good):  # dest <= src: moving rows up never overwrites a row still to move
-            if dest != src:
-                features[dest] = features[src]
-        features.flush()
-    del features
-    with open(features_path, "r+b") as f:
-        f.truncate(len(good) * S * C * 2)
-    np.save(os.path.join(out_dir, "image_ids.npy"), np.array([records[r]["image_id"] for r in good], dtype=np.int64))
+    row_bytes = S * C * 2
+    if len(good) == N and os.path.exists(rows_path):
+        os.replace(rows_path, features_path)  # nothing to drop: the rows are the features (atomic rename)
+    elif len(good) < N:  # copy the good rows, in order, into a new file: rows.fp16 itself is never moved in place
+        rows = np.memmap(rows_path, dtype=np.float16, mode="r", shape=(N, S, C))
+        reserve(features_path + ".tmp", len(good) * row_bytes)
+        with atomic_open(features_path, "r+b") as f:
+            for i in range(0, len(good), 4096):
+                f.write(np.ascontiguousarray(rows[good[i:i + 4096]]).tobytes())
+        del rows
+    if os.path.getsize(features_path) != len(good) * row_bytes:
+        raise RuntimeError(f"{features_path} holds {os.path.getsize(features_path):,} bytes, expected "
+                           f"{len(good) * row_bytes:,}: delete {out_dir} and build the cache again")
+    with atomic_open(os.path.join(out_dir, "image_ids.npy"), "wb") as f:
+        np.save(f, np.array([records[r]["image_id"] for r in good], dtype=np.int64))
     # per-(token, channel) statistics, accumulated in float64 over chunks of rows
     total, total_sq = np.zeros((S, C)), np.zeros((S, C))
     if len(good):
@@ -312,17 +342,31 @@ def finalize(out_dir, records, status, skipped, settings, N, S, C):
         del features
     mean = total / max(len(good), 1)
     std = np.sqrt(np.maximum(total_sq / max(len(good), 1) - mean ** 2, 0))
-    np.savez(os.path.join(out_dir, "stats.npz"), mean=mean.astype(np.float32), std=std.astype(np.float32))
+    with atomic_open(os.path.join(out_dir, "stats.npz"), "wb") as f:
+        np.savez(f, mean=mean.astype(np.float32), std=std.astype(np.float32))
+    files = {"features.fp16": {"bytes": len(good) * row_bytes}}
+    files.update({name: {"sha256": sha256_of(os.path.join(out_dir, name))} for name in ("image_ids.npy", "stats.npz")})
     write_json(os.path.join(out_dir, "manifest.json"),
-               dict(settings, complete=True, count=int(len(good)), dtype="float16", skipped=skipped))
-    for name in ("status.npy", "skipped.json"):
-        os.remove(os.path.join(out_dir, name))
+               dict(settings, complete=True, count=int(len(good)), dtype="float16", skipped=skipped, files=files))
+    for name in ("rows.fp16", "status.npy", "skipped.json"):
+        if os.path.exists(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+
+
+def sha256_of(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 class FeatureCache:
     """
     A finished feature cache, memory-mapped: features[row] is one image's (S, C) fp16 tokens, image_ids[row] its
     COCO id. expect: a dict of manifest fields (e.g. cache_settings(model, grid)) that must match, else ValueError.
+    Opening checks the files against the manifest (the features' size, the small files' sha256), so a truncated
+    or damaged cache is an error naming the broken file, not a crash or silently wrong features later.
     """
 
     def __init__(self, out_dir, expect=None):
@@ -334,6 +378,7 @@ class FeatureCache:
         if not self.manifest.get("complete"):
             raise ValueError(f"{out_dir}: the feature cache is incomplete; run the same features command again to finish it")
         self.out_dir = out_dir
+        self.verify()
         m = self.manifest
         self.features = np.memmap(os.path.join(out_dir, "features.fp16"), dtype=np.float16, mode="r",
                                   shape=(m["count"], m["tokens"], m["width"]))  # (N, S, C)
@@ -342,6 +387,22 @@ class FeatureCache:
         self._stats = None
         if expect is not None:
             self.check_compatible(expect)
+
+    def verify(self):
+        """ValueError naming the first file that is missing, of the wrong size, or not what was written."""
+        m = self.manifest
+        rebuild = (f"delete {self.out_dir} and build it again (python data/coco.py features ... --out {self.out_dir})")
+        expected = {"features.fp16": {"bytes": m["count"] * m["tokens"] * m["width"] * 2}, "image_ids.npy": {},
+                    "stats.npz": {}, **m.get("files", {})}
+        for name, want in expected.items():
+            path = os.path.join(self.out_dir, name)
+            if not os.path.isfile(path):
+                raise ValueError(f"feature cache file {path} is missing: {rebuild}")
+            if "bytes" in want and os.path.getsize(path) != want["bytes"]:
+                raise ValueError(f"feature cache file {path} holds {os.path.getsize(path):,} bytes, the manifest says "
+                                 f"{want['bytes']:,} (truncated?): {rebuild}")
+            if "sha256" in want and sha256_of(path) != want["sha256"]:
+                raise ValueError(f"feature cache file {path} is not the file this cache wrote (sha256 differs): {rebuild}")
 
     def check_compatible(self, expected):
         """ValueError naming each field of `expected` (manifest keys) that this cache records differently."""
@@ -436,9 +497,9 @@ if __name__ == "__main__":
                    help="hub id, local hub-format folder, or random-vit:<preset>:seed<k>")
     p.add_argument("--layer", type=int, default=-1, help="-1 = last block, -2 = penultimate (LLaVA)")
     p.add_argument("--pool", default="4x8", help="ROWSxCOLS grid for the patch tokens (4x8 -> 33 tokens), or none")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=4, help="threads decoding images")
-    p.add_argument("--limit", type=int, default=None, help="only the first N images (smoke runs)")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--workers", type=positive_int, default=4, help="threads decoding images")
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N images (smoke runs)")
     p.add_argument("--device", default=None)
     p.add_argument("--out", required=True)
     args = parser.parse_args()

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `python data/fineweb.py`
-from common import atomic_open, read_json, write_json  # noqa: E402
+from common import atomic_open, positive_int, read_json, write_json  # noqa: E402
 from gpt2 import EOT, get_tokenizer  # noqa: E402
 
 MANIFEST = "manifest.json"
@@ -101,6 +101,8 @@ def read_manifest(out_dir):
 def prepare(out_dir, source, name="edufineweb", shard_size=100_000_000, workers=1, max_shards=None):
     """Tokenize `source` into shards under out_dir; continue where a previous run with the same arguments stopped."""
     from tqdm import tqdm
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1 token, got {shard_size}")
     os.makedirs(out_dir, exist_ok=True)
     settings = {"source": source, "name": name, "shard_size": shard_size, "dtype": "uint16", "tokenizer": "gpt2"}
     manifest = read_manifest(out_dir)
@@ -284,9 +286,9 @@ if __name__ == "__main__":
     parser.add_argument("--data-files", nargs="+", default=None, help="local .jsonl/.parquet/.txt files instead of the hub")
     parser.add_argument("--out-dir", default="data/fineweb_edu10B")
     parser.add_argument("--name", default="edufineweb", help="shard file prefix")
-    parser.add_argument("--shard-size", type=int, default=100_000_000, help="tokens per shard")
-    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2), help="tokenizer processes")
-    parser.add_argument("--max-shards", type=int, default=None, help="stop after this many shards (rerun to continue)")
+    parser.add_argument("--shard-size", type=positive_int, default=100_000_000, help="tokens per shard")
+    parser.add_argument("--workers", type=positive_int, default=max(1, (os.cpu_count() or 2) // 2), help="tokenizer processes")
+    parser.add_argument("--max-shards", type=positive_int, default=None, help="stop after this many shards (rerun to continue)")
     args = parser.parse_args()
     prepare(args.out_dir, describe_source(args.remote_name, args.data_files), args.name, args.shard_size,
             args.workers, args.max_shards)

@@ -147,13 +147,14 @@ def evaluate(model, examples, device, tokenizer=None, batch_size=8, rank=0, worl
 
 if __name__ == "__main__":
     import argparse
+    from common import positive_int
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="gpt2", help="gpt2..gpt2-xl, a hub id or dir, or a train_lm.py checkpoint")
     parser.add_argument("--split", default="val", choices=["train", "val", "test"])
     parser.add_argument("--data-dir", default=DATA_DIR)
     parser.add_argument("--download", action="store_true", help="only download the data")
-    parser.add_argument("--limit", type=int, default=None, help="score only the first N examples")
-    parser.add_argument("--batch-size", type=int, default=8, help="examples per forward pass")
+    parser.add_argument("--limit", type=positive_int, default=None, help="score only the first N examples")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="examples per forward pass")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     if args.download:

@@ -38,7 +38,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `python data/shapes.py`
-from common import atomic_open, write_json  # noqa: E402
+from common import atomic_open, int_at_least, positive_int, write_json  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # The world: a handful of attributes, each clearly visible at 64 px
@@ -296,10 +296,10 @@ def generate(out, train=10000, val=500, corpus_docs=20000, seed=0, image_size=64
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Generate the offline miniature captioning data set (COCO format).")
     parser.add_argument("--out", default="data/shapes")
-    parser.add_argument("--train", type=int, default=10000, help="training images")
-    parser.add_argument("--val", type=int, default=500, help="validation images (the miniature's evaluation set)")
-    parser.add_argument("--corpus-docs", type=int, default=20000, help="LM pretraining documents in corpus.jsonl")
-    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--train", type=positive_int, default=10000, help="training images")
+    parser.add_argument("--val", type=positive_int, default=500, help="validation images (the miniature's evaluation set)")
+    parser.add_argument("--corpus-docs", type=positive_int, default=20000, help="LM pretraining documents in corpus.jsonl")
+    parser.add_argument("--image-size", type=int_at_least(32), default=64, help="pixels (>= 32: two shapes must fit)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     seconds = generate(args.out, args.train, args.val, args.corpus_docs, args.seed, args.image_size)

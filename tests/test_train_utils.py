@@ -52,12 +52,13 @@ def test_jsonl_logger_truncates_or_appends(tmp_path):
     path = str(tmp_path / "log.jsonl")
     log = JsonlLogger(path, config={"a": 1}, device="cpu")
     log.log(step=0, loss=1.5)
+    log.log(step=1, loss=1.2)  # logged after the checkpoint the next job resumes from: it is done again
     log.close()
-    log = JsonlLogger(path, resume=True)
+    log = JsonlLogger(path, resume_step=1)
     log.log(step=1, loss=1.0)
     log.close()
     records = [json.loads(line) for line in open(path)]
-    assert [r.get("event") for r in records] == ["start", None, "start", None]
+    assert [(r.get("event"), r.get("loss")) for r in records] == [("start", None), (None, 1.5), ("start", None), (None, 1.0)]
     assert records[0]["config"] == {"a": 1} and "torch" in records[0] and "argv" in records[0]
     JsonlLogger(path).close()  # a fresh run starts a fresh log
     assert len(open(path).readlines()) == 1

@@ -1,0 +1,348 @@
+"""
+The bad-input catalogue: what a new user can get wrong, and what the project does about it. Each case is a clear
+error (naming the file, the problem and the fix), a documented skip, or an exact resume; never a silent wrong
+result. Cases handled earlier are tested beside their code and listed here, so this file is the one index:
+
+    unreadable / truncated / zero-byte / odd-mode images skipped and reported  tests/test_coco.py
+    malicious pickles refused at every load (weights_only)                     tests/test_train_utils.py, test_gpt2.py
+    Ctrl-C during feature caching resumes without recomputing                  tests/test_coco.py
+    killed trainers resume bit-exactly                                         tests/test_train_lm.py, test_train_caption.py
+    caches / checkpoints of other settings, LMs, bridges refused by name       tests/test_coco.py, test_train_caption.py
+    a NaN loss stops the run, keeping the last good checkpoint                 tests/test_train_lm.py, test_train_caption.py
+    corrupt shards, missing data, offline downloads                            tests/test_fineweb.py, test_train_lm.py, test_coco.py
+"""
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evaluate
+import train_caption
+import train_lm
+from bridges import load_captioner
+from data import coco, fineweb, shapes
+from gpt2 import SubsetTokenizer, get_tokenizer, load_lm
+from tests.test_train_caption import args as caption_args
+from tests.test_train_caption import records, world  # noqa: F401  (a pytest fixture)
+from tests.test_train_lm import args as lm_args
+from tests.test_train_lm import shards  # noqa: F401  (a pytest fixture)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENCODER = "random-vit:tiny:seed0"
+
+
+def usage_error(fn, argv, capsys, match):
+    """fn(argv) must stop as argparse does: exit status 2 and a message naming the problem."""
+    with pytest.raises(SystemExit) as e:
+        fn(argv)
+    assert e.value.code == 2
+    assert match in capsys.readouterr().err
+
+
+def small_world(path, train=12, val=4):
+    shapes.generate(str(path), train=train, val=val, corpus_docs=4, seed=0, image_size=32)
+    return str(path)
+
+# -----------------------------------------------------------------------------
+# 1. A feature cache killed while it finalizes (dropping unreadable rows) must not come back wrong
+
+
+KILL_IN_FINALIZE = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from data import coco
+where = sys.argv[1]
+if where == "copy":  # while the good rows are copied into features.fp16
+    original = coco.reserve
+    def reserve(path, nbytes):
+        original(path, nbytes)
+        if path.endswith("features.fp16.tmp"):
+            os.kill(os.getpid(), signal.SIGKILL)
+    coco.reserve = reserve
+else:  # after features.fp16, ids and stats are written, before the manifest says complete
+    coco.sha256_of = lambda path: os.kill(os.getpid(), signal.SIGKILL)
+coco.build_feature_cache(coco.load_records(sys.argv[2], "train"), "random-vit:tiny:seed0", sys.argv[3],
+                         batch_size=4, pool_grid=(2, 2), num_workers=1)
+"""
+
+
+@pytest.mark.parametrize("where", ["copy", "manifest"])
+def test_1_a_cache_killed_while_finalizing_is_rebuilt_right(tmp_path, where):
+    root = small_world(tmp_path / "world")
+    for name in sorted(os.listdir(os.path.join(root, "train2017")))[2:5]:  # three unreadable images to drop
+        open(os.path.join(root, "train2017", name), "wb").write(b"not an image")
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_IN_FINALIZE.format(root=ROOT))
+    out = str(tmp_path / "cache")
+    run = subprocess.run([sys.executable, str(script), where, root, out], capture_output=True, text=True)
+    assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
+    with pytest.raises(ValueError, match="incomplete"):
+        coco.FeatureCache(out)
+    records = coco.load_records(root, "train")
+    again = coco.build_feature_cache(records, ENCODER, out, batch_size=4, pool_grid=(2, 2), num_workers=1)
+    fresh = coco.build_feature_cache(records, ENCODER, str(tmp_path / "fresh"), batch_size=4, pool_grid=(2, 2),
+                                     num_workers=1)
+    assert len(again) == len(fresh) == 9 and list(again.image_ids) == list(fresh.image_ids)
+    np.testing.assert_array_equal(np.asarray(again.features), np.asarray(fresh.features))
+    assert sorted(os.listdir(out)) == ["features.fp16", "image_ids.npy", "manifest.json", "stats.npz"]
+
+# -----------------------------------------------------------------------------
+# 2. Training into a folder that already holds a run
+
+
+def test_2_an_existing_run_folder_is_refused_without_resume_or_overwrite(shards, world, tmp_path, capsys):  # noqa: F811
+    lm_run = tmp_path / "lm"
+    train_lm.main(lm_args(shards, lm_run, "--max-steps", "4", "--ckpt-every", "2"))
+    usage_error(train_lm.main, lm_args(shards, lm_run, "--max-steps", "2"), capsys, "already holds a run")
+    train_lm.main(lm_args(shards, lm_run, "--max-steps", "2", "--overwrite"))
+    assert sorted(os.listdir(lm_run)) == ["ckpt_000002.pt", "log.jsonl"]  # nothing of the first run is left
+    starts = [r for r in map(json.loads, open(lm_run / "log.jsonl")) if r.get("event") == "start"]
+    assert len(starts) == 1
+    caption_run = tmp_path / "caption"
+    train_caption.main(caption_args(world, caption_run, "linear", "--max-steps", "2"))
+    usage_error(train_caption.main, caption_args(world, caption_run, "linear"), capsys, "--resume auto")
+
+# -----------------------------------------------------------------------------
+# 3, 4, 6, 16. Numbers out of range stop every script at once, as argparse does (exit status 2)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["-B", "-16"], "--batch-size: -16 is out of range"),
+    (["-B", "0"], "--batch-size: 0 is out of range"),
+    (["--total-batch", "0"], "--total-batch"),
+    (["--max-steps", "-1"], "--max-steps"),
+    (["--lr", "nan"], "--lr"),
+    (["--val-pairs", "0"], "--val-pairs"),
+    (["--xattn-every", "0"], "--xattn-every"),
+    (["--unfreeze-last", "-1"], "--unfreeze-last"),
+    (["--epochs", "0"], "--epochs"),
+])
+def test_3_train_caption_refuses_numbers_out_of_range(argv, match, capsys):
+    usage_error(train_caption.get_args, ["--bridge", "linear", *argv], capsys, match)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["-B", "0"], "-B"), (["-T", "0"], "-T"), (["--total-batch", "-5"], "--total-batch"),
+    (["--n-head", "5", "--n-embd", "128"], "does not divide"), (["-T", "100", "--total-batch", "1050"], "whole number"),
+    (["--val-steps", "0"], "--val-steps"), (["--lr", "-1"], "--lr"),
+])
+def test_16_train_lm_refuses_numbers_out_of_range(argv, match, capsys):
+    usage_error(train_lm.get_args, ["--preset", "tiny", *argv], capsys, match)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--top-p", "0"], "--top-p"), (["--top-p", "1.5"], "--top-p"), (["--temperature", "-1"], "--temperature"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"), (["--length-penalty", "nan"], "--length-penalty"),
+    (["--max-images", "0"], "--max-images"), (["--batch-size", "0"], "--batch-size"), (["--beam", "0"], "--beam"),
+])
+def test_6_evaluate_refuses_numbers_out_of_range(argv, match, capsys):
+    usage_error(evaluate.parse_args, ["--checkpoints", "x.pt", *argv], capsys, match)
+
+
+@pytest.mark.parametrize("script", [
+    ["data/fineweb.py", "--data-files", "x.jsonl", "--shard-size", "0"],
+    ["data/coco.py", "features", "--out", "x", "--batch-size", "-4"],
+    ["data/shapes.py", "--train", "0"],
+    ["data/hellaswag.py", "--limit", "0"],
+    ["gpt2.py", "--model", "random:tiny", "--max-new-tokens", "0"],
+])
+def test_4_data_scripts_refuse_numbers_out_of_range(script, tmp_path):
+    script = [os.path.join(ROOT, script[0]), *script[1:]]
+    run = subprocess.run([sys.executable, *script], cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 2 and "out of range" in run.stderr, run.stderr[-1000:]
+    assert os.listdir(tmp_path) == []  # nothing was written
+
+
+def test_4_the_library_functions_refuse_them_too(tmp_path):
+    with pytest.raises(ValueError, match="shard_size"):
+        fineweb.prepare(str(tmp_path / "shards"), fineweb.describe_source(data_files=["x.jsonl"]), shard_size=0)
+    root = small_world(tmp_path / "world")
+    with pytest.raises(ValueError, match="batch_size"):
+        coco.build_feature_cache(coco.load_records(root, "train"), ENCODER, str(tmp_path / "cache"), batch_size=-4)
+    assert not os.path.exists(tmp_path / "cache")  # no cache marked complete with 0 images
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--qformer-heads", "5"], "--qformer-heads 5 does not divide --qformer-width 32"),
+    (["--unfreeze-last", "99"], "--unfreeze-last 99: the LM has 2 blocks"),
+    (["--xattn-heads", "3"], "--xattn-heads 3 does not divide the GPT's width 32"),
+])
+def test_16_flags_that_do_not_fit_the_model_stop_with_status_2(world, tmp_path, capsys, flags, match):  # noqa: F811
+    bridge = "xattn" if "--xattn-heads" in flags else "qformer"
+    usage_error(train_caption.main, caption_args(world, tmp_path, bridge, *flags), capsys, match)
+
+# -----------------------------------------------------------------------------
+# 5. A resumed run uses the learning rate it is given (so "lower --lr and resume" after a NaN works)
+
+
+def test_5_resume_applies_a_changed_learning_rate(world, tmp_path, capsys):  # noqa: F811
+    train_caption.main(caption_args(world, tmp_path, "linear", "--stop-step", "3", "--warmup-steps", "0"))
+    train_caption.main(caption_args(world, tmp_path, "linear", "--resume", "auto", "--lr", "1e-4", "--warmup-steps", "0"))
+    assert "changed arguments" in capsys.readouterr().out
+    lrs = {r["step"]: r["lr"] for r in records(tmp_path, "lr")}
+    assert lrs[2] == pytest.approx(0.1 * 3e-3 + 0.5 * (1 + np.cos(np.pi * 2 / 6)) * 0.9 * 3e-3)  # the first job's
+    assert lrs[3] == pytest.approx(0.1 * 1e-4 + 0.5 * (1 + np.cos(np.pi * 3 / 6)) * 0.9 * 1e-4)  # the new --lr
+
+
+def test_5_the_nan_message_names_a_resume_that_works():
+    from train_utils import check_finite
+    with pytest.raises(FloatingPointError, match=r"lower --lr.*--resume runs/x/ckpt_000004.pt"):
+        check_finite(torch.tensor(float("nan")), 5, "runs/x/ckpt_000004.pt")
+
+# -----------------------------------------------------------------------------
+# 7. Annotation files that are not what they claim
+
+
+def test_7_malformed_annotation_json_is_named(tmp_path):
+    root = small_world(tmp_path / "world")
+    path = os.path.join(root, "annotations", "captions_val2017.json")
+    open(path, "w").write('{"images": [')  # cut off
+    with pytest.raises(ValueError, match=r"captions_val2017.json is not valid JSON"):
+        coco.load_records(root, "val")
+    open(path, "w").write('{"info": {}}')
+    with pytest.raises(ValueError, match=r"not a COCO caption file: it needs 'images' and 'annotations'"):
+        coco.load_records(root, "val")
+    karpathy = tmp_path / "dataset_coco.json"
+    karpathy.write_text('{"dataset": "coco"}')
+    with pytest.raises(ValueError, match="not Karpathy's dataset_coco.json"):
+        coco.load_records(root, "test", karpathy_json=str(karpathy))
+
+# -----------------------------------------------------------------------------
+# 8, 9, 10. Checkpoints that are truncated, empty, moved, or of the other kind
+
+
+def test_8_truncated_or_empty_checkpoints_are_named(world, tmp_path):  # noqa: F811
+    data = open(world["lm"], "rb").read()
+    for name, content in [("truncated.pt", data[:len(data) // 2]), ("empty.pt", b"")]:
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(RuntimeError, match=f"LM checkpoint {path} is corrupt"):
+            load_lm(str(path))
+        with pytest.raises(RuntimeError, match=f"caption checkpoint {path} is corrupt"):
+            load_captioner(str(path))
+
+
+def test_9_a_moved_lm_is_a_missing_file_not_a_hub_id(tmp_path):
+    for moved in [str(tmp_path / "runs" / "lm" / "ckpt_001500.pt"), "runs/moved-away/lm/ckpt_001500.pt", "ckpt.pt"]:
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            load_lm(moved)
+
+
+def test_10_train_lm_refuses_to_resume_a_caption_checkpoint(shards, world, tmp_path):  # noqa: F811
+    train_caption.main(caption_args(world, tmp_path / "caption", "linear", "--max-steps", "2"))
+    with pytest.raises(ValueError, match="is a train_caption.py checkpoint"):
+        train_lm.main(lm_args(shards, tmp_path / "lm", "--resume", str(tmp_path / "caption" / "ckpt_final.pt")))
+
+# -----------------------------------------------------------------------------
+# 11. Captions the LM cannot read, or that hold no words
+
+
+def test_11_unusable_captions_are_left_out_counted_and_named(world, capsys):  # noqa: F811
+    cache = coco.FeatureCache(world["train"])
+    ids = [int(i) for i in cache.image_ids[:3]]
+    tokenizer = SubsetTokenizer(get_tokenizer().encode_ordinary("a red square") + get_tokenizer().encode_ordinary("a red circle"))
+    records_ = [dict(image_id=ids[0], captions=["a red square", "a zebra", ""]),
+                dict(image_id=ids[1], captions=["  \u200b ", "\U0001F600\U0001F600", "a red circle"])]
+    pairs, left_out = train_caption.make_pairs(records_, cache, tokenizer, 40)
+    assert [(i, tokenizer.decode(t), complete) for i, t, complete in pairs] == \
+        [(ids[0], "a red square", True), (ids[1], "a red circle", True)]
+    assert [(c["image_id"], c["caption"]) for c in left_out] == \
+        [(ids[0], "a zebra"), (ids[0], ""), (ids[1], "  \u200b "), (ids[1], "\U0001F600\U0001F600")]
+    assert "zebra" in left_out[0]["reason"] and left_out[1]["reason"] == "no words"
+    assert f"4 caption(s) left out, e.g. image {ids[0]}: 'a zebra'" in capsys.readouterr().out
+
+# -----------------------------------------------------------------------------
+# 12, 13. A damaged feature cache, and a disk too small for one
+
+
+@pytest.mark.parametrize("damage, match", [
+    ("truncate features.fp16", "features.fp16 holds .* bytes, the manifest says"),
+    ("corrupt stats.npz", "stats.npz is not the file this cache wrote"),
+    ("corrupt image_ids.npy", "image_ids.npy is not the file this cache wrote"),
+    ("corrupt manifest.json", "manifest.json is not valid JSON"),
+    ("delete image_ids.npy", "image_ids.npy is missing"),
+])
+def test_12_a_damaged_cache_names_the_broken_file(tmp_path, damage, match):
+    root = small_world(tmp_path / "world")
+    out = str(tmp_path / "cache")
+    coco.build_feature_cache(coco.load_records(root, "train"), ENCODER, out, batch_size=4, pool_grid=(2, 2),
+                             num_workers=1)
+    action, name = damage.split()
+    path = os.path.join(out, name)
+    if action == "truncate":
+        os.truncate(path, os.path.getsize(path) - 100)
+    elif action == "corrupt":
+        data = bytearray(open(path, "rb").read())
+        data[len(data) // 2] ^= 0xFF
+        open(path, "wb").write(bytes(data))
+    else:
+        os.remove(path)
+    with pytest.raises(ValueError, match=match) as e:
+        coco.FeatureCache(out)
+    assert out in str(e.value) and ("build it again" in str(e.value) or "rebuild" in str(e.value))
+
+
+def test_13_a_full_disk_fails_before_any_work_naming_the_bytes(tmp_path, monkeypatch):
+    root = small_world(tmp_path / "world")
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    model = coco.clip_loader.load_clip(ENCODER)
+    calls = []
+    model.forward = lambda pixels: calls.append(1)
+    with pytest.raises(OSError, match=r"cannot reserve .* \(3,840 bytes\) for .*rows.fp16: No space left"):
+        coco.build_feature_cache(coco.load_records(root, "train"), model, str(tmp_path / "cache"), batch_size=4,
+                                 pool_grid=(2, 2))
+    assert not calls and not os.path.exists(tmp_path / "cache" / "rows.fp16")
+
+# -----------------------------------------------------------------------------
+# 14. A tiny file that would become gigapixels in preprocessing
+
+
+def test_14_a_needle_thin_image_is_skipped_not_resized_to_gigapixels(tmp_path):
+    path = tmp_path / "needle.png"
+    Image.new("RGB", (1, 5000), (255, 0, 0)).save(path)
+    assert os.path.getsize(path) < 1000
+    pixels, reason = coco.load_pixels(str(path), 224)
+    assert pixels is None and "1x5000" in reason and "aspect ratio 1:5000" in reason
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (900, 300), (0, 0, 255)).save(wide)  # a panorama is fine
+    assert coco.load_pixels(str(wide), 224)[0].shape == (224, 224, 3)
+
+# -----------------------------------------------------------------------------
+# 15. Logs and tables that count things twice
+
+
+def test_15_a_resumed_run_does_not_repeat_step_records(world, tmp_path):  # noqa: F811
+    train_caption.main(caption_args(world, tmp_path, "linear", "--ckpt-every", "2"))
+    os.remove(tmp_path / "ckpt_final.pt")  # as if killed after step 5, past its last checkpoint (step 4)
+    train_caption.main(caption_args(world, tmp_path, "linear", "--ckpt-every", "2", "--resume", "auto"))
+    assert [r["step"] for r in records(tmp_path, "loss")] == list(range(6))
+    assert [r["step"] for r in records(tmp_path, "val_loss")] == [0, 3, 6]
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="the metrics need Java")
+def test_15_the_table_counts_only_the_images_it_scored(world, tmp_path):  # noqa: F811
+    train_caption.main(caption_args(world, tmp_path / "run", "linear", "--max-steps", "1"))
+    val = coco.load_records(world["root"], "val")
+    open(val[0]["path"], "wb").write(b"broken")  # encoded on the fly (no --features): this one cannot be read
+    try:
+        result = evaluate.main(["--checkpoints", str(tmp_path / "run" / "ckpt_final.pt"), "--coco-root", world["root"],
+                                "--out", str(tmp_path / "results"), "--method", "greedy", "--max-new-tokens", "4",
+                                "--metrics", "bleu", "--device", "cpu"])
+    finally:
+        shapes.draw_scene(json.load(open(os.path.join(world["root"], "scenes_val.json")))[str(val[0]["image_id"])],
+                          32).save(val[0]["path"])
+    assert result["images"] == len(val) - 1 == result["rows"][0]["images"]
+    assert [s["image_id"] for s in result["skipped"]] == [val[0]["image_id"]]
+    assert open(tmp_path / "results" / "table.md").read().startswith(f"{len(val) - 1} images")
