@@ -71,6 +71,10 @@ def train(args, dist):
         val_pairs = make_pairs(val_records, val_visual, tokenizer, args.max_caption_tokens)[0][:args.val_pairs]
     start_step, train_seconds, last_val = restore(ckpt, captioner, optimizer, args)
     del ckpt  # its optimizer state now lives in `optimizer`
+    end_step = min(max_steps, args.stop_step or max_steps)
+    if start_step >= end_step:
+        print0(f"{ckpt_path} is at step {start_step}: nothing left to train up to step {end_step}")
+        return captioner
     checkpoints = Checkpoints(args.out_dir, dist.master, last=ckpt_path)
     logger = JsonlLogger(os.path.join(args.out_dir, "log.jsonl"), resume_step=start_step or None,
                          config={"args": vars(args), "bridge": dataclasses.asdict(bridge_config), "params": params,
@@ -88,7 +92,6 @@ def train(args, dist):
                 "features": visual.settings, "params": params, "train_seconds": train_seconds, "val_loss": last_val,
                 "optimizer": optimizer.state_dict(), "rng": rng_state(), "args": vars(args)}
 
-    end_step = min(max_steps, args.stop_step or max_steps)
     bar = tqdm(range(start_step, end_step), initial=start_step, total=max_steps, desc=args.bridge,
                disable=not dist.master, dynamic_ncols=True)
     captioner.train()
@@ -137,13 +140,12 @@ def train(args, dist):
             checkpoints.save(f"ckpt_{step + 1:06d}.pt", state(step + 1, train_seconds, last_val), trained)
     bar.close()
 
-    if end_step > start_step:
-        if end_step == max_steps and val_pairs:
-            last_val = log_val_loss(captioner, val_pairs, val_visual, eot, args, dist, logger, end_step, print0)
-        # the end of the run (ckpt_final.pt, what evaluate.py reads), or of this job (--stop-step, for --resume)
-        name = "ckpt_final.pt" if end_step == max_steps else f"ckpt_{end_step:06d}.pt"
-        path = checkpoints.save(name, state(end_step, train_seconds, last_val), trained)
-        print0(f"saved {path} ({train_seconds:.0f} s of training so far)")
+    if end_step == max_steps and val_pairs:
+        last_val = log_val_loss(captioner, val_pairs, val_visual, eot, args, dist, logger, end_step, print0)
+    # the end of the run (ckpt_final.pt, what evaluate.py reads), or of this job (--stop-step, for --resume)
+    name = "ckpt_final.pt" if end_step == max_steps else f"ckpt_{end_step:06d}.pt"
+    path = checkpoints.save(name, state(end_step, train_seconds, last_val), trained)
+    print0(f"saved {path} ({train_seconds:.0f} s of training so far)")
     if logger:
         logger.log(event="end", step=end_step, train_seconds=train_seconds)
         logger.close()

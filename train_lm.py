@@ -118,6 +118,10 @@ def train(args, dist):
     val_loader = fineweb.ShardLoader(args.data_dir, "val", B, T, dist.rank, dist.world_size, vocab)
     start_step = restore(ckpt, raw_model, optimizer, train_loader, args)  # before DDP: it starts from these weights
     del ckpt  # the optimizer state of a big model is large; it now lives in `optimizer`
+    end_step = min(args.max_steps, args.stop_step or args.max_steps)
+    if start_step >= end_step:
+        print0(f"{ckpt_path} is at step {start_step}: nothing left to train up to step {end_step}")
+        return raw_model
     model = torch.compile(raw_model) if args.compile else raw_model  # shares raw_model's parameters
     if dist.ddp:
         model = DDP(model, device_ids=[dist.local_rank] if dist.device_type == "cuda" else None)
@@ -138,7 +142,6 @@ def train(args, dist):
                 "optimizer": optimizer.state_dict(), "step": step, "loader": train_loader.state(), "rng": rng_state(),
                 "args": vars(args)}
 
-    end_step = min(args.max_steps, args.stop_step or args.max_steps)
     dts = []  # recent step times, for tokens/s and the ETA
     for step in range(start_step, end_step):
         last = step == args.max_steps - 1
@@ -203,8 +206,8 @@ def train(args, dist):
         if args.ckpt_every and (step + 1) % args.ckpt_every == 0 and step + 1 < end_step:
             print0(f"saved {checkpoints.save(f'ckpt_{step + 1:06d}.pt', state(step + 1), raw_model.parameters())}")
 
-    if end_step > start_step:  # the end of the run, or of this job (--stop-step): --resume continues from here
-        print0(f"saved {checkpoints.save(f'ckpt_{end_step:06d}.pt', state(end_step), raw_model.parameters())}")
+    # the end of the run, or of this job (--stop-step): --resume continues from here
+    print0(f"saved {checkpoints.save(f'ckpt_{end_step:06d}.pt', state(end_step), raw_model.parameters())}")
     if logger:
         logger.log(event="end", step=end_step)
         logger.close()

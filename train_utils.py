@@ -130,9 +130,11 @@ def lr_at(step, max_steps, warmup_steps, max_lr, min_lr):
 
 
 def latest_checkpoint(out_dir):
-    """The newest numbered checkpoint ckpt_NNNNNN.pt in out_dir (what --resume auto continues from), or None."""
+    """The newest checkpoint in out_dir (what --resume auto continues from): ckpt_final.pt, else the highest
+    numbered ckpt_NNNNNN.pt; None if there is none."""
+    final = os.path.join(out_dir, "ckpt_final.pt")
     paths = sorted(glob.glob(os.path.join(out_dir, "ckpt_[0-9]*.pt")))
-    return paths[-1] if paths else None
+    return final if os.path.exists(final) else paths[-1] if paths else None
 
 
 def find_resume(resume, out_dir, overwrite=False):

@@ -110,6 +110,14 @@ def test_2_an_existing_run_folder_is_refused_without_resume_or_overwrite(shards,
     train_caption.main(caption_args(world, caption_run, "linear", "--max-steps", "2"))
     usage_error(train_caption.main, caption_args(world, caption_run, "linear"), capsys, "--resume auto")
 
+
+def test_2_resume_auto_on_a_finished_run_changes_nothing(world, tmp_path, capsys):  # noqa: F811
+    train_caption.main(caption_args(world, tmp_path, "linear", "--max-steps", "2"))
+    before = {name: open(tmp_path / name, "rb").read() for name in os.listdir(tmp_path)}
+    train_caption.main(caption_args(world, tmp_path, "linear", "--max-steps", "2", "--resume", "auto"))
+    assert "nothing left to train" in capsys.readouterr().out
+    assert {name: open(tmp_path / name, "rb").read() for name in os.listdir(tmp_path)} == before
+
 # -----------------------------------------------------------------------------
 # 3, 4, 6, 16. Numbers out of range stop every script at once, as argparse does (exit status 2)
 
