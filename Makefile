@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup test bench demo demo-table demo-pictures demo-clean clean-venv
+.PHONY: setup test bench smoke smoke-run demo demo-table demo-pictures demo-clean clean-venv
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,65 @@ bench: setup
 	$(BIN)/python bench/bench_metrics.py
 	$(BIN)/python bench/bench_eval.py
 	$(BIN)/python bench/bench_caption.py
+
+# ---------------------------------------------------------------------------------------------------------------
+# make smoke: every full-scale stage at full size (GPT-2 124M, CLIP ViT-L/14 at 224 px, real-size JPEGs, T = 1024),
+# for a step or two on a handful of items, through the same scripts and flags a GPU run uses, with the CUDA-only
+# branches switched on through their CPU analogues (torch.compile with inductor, bf16 autocast, fused AdamW).
+# The inputs are real-format stand-ins made offline by tests/fabricate.py (random weights in the hub's layouts).
+# It proves that the full-scale paths run and fit together; not their speed, nor their numerics at scale.
+SMOKE  := runs/smoke
+WORLD  := $(SMOKE)/world
+GPU_PATHS := --dtype bf16 --fused
+LM_SMOKE := --preset gpt2-124m --data-dir $(SMOKE)/shards --out-dir $(SMOKE)/lm -B 1 -T 1024 --total-batch 2048 \
+            --max-steps 2 --warmup-steps 1 --val-every 1 --val-steps 1 --hellaswag-every 1 --hellaswag-limit 4 \
+            --hellaswag-dir $(WORLD)/hellaswag --sample-every 1 --ckpt-every 0 --log-every 1 --compile $(GPU_PATHS)
+CAPTION_SMOKE := --lm $(WORLD)/gpt2 --coco-root $(WORLD)/coco -B 2 --total-batch 4 --max-steps 2 --warmup-steps 1 \
+                 --val-every 1 --val-pairs 4 --log-every 1 --ckpt-every 0 $(GPU_PATHS)
+EVAL_SMOKE := --coco-root $(WORLD)/coco --max-new-tokens 8 --batch-size 4 --metrics bleu cider
+
+smoke: setup
+	@$(MAKE) --no-print-directory smoke-run
+
+smoke-run: $(WORLD)/done.json
+	rm -rf $(SMOKE)/shards $(SMOKE)/lm $(SMOKE)/features $(SMOKE)/caption $(SMOKE)/results
+	@echo "== FineWeb-Edu: parquet files in the hub dataset's layout -> GPT-2 token shards"
+	$(BIN)/python data/fineweb.py --data-files $(WORLD)/fineweb/sample/10BT/*.parquet --out-dir $(SMOKE)/shards \
+		--shard-size 100000 --workers 2
+	@echo "== GPT-2 124M pretraining: one step, stopped, resumed for the second; val loss, HellaSwag, samples"
+	$(BIN)/python train_lm.py $(LM_SMOKE) --stop-step 1
+	$(BIN)/python train_lm.py $(LM_SMOKE) --resume auto
+	@echo "== HellaSwag alone, on GPT-2 in the hub's layout (read as --lm gpt2 reads OpenAI's files)"
+	$(BIN)/python data/hellaswag.py --model $(WORLD)/gpt2 --data-dir $(WORLD)/hellaswag --limit 4 --dtype bf16
+	@echo "== CLIP ViT-L/14 features (224 px, 257 tokens pooled to 33): COCO 2017 train/val, Karpathy train/test"
+	for split in train val; do $(BIN)/python data/coco.py features --root $(WORLD)/coco --split $$split \
+		--encoder $(WORLD)/clip-vit-large-patch14 --out $(SMOKE)/features/$$split --batch-size 4 --dtype bf16 || exit 1; done
+	for split in train test; do $(BIN)/python data/coco.py features --root $(WORLD)/coco --split $$split \
+		--karpathy-json $(WORLD)/coco/dataset_coco.json --encoder $(WORLD)/clip-vit-large-patch14 \
+		--out $(SMOKE)/features/karpathy_$$split --batch-size 4 --dtype bf16 || exit 1; done
+	@echo "== every bridge on GPT-2 124M: a step, stopped, resumed for the second (the Q-Former compiled)"
+	for bridge in $(BRIDGES); do \
+		flags="$(CAPTION_SMOKE) --bridge $$bridge --features $(SMOKE)/features/train --val-features $(SMOKE)/features/val \
+		       --out-dir $(SMOKE)/caption/$$bridge $$([ $$bridge = qformer ] && echo --compile)"; \
+		$(BIN)/python train_caption.py $$flags --stop-step 1 && $(BIN)/python train_caption.py $$flags --resume auto || exit 1; done
+	@echo "== a bridge on the pretrained 124M LM, encoding the images on the fly; one on Karpathy's train split"
+	$(BIN)/python train_caption.py $(CAPTION_SMOKE) --bridge linear --lm $(SMOKE)/lm/ckpt_000002.pt \
+		--encoder $(WORLD)/clip-vit-large-patch14 --out-dir $(SMOKE)/caption/on-the-fly --max-steps 1
+	$(BIN)/python train_caption.py $(CAPTION_SMOKE) --bridge qformer --karpathy-json $(WORLD)/coco/dataset_coco.json \
+		--features $(SMOKE)/features/karpathy_train --out-dir $(SMOKE)/caption/karpathy --val-every 0
+	@echo "== evaluation: COCO 2017 val (beam 3, cached features), Karpathy test (sampling, on the fly), the leak refused"
+	$(BIN)/python evaluate.py $(EVAL_SMOKE) --checkpoints $(foreach b,$(BRIDGES) on-the-fly,$(SMOKE)/caption/$(b)/ckpt_final.pt) \
+		--features $(SMOKE)/features/val --out $(SMOKE)/results/coco_val --dtype bf16
+	$(BIN)/python evaluate.py $(EVAL_SMOKE) --checkpoints $(SMOKE)/caption/karpathy/ckpt_final.pt \
+		--karpathy-json $(WORLD)/coco/dataset_coco.json --method sample --top-p 0.9 --out $(SMOKE)/results/karpathy_test
+	! $(BIN)/python evaluate.py $(EVAL_SMOKE) --checkpoints $(SMOKE)/caption/qformer/ckpt_final.pt \
+		--karpathy-json $(WORLD)/coco/dataset_coco.json --features $(SMOKE)/features/karpathy_test \
+		--out $(SMOKE)/results/leak 2> $(SMOKE)/leak.txt
+	grep -q "was trained on 1 of the 2 images of Karpathy test" $(SMOKE)/leak.txt
+	@echo "smoke: every full-scale stage ran"
+
+$(WORLD)/done.json:
+	$(BIN)/python tests/fabricate.py --out $(WORLD)
 
 # ---------------------------------------------------------------------------------------------------------------
 # make demo: the whole pipeline on the offline miniature, through the same scripts a full-scale run uses.

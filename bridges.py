@@ -275,11 +275,12 @@ def caption_batch(token_lists, eot, complete=None):
 
 class Captioner(nn.Module):
 
-    def __init__(self, lm, bridge, eot, unfreeze_last=0, visual_stats=None):
+    def __init__(self, lm, bridge, eot, unfreeze_last=0, visual_stats=None, n_vocab=None):
         super().__init__()
         self.lm = lm
         self.bridge = bridge
         self.eot = eot
+        self.n_vocab = n_vocab  # the tokenizer's size: captions never hold ids of a padded vocabulary's extra rows
         # Optional per-(token, channel) standardisation of the encoder's tokens with the TRAINING set's mean and
         # std (a random ViT's features have very uneven scales); kept here so that every caller applies the same.
         if visual_stats is not None:
@@ -321,19 +322,20 @@ class Captioner(nn.Module):
     def forward(self, visual, tokens, targets=None):
         """
         visual (B, S, C_vis); tokens, targets (B, T) from caption_batch.
-        Returns logits over the text positions (B, T, V) and the mean loss over caption tokens.
+        With targets: (None, the mean loss over caption tokens); the LM computes logits only where a target is.
+        Without: (logits over the text positions (B, T, V), None), row t predicting tokens[:, t].
         """
         prefix, cross = self.condition(visual)
         L = prefix.size(1)
         # The logits at position j predict the token at j + 1: the last prefix position predicts the first
         # caption token, and the caption's own positions predict the rest and the final <|endoftext|>.
-        full = None
         if targets is not None:
             B = tokens.size(0)
             pad = targets.new_full((B, L - 1), -100)
             full = torch.cat([pad, targets, targets.new_full((B, 1), -100)], dim=1)  # (B, L + T)
-        logits, loss = self.lm(tokens, targets=full, prefix=prefix, cross=cross)
-        return logits[:, L - 1:-1], loss  # (B, T, V): row t predicts tokens[:, t]
+            return self.lm(tokens, targets=full, prefix=prefix, cross=cross)
+        logits, _ = self.lm(tokens, prefix=prefix, cross=cross)
+        return logits[:, L - 1:-1], None  # (B, T, V)
 
     @torch.no_grad()
     def generate(self, visual, max_new_tokens=30, temperature=0.0, top_k=None, top_p=None, generator=None):
@@ -341,7 +343,7 @@ class Captioner(nn.Module):
         prefix, cross = self.condition(visual)  # once per image
         empty = torch.zeros(visual.size(0), 0, dtype=torch.long, device=visual.device)  # (B, 0): no text yet
         out = self.lm.generate(empty, max_new_tokens, temperature, top_k, top_p, prefix=prefix, cross=cross,
-                               eot=self.eot, generator=generator)
+                               eot=self.eot, generator=generator, n_vocab=self.n_vocab)
         captions = []
         for row in out.tolist():
             captions.append(row[:row.index(self.eot)] if self.eot in row else row)
@@ -378,7 +380,7 @@ def build_captioner(lm, eot, kind, vis_dim, vis_tokens, unfreeze_last=0, visual_
     return Captioner(lm, BRIDGES[kind](config), eot, unfreeze_last, visual_stats), config
 
 
-def captioner_from_config(lm, eot, config, unfreeze_last=0, visual_stats=None):
+def captioner_from_config(lm, eot, config, unfreeze_last=0, visual_stats=None, n_vocab=None):
     """Rebuild a captioner from a checkpoint's bridge config (a dict), checking it fits this LM."""
     config = BridgeConfig(**config)
     if config.kind not in BRIDGES:
@@ -387,7 +389,7 @@ def captioner_from_config(lm, eot, config, unfreeze_last=0, visual_stats=None):
     if (config.n_embd, config.n_layer) != (lm.config.n_embd, lm.config.n_layer):
         raise ValueError(f"bridge was trained for a GPT of width {config.n_embd} and depth {config.n_layer}, "
                          f"this LM has {lm.config.n_embd} and {lm.config.n_layer}")
-    return Captioner(lm, BRIDGES[config.kind](config), eot, unfreeze_last, visual_stats), config
+    return Captioner(lm, BRIDGES[config.kind](config), eot, unfreeze_last, visual_stats, n_vocab), config
 
 
 def load_captioner(path, lm=None, device="cpu"):
@@ -404,7 +406,7 @@ def load_captioner(path, lm=None, device="cpu"):
         raise ValueError(f"{path}: the LM {lm or ckpt['lm']['name']!r} is not the one this bridge was trained on "
                          f"(its weights differ); pass --lm with the right checkpoint")
     captioner, _ = captioner_from_config(model, tokenizer.eot_token, ckpt["bridge_config"], ckpt["unfreeze_last"],
-                                         ckpt.get("visual_stats"))
+                                         ckpt.get("visual_stats"), tokenizer.n_vocab)
     captioner.load_trainable_state(ckpt["trainable"])
     return captioner.to(device).eval(), tokenizer, ckpt
 

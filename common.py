@@ -9,6 +9,9 @@ What every script of the project shares: reading and writing files safely, and c
 - The Hugging Face hub's model folders (config.json + model.safetensors, or an older pytorch_model.bin), for
   OpenAI's GPT-2 (gpt2.py) and CLIP (clip_loader.py) weights: a local folder is used as it is, a hub id is
   downloaded (or found in the hub's cache), and offline that fails with the command to run elsewhere.
+- Devices and precision. The best device present (CUDA, else Apple's MPS, else the CPU) unless --device says
+  otherwise, and the autocast dtype each device can use (bf16 where the GPU has it, fp16 with loss scaling on older
+  GPUs, fp32 elsewhere; --dtype bf16 on a CPU runs the GPU code path there, which is how `make smoke` tests it).
 - Numbers on the command line. `-B -16` or `--top-p 0` must stop the script at once with argparse's usual
   "error: argument ..." (exit status 2), not train silently on nothing or fail an assertion an hour later:
   the argparse types at the end of this file say what each number may be.
@@ -17,7 +20,7 @@ import argparse
 import json
 import math
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -125,6 +128,35 @@ def read_hub_weights(folder):
         return load_checkpoint(bin_path, "weights file")
     raise FileNotFoundError(f"{folder} holds neither model.safetensors nor pytorch_model.bin "
                             f"(expected the hub's layout: config.json + model.safetensors)")
+
+# -----------------------------------------------------------------------------
+# Devices and precision
+
+
+def best_device():
+    """cuda if a GPU is present, else Apple's mps, else cpu: every script's default --device."""
+    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype -> the autocast dtype
+
+
+def resolve_dtype(dtype, device_type):
+    """
+    --dtype auto: bf16 on CUDA GPUs that have it (A100, H100, RTX 30xx and later: fp32's exponent range, so no loss
+    scaling), fp16 on older ones (T4, V100: the trainers then scale the loss), fp32 on CPUs and MPS. An explicit
+    fp32 / bf16 / fp16 is used as given, on any device.
+    """
+    if dtype != "auto":
+        return dtype
+    if device_type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def autocast(device_type, dtype):
+    """Mixed precision for the forward pass: matmuls in bf16/fp16, reductions and the loss in fp32."""
+    return torch.autocast(device_type, dtype=DTYPES[dtype]) if DTYPES[dtype] is not None else nullcontext()
 
 # -----------------------------------------------------------------------------
 # Command-line numbers: argparse types that refuse values outside their range

@@ -15,6 +15,7 @@ The table carries a blind baseline: the first checkpoint's frozen LM with no ima
 learned to use the image.
 """
 import argparse
+import math
 import os
 import sys
 import time
@@ -26,7 +27,8 @@ from tqdm import tqdm
 import clip_loader
 import plots
 from bridges import Captioner, load_captioner
-from common import finite_float, nonneg_float, positive_int, probability, read_json, write_json
+from common import (autocast, best_device, finite_float, nonneg_float, positive_int, probability, read_json,
+                    resolve_dtype, write_json)
 from data import coco
 from data.shapes import attribute_accuracy
 from metrics import METRICS, score_captions
@@ -69,7 +71,7 @@ def beam_search(captioner, visual, beam=3, max_new_tokens=30, length_penalty=1.0
     hypotheses and none of its live beams scores better at its current length. With length_penalty=0 that is
     exact (a live beam's total can only fall); beam=1 is exactly greedy decoding.
     """
-    lm, eot, K = captioner.lm, captioner.eot, beam
+    lm, eot, K, n_vocab = captioner.lm, captioner.eot, beam, captioner.n_vocab
     B = visual.size(0)
     # Simplest correct way to give every beam its image: condition on each image repeated K times. Rows
     # b*K .. b*K+K-1 are image b's beams; the cross-attention keys/values follow the same layout, and since
@@ -77,8 +79,8 @@ def beam_search(captioner, visual, beam=3, max_new_tokens=30, length_penalty=1.0
     prefix, cross = captioner.condition(visual.repeat_interleave(K, dim=0))  # (B*K, L, C)
     cache = lm.new_cache(B * K, prefix.size(1) + max_new_tokens)
     empty = torch.zeros(B * K, 0, dtype=torch.long, device=visual.device)  # (B*K, 0): no text yet
-    logits, _ = lm(empty, prefix=prefix, cross=cross, cache=cache)  # prefill the prefix
-    logprobs = F.log_softmax(logits[:, -1].float(), dim=-1)  # (B*K, V)
+    logits, _ = lm(empty, prefix=prefix, cross=cross, cache=cache, last_only=True)  # prefill the prefix
+    logprobs = F.log_softmax(logits[:, -1, :n_vocab].float(), dim=-1)  # (B*K, V)
     V = logprobs.size(-1)
 
     # At the start all K beams of an image are the same empty caption: keep only the first alive, or the
@@ -100,13 +102,16 @@ def beam_search(captioner, visual, beam=3, max_new_tokens=30, length_penalty=1.0
         top_beam, top_token = top_index // V, top_index % V  # (B, 2K) which beam it extends, with which token
         is_eot = top_token == eot
 
-        # finished hypotheses: <|endoftext|> among the first K candidates
-        for b, j in (is_eot[:, :K] & torch.isfinite(top_scores[:, :K])).nonzero().tolist():
-            if done[b]:
-                continue
-            caption = tokens[b * K + top_beam[b, j]].tolist()
-            finished[b].append((normalized(top_scores[b, j].item(), length), caption))
-            finished[b] = sorted(finished[b], key=lambda h: h[0], reverse=True)[:K]
+        # finished hypotheses: <|endoftext|> among the first K candidates. Their scores and captions come to the
+        # host in one transfer per step, not one per hypothesis (each is a GPU sync).
+        hits = (is_eot[:, :K] & torch.isfinite(top_scores[:, :K])).nonzero()  # (E, 2): (image, rank)
+        if len(hits):
+            ended_rows = rows[hits[:, 0], 0] + top_beam[hits[:, 0], hits[:, 1]]  # (E,)
+            ended = zip(hits[:, 0].tolist(), top_scores[hits[:, 0], hits[:, 1]].tolist(), tokens[ended_rows].tolist())
+            for b, score, caption in ended:
+                if not done[b]:
+                    finished[b] = sorted(finished[b] + [(normalized(score, length), caption)],
+                                         key=lambda h: h[0], reverse=True)[:K]
 
         # the next beams: the best K candidates that do not end (a stable sort keeps their rank order; there are
         # always at least K, since each beam contributes at most one <|endoftext|> to the 2K)
@@ -115,54 +120,56 @@ def beam_search(captioner, visual, beam=3, max_new_tokens=30, length_penalty=1.0
         source = (rows + top_beam.gather(1, keep)).view(-1)  # (B*K,) the row each new beam continues
         new_tokens = top_token.gather(1, keep).view(-1)  # (B*K,)
         tokens = torch.cat([tokens[source], new_tokens[:, None]], dim=1)  # (B*K, t + 1)
-        cache.reorder(source)
 
+        best_alive = scores[:, 0].tolist()  # scores are sorted: beam 0 is each image's best
         for b in range(B):
             if not done[b] and len(finished[b]) == K:
-                best_alive = normalized(scores[b, 0].item(), length)  # scores are sorted: beam 0 is the best
-                done[b] = best_alive <= finished[b][-1][0]
+                done[b] = normalized(best_alive[b], length) <= finished[b][-1][0]
         if all(done) or t == max_new_tokens - 1:
             break
+        cache.reorder(source)  # only when another step will read the cache
         logits, _ = lm(new_tokens[:, None], cross=cross, cache=cache)  # (B*K, 1, V): one position per beam
-        logprobs = F.log_softmax(logits[:, -1].float(), dim=-1)  # (B*K, V)
+        logprobs = F.log_softmax(logits[:, -1, :n_vocab].float(), dim=-1)  # (B*K, V)
 
     # images still running at max_new_tokens: their live beams compete as they are
-    captions = []
+    captions, live_scores, live_tokens = [], scores.tolist(), tokens.tolist()
     for b in range(B):
         hypotheses = list(finished[b])
         if not done[b]:
-            for k in range(K):
-                if torch.isfinite(scores[b, k]):
-                    hypotheses.append((normalized(scores[b, k].item(), tokens.size(1)), tokens[b * K + k].tolist()))
+            hypotheses += [(normalized(live_scores[b][k], len(live_tokens[b * K + k])), live_tokens[b * K + k])
+                           for k in range(K) if math.isfinite(live_scores[b][k])]
         captions.append(max(hypotheses, key=lambda h: h[0])[1])
     return captions
 
 
 def decode(captioner, tokenizer, batches, method="beam", beam=3, max_new_tokens=30, length_penalty=1.0,
-           temperature=1.0, top_p=None, seed=0, desc="decoding"):
+           temperature=1.0, top_p=None, seed=0, desc="decoding", dtype="fp32"):
     """
     Caption every image of `batches`, an iterable of (image_ids, visual (B, S, C_vis)) (see cache_batches and
     image_batches). Returns ({image_id: caption text}, captions per second).
     Captions/s times the decoding only (conditioning included), not the reading or encoding of the images.
     Sampling draws from one generator seeded with `seed`: the same seed, batches and device give the same captions.
+    dtype: the autocast dtype ("bf16" on a GPU; the KV cache then holds bf16 too).
     """
     device = next(captioner.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if method == "sample" else None
     captions, seconds, warm = {}, 0.0, False
     for image_ids, visual in tqdm(batches, desc=desc, unit="batch", leave=False):
         visual = visual.to(device)
-        if not warm:  # one untimed short run first: allocator, kernels and caches warm up outside the timing
-            decode_batch(captioner, visual[:1], method, beam, 2, length_penalty, temperature, top_p,
-                         torch.Generator(device=device).manual_seed(seed))
-            warm = True
-        _sync(device)
-        t0 = time.perf_counter()
-        token_lists = decode_batch(captioner, visual, method, beam, max_new_tokens, length_penalty, temperature,
-                                   top_p, generator)
-        _sync(device)
+        with autocast(device.type, dtype):
+            if not warm:  # one untimed short run first: allocator, kernels and caches warm up outside the timing
+                decode_batch(captioner, visual[:1], method, beam, 2, length_penalty, temperature, top_p,
+                             torch.Generator(device=device).manual_seed(seed))
+                warm = True
+            _sync(device)
+            t0 = time.perf_counter()
+            token_lists = decode_batch(captioner, visual, method, beam, max_new_tokens, length_penalty, temperature,
+                                       top_p, generator)
+            _sync(device)
         seconds += time.perf_counter() - t0
         for image_id, caption_tokens in zip(image_ids, token_lists):
-            captions[image_id] = tokenizer.decode(caption_tokens).strip()
+            # ids past the tokenizer's (a vocabulary padded to 50,304) are never generated; never decoded either
+            captions[image_id] = tokenizer.decode([t for t in caption_tokens if t < tokenizer.n_vocab]).strip()
     return captions, len(captions) / max(seconds, 1e-9)
 
 
@@ -189,10 +196,10 @@ def check_features(cache, ckpt, ckpt_path):
                          f"--features to encode the images on the fly.") from e
 
 
-def encoded_images(features, records, device):
+def encoded_images(features, records, device, dtype="fp32"):
     """The visual source a checkpoint's 'features' settings describe: its encoder, pooled as it was trained."""
     encoder = clip_loader.load_clip(features["encoder"], layer=features.get("layer", -1))
-    return coco.EncodedImages(encoder, clip_loader.parse_grid(features.get("pooling", "4x8")), records, device)
+    return coco.EncodedImages(encoder, clip_loader.parse_grid(features.get("pooling", "4x8")), records, device, dtype)
 
 
 def batches(source, image_ids, batch_size):
@@ -223,13 +230,13 @@ def first_sentence(text):
     return text.split(".")[0].strip()
 
 
-def blind_captions(captioner, tokenizer, image_ids, batch_size, decoding):
+def blind_captions(captioner, tokenizer, image_ids, batch_size, decoding, dtype):
     """The blind baseline's captions of image_ids (its LM is the captioner's), and its captions/s."""
-    blind = Captioner(captioner.lm, NoImage(), captioner.eot).eval()
+    blind = Captioner(captioner.lm, NoImage(), captioner.eot, n_vocab=captioner.n_vocab).eval()
     nothing = torch.zeros(0, 0)  # (0, 0) per image: the blind captioner reads nothing
     chunks = ((image_ids[i:i + batch_size], nothing.expand(len(image_ids[i:i + batch_size]), 0, 0))
               for i in range(0, len(image_ids), batch_size))
-    captions, captions_per_s = decode(blind, tokenizer, chunks, desc="blind", **decoding)
+    captions, captions_per_s = decode(blind, tokenizer, chunks, desc="blind", dtype=dtype, **decoding)
     return {i: first_sentence(c) for i, c in captions.items()}, captions_per_s
 
 # -----------------------------------------------------------------------------
@@ -262,18 +269,40 @@ def evaluation_set(args):
     return records, split, where
 
 
-def in_cache(records, cache, path):
-    """The records whose image the feature cache holds (it skipped unreadable files when it was built)."""
-    cached = {int(i) for i in cache.image_ids}
-    missing = [r for r in records if int(r["image_id"]) not in cached]
-    if missing:  # images the cache skipped as unreadable when it was built, or a cache of another split
-        print(f"{len(missing)} image(s) not in the feature cache, left out: {[r['path'] for r in missing[:5]]}",
+def in_cache(records, cache, path, where):
+    """
+    The records whose image the feature cache holds. Images it skipped as unreadable when it was built are left
+    out (and said so); any other image missing means a cache of another split: an error, never a silent shrink
+    (a Karpathy-test row scored on the 600 of its 5,000 images that happen to be in val2017 would be a lie).
+    """
+    missing = [r for r in records if r["image_id"] not in cache]
+    absent = [r for r in missing if r["image_id"] not in cache.unreadable]
+    if absent:
+        raise ValueError(f"{len(absent)} of the {len(records)} images of {where} are not in the feature cache {path} "
+                         f"(e.g. {absent[0]['path']}): it was built from another split. Build one from these images: "
+                         f"python data/coco.py features --split ... (with the same --karpathy-json), or drop --features")
+    if missing:
+        print(f"{len(missing)} image(s) unreadable when the cache was built, left out: "
+              f"{[r['path'] for r in missing[:5]]}", file=sys.stderr)
+    return [r for r in records if r["image_id"] in cache]
+
+
+def check_unseen(ckpt, records, path, where):
+    """ValueError if the checkpoint was trained on any image it is about to be scored on (a leak)."""
+    trained_on = ckpt.get("trained_on")
+    if trained_on is None:
+        print(f"warning: {path} records no training images: cannot check that {where} was not trained on",
               file=sys.stderr)
-        records = [r for r in records if int(r["image_id"]) in cached]
-        if not records:
-            raise ValueError(f"none of the {len(missing)} images is in the feature cache {path}: "
-                             f"a cache of another split?")
-    return records
+        return
+    seen = set(trained_on["image_ids"].tolist())
+    overlap = [r["image_id"] for r in records if r["image_id"] in seen]
+    if overlap:
+        raise ValueError(
+            f"{path} was trained on {len(overlap)} of the {len(records)} images of {where} (e.g. COCO id "
+            f"{overlap[0]}): scores on them measure memory, not captioning. Karpathy's val and test images come from "
+            f"COCO 2014 val, and most of those are in train2017: for Karpathy-test numbers, cache features and train "
+            f"with --karpathy-json (his train split); to evaluate a model trained on all of train2017, use COCO 2017 "
+            f"val (no --karpathy-json).")
 
 
 def score_row(name, captions, references, metrics, scenes):
@@ -294,7 +323,7 @@ def compare(args):
     records, split, where = evaluation_set(args)
     cache = coco.FeatureCache(args.features) if args.features else None
     if cache is not None:
-        records = in_cache(records, cache, args.features)
+        records = in_cache(records, cache, args.features, where)
     references = {r["image_id"]: r["captions"] for r in records}
     scenes_path = os.path.join(args.coco_root, f"scenes_{split}.json")
     scenes = read_json(scenes_path, "scene file") if os.path.exists(scenes_path) and not args.karpathy_json else None
@@ -306,15 +335,17 @@ def compare(args):
     rows, runs, sources, names = [], [], {}, set()
     for path in args.checkpoints:
         captioner, tokenizer, ckpt = load_captioner(path, lm=args.lm, device=args.device)
+        check_unseen(ckpt, records, path, where)
         if cache is not None:
             check_features(cache, ckpt, path)
             source = cache
         else:  # one encoder per distinct feature setting, shared by the checkpoints that use it
             key = tuple(str(ckpt["features"].get(k)) for k in coco.FEATURE_FIELDS)
-            source = sources[key] = sources.get(key) or encoded_images(ckpt["features"], records, args.device)
+            source = sources[key] = sources.get(key) or encoded_images(ckpt["features"], records, args.device,
+                                                                       args.dtype)
         name = run_name(path, names)
         captions, captions_per_s = decode(captioner, tokenizer, batches(source, list(references), args.batch_size),
-                                          desc=name, **decoding)
+                                          desc=name, dtype=args.dtype, **decoding)
         row = score_row(name, captions, references, args.metrics, scenes)
         params = ckpt.get("params") or captioner.param_counts()
         row.update(kind=ckpt["bridge_config"]["kind"], checkpoint=path, step=ckpt.get("step"), params=params,
@@ -333,7 +364,7 @@ def compare(args):
     # the image: everything it gets right, the LM guesses on its own.
     first = runs[0]
     captions, captions_per_s = blind_captions(first["captioner"], first["tokenizer"], list(first["captions"]),
-                                              args.batch_size, decoding)
+                                              args.batch_size, decoding, args.dtype)
     blind = score_row(f"blind (frozen LM of {first['name']}, no image)", captions, references, args.metrics, scenes)
     blind.update(kind="blind", checkpoint=first["path"], captions_per_s=captions_per_s, blind=True)
     rows.append(blind)
@@ -427,10 +458,11 @@ def caption_folder(args):
                    if n.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(args.images, n)))
     if not paths:
         raise FileNotFoundError(f"no {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} files in {args.images}")
-    source = encoded_images(ckpt["features"], [dict(image_id=p, path=p) for p in paths], args.device)  # id = path
+    source = encoded_images(ckpt["features"], [dict(image_id=p, path=p) for p in paths], args.device, args.dtype)
     decoding = dict(method=args.method, beam=args.beam, max_new_tokens=args.max_new_tokens,
                     length_penalty=args.length_penalty, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    captions, captions_per_s = decode(captioner, tokenizer, batches(source, paths, args.batch_size), **decoding)
+    captions, captions_per_s = decode(captioner, tokenizer, batches(source, paths, args.batch_size), dtype=args.dtype,
+                                      **decoding)
     for path, caption in captions.items():
         print(f"{path}\t{caption}")
     skipped = source.skipped
@@ -475,13 +507,16 @@ def parse_args(argv=None):
     parser.add_argument("--top-p", type=probability, default=None, help="sampling only: nucleus size, e.g. 0.9")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=positive_int, default=64)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=best_device(), help="cuda / mps / cpu (default: the best present)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="autocast dtype for encoding and decoding (auto: bf16 on GPUs that have it, else fp32)")
     args = parser.parse_args(argv)
     if args.images is None and not args.checkpoints:
         parser.error("give --checkpoints (compare mode) or --images DIR --checkpoint CKPT (folder mode)")
     if args.images is not None and args.checkpoint is None:
         parser.error("--images needs --checkpoint")
     args.device = torch.device(args.device)
+    args.dtype = resolve_dtype(args.dtype, args.device.type)
     return args
 
 

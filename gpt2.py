@@ -15,7 +15,6 @@ The model comes first, as in the lecture; the KV cache, the tokenizer and `load_
 freeze) follow it. Run `python gpt2.py --help` for a small generation demo.
 """
 import hashlib
-import inspect
 import os
 from dataclasses import dataclass
 
@@ -58,9 +57,11 @@ class CausalSelfAttention(nn.Module):
         if past == 0:
             # the usual case, training included: flash attention with its built-in causal mask
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif T == 1:
+            # one new token (generation) may see every key: no mask at all, so the fastest kernels stay eligible
+            y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, 1, hs)
         else:
-            # new queries sit at positions past..past+T-1 and may see every key up to their own position;
-            # for one new token (T = 1) that is all of them
+            # new queries sit at positions past..past+T-1 and may see every key up to their own position
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
@@ -154,15 +155,17 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, prefix=None, cross=None, cache=None):
+    def forward(self, idx, targets=None, prefix=None, cross=None, cache=None, last_only=False):
         """
-        idx:     (B, T) token ids.
-        targets: (B, P + T) next-token ids for every position (prefix first), -100 where no loss is wanted.
-        prefix:  (B, P, C) embeddings placed before the text tokens (a bridge's image tokens), or None.
-        cross:   None, or a list of n_layer callables-or-None; cross[i] updates the residual stream of block i
-                 (a bridge's cross-attention to the image).
-        cache:   a KVCache: positions continue from cache.pos, and this call's keys/values are appended.
-        Returns logits (B, P + T, vocab_size) and the mean cross-entropy (None without targets).
+        idx:       (B, T) token ids.
+        targets:   (B, P + T) next-token ids for every position (prefix first), -100 where no loss is wanted.
+        prefix:    (B, P, C) embeddings placed before the text tokens (a bridge's image tokens), or None.
+        cross:     None, or a list of n_layer callables-or-None; cross[i] updates the residual stream of block i
+                   (a bridge's cross-attention to the image).
+        cache:     a KVCache: positions continue from cache.pos, and this call's keys/values are appended.
+        last_only: logits of the last position only, (B, 1, vocab_size): all that generation needs.
+        Returns (logits (B, P + T, vocab_size), None) without targets; with targets (None, the mean cross-entropy
+        over the positions whose target is not -100).
         """
         x = self.transformer.wte(idx)  # (B, T, C)
         if prefix is not None:
@@ -177,40 +180,47 @@ class GPT(nn.Module):
         if cache is not None:
             cache.pos += T
         x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, vocab_size)
-        loss = None
         if targets is not None:
-            # the mean over positions whose target is not -100 (prompt, prefix, padding)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+            # The output layer (C x 50,257) is a small GPT's most expensive matmul, and a position whose target is
+            # -100 (a bridge's prefix, padding) needs no logits at all: only the positions that are scored get them.
+            scored = targets.reshape(-1) != -100  # (B * T,)
+            logits = self.lm_head(x.reshape(-1, x.size(-1))[scored])  # (N, vocab_size)
+            return None, F.cross_entropy(logits.float(), targets.reshape(-1)[scored])
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
+        return self.lm_head(x), None  # (B, T, vocab_size)
 
     # -------------------------------------------------------------------------
     # Generation
 
     def new_cache(self, batch_size, max_len, device=None, dtype=None):
+        """A KV cache for up to max_len positions; under autocast it holds the autocast dtype (bf16: half the bytes)."""
         c = self.config
         p = self.lm_head.weight
+        if dtype is None:
+            dtype = torch.get_autocast_dtype(p.device.type) if torch.is_autocast_enabled(p.device.type) else p.dtype
         return KVCache(c.n_layer, batch_size, c.n_head, min(max_len, c.block_size), c.n_embd // c.n_head,
-                       device or p.device, dtype or p.dtype)
+                       device or p.device, dtype)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, prefix=None, cross=None,
-                 eot=EOT, generator=None):
+                 eot=EOT, generator=None, n_vocab=None):
         """
         Continue each row of idx (B, T) by up to max_new_tokens tokens, with the KV cache.
         temperature=0 is greedy; top_k keeps the k likeliest tokens, top_p the smallest set whose probability
         reaches p (nucleus sampling). A row that emits `eot` is finished and padded with `eot` from then on;
-        generation stops when every row is finished (eot=None never stops early).
+        generation stops when every row is finished (eot=None never stops early). n_vocab: only ids below it are
+        ever chosen (a vocabulary padded to 50,304 for speed has 47 rows that are no token).
         Returns (B, T + n) tokens, n <= max_new_tokens: the input followed by the new tokens.
         """
         B, T = idx.shape
         P = 0 if prefix is None else prefix.size(1)
         cache = self.new_cache(B, P + T + max_new_tokens)
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        logits, _ = self(idx, prefix=prefix, cross=cross, cache=cache)  # prefill: the whole prompt at once
+        logits, _ = self(idx, prefix=prefix, cross=cross, cache=cache, last_only=True)  # prefill the whole prompt
         out = [idx]
         for _ in range(max_new_tokens):
-            next_token = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)  # (B,)
+            next_token = sample_next(logits[:, -1, :n_vocab].float(), temperature, top_k, top_p, generator)  # (B,)
             if eot is not None:
                 next_token = torch.where(finished, torch.full_like(next_token, eot), next_token)
                 finished |= next_token == eot
@@ -223,14 +233,13 @@ class GPT(nn.Module):
     # -------------------------------------------------------------------------
     # Training helpers
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas=(0.9, 0.95), device_type="cpu"):
-        """AdamW over the trainable parameters; weight decay on matrices only (not biases, LayerNorms)."""
+    def configure_optimizers(self, weight_decay, learning_rate, betas=(0.9, 0.95), fused=False):
+        """AdamW over the trainable parameters; weight decay on matrices only (not biases, LayerNorms).
+        fused: one kernel for the whole update (CUDA, and CPU in recent torch) instead of one per tensor."""
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        # the fused kernel runs the whole update in one launch on CUDA
-        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=1e-8, **({"fused": True} if fused else {}))
 
     def num_params(self):
@@ -416,7 +425,7 @@ def load_lm(name_or_path, device="cpu"):
 
 if __name__ == "__main__":
     import argparse
-    from common import nonneg_float, positive_int, probability
+    from common import best_device, nonneg_float, positive_int, probability
     parser = argparse.ArgumentParser(description="Generate text with GPT-2 (OpenAI weights or random init).")
     parser.add_argument("--model", default="gpt2", help="gpt2..gpt2-xl, a hub id, a local hub-format dir, "
                         "or 'random:<preset>' for untrained weights (e.g. random:gpt2)")
@@ -427,9 +436,10 @@ if __name__ == "__main__":
     parser.add_argument("--top-k", type=positive_int, default=50)
     parser.add_argument("--top-p", type=probability, default=None)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--device", default=best_device(), help="cuda / mps / cpu (default: the best present)")
     args = parser.parse_args()
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = args.device
     if args.model.startswith("random:"):
         torch.manual_seed(args.seed)
         model = GPT(GPTConfig(**PRESETS[args.model.split(":", 1)[1]]))

@@ -30,11 +30,11 @@ from tqdm import tqdm
 
 import clip_loader
 from bridges import BRIDGES, BridgeConfig, build_captioner, caption_batch, lm_fingerprint
-from common import natural_int, nonneg_float, positive_float, positive_int
+from common import autocast, natural_int, nonneg_float, positive_float, positive_int
 from data import coco
 from gpt2 import load_lm
-from train_utils import (Checkpoints, JsonlLogger, autocast, changed_args, check_finite, enable_speedups, find_resume,
-                         format_eta, launch, load_optimizer_state, lr_at, micro_batches, print0, rng_state,
+from train_utils import (Checkpoints, JsonlLogger, changed_args, check_finite, enable_speedups, find_resume,
+                         format_eta, grad_scaler, launch, load_optimizer_state, lr_at, micro_batches, print0, rng_state,
                          set_rng_state)
 
 # -----------------------------------------------------------------------------
@@ -57,12 +57,16 @@ def train(args, dist):
     check_resumable(ckpt, ckpt_path, bridge_config, fingerprint, visual.settings, args)
     captioner.to(dist.device)
     params = parameter_counts(captioner, visual.settings)
-    optimizer, trained = build_optimizer(captioner, args, dist.device_type)
+    optimizer, trained = build_optimizer(captioner, args)
+    scaler = grad_scaler(dist.device_type, args.dtype)  # fp16 only: see train_utils.grad_scaler
     model = torch.compile(captioner) if args.compile else captioner
     if dist.ddp:
         model = DDP(model, device_ids=[dist.local_rank] if dist.device_type == "cuda" else None)
 
     pairs, left_out = make_pairs(train_records, visual, tokenizer, args.max_caption_tokens)
+    # what the bridge saw, so that evaluate.py can refuse to score it on any of these images
+    trained_on = {"split": "train", "karpathy_json": args.karpathy_json,
+                  "image_ids": torch.tensor(sorted({image_id for image_id, _, _ in pairs}), dtype=torch.long)}
     order = PairOrder(len(pairs), args.total_batch, args.seed, dist.rank, dist.world_size)
     max_steps = args.max_steps or max(1, int(args.epochs * order.steps_per_epoch))
     val_pairs = None
@@ -89,7 +93,8 @@ def train(args, dist):
                 "trainable": captioner.trainable_state(), "unfreeze_last": args.unfreeze_last, "visual_stats": stats,
                 "lm": {"name": args.lm, "config": dataclasses.asdict(lm.config),
                        "vocab": getattr(tokenizer, "ids", None), "fingerprint": fingerprint},
-                "features": visual.settings, "params": params, "train_seconds": train_seconds, "val_loss": last_val,
+                "features": visual.settings, "trained_on": trained_on, "params": params, "train_seconds": train_seconds,
+                "val_loss": last_val,
                 "optimizer": optimizer.state_dict(), "rng": rng_state(), "args": vars(args)}
 
     bar = tqdm(range(start_step, end_step), initial=start_step, total=max_steps, desc=args.bridge,
@@ -109,20 +114,23 @@ def train(args, dist):
                                           dist.device)
             sync = nullcontext() if not dist.ddp or k == grad_accum - 1 else model.no_sync()
             with sync:
-                with autocast(dist.device_type):
+                with autocast(dist.device_type, args.dtype):
                     _, loss = model(v, tokens, targets)
                 loss = loss / grad_accum  # backward() adds micro-batch gradients up: make the sum a mean
                 loss_accum += loss.detach()
-                loss.backward()
+                scaler.scale(loss).backward()
         if dist.ddp:
             torch_dist.all_reduce(loss_accum)
             loss_accum /= dist.world_size
         check_finite(loss_accum, step, checkpoints.last)
+        scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(trained, args.grad_clip)
-        check_finite(norm, step, checkpoints.last)
+        if not scaler.is_enabled():
+            check_finite(norm, step, checkpoints.last)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, max_steps, args.warmup_steps, group["base_lr"], 0.1 * group["base_lr"])
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         if dist.device_type == "cuda":
             torch.cuda.synchronize()
         dt = time.time() - t0
@@ -159,6 +167,8 @@ def visual_sources(args, train_records, device):
     """(train source, val source or None, standardisation stats or None); see data.coco.FeatureCache."""
     if args.features:
         visual = coco.FeatureCache(args.features)
+        if wants_on_device(args.preload_features, visual, device):
+            visual.load_to(device)
     else:
         encoder = clip_loader.load_clip(args.encoder, layer=args.layer)
         visual = coco.EncodedImages(encoder, clip_loader.parse_grid(args.pool), train_records, device)
@@ -174,6 +184,16 @@ def visual_sources(args, train_records, device):
         val_records = coco.load_records(args.coco_root, "val", args.karpathy_json)
         val_visual = coco.EncodedImages(visual.model, visual.grid, val_records, device)
     return visual, val_visual, stats
+
+
+def wants_on_device(preload, cache, device):
+    """--preload-features auto: on a GPU whose free memory holds the cache twice over; yes / no: as told."""
+    if preload != "auto":
+        return preload == "yes"
+    if torch.device(device).type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return 2 * cache.features.nbytes < free
 
 
 def parameter_counts(captioner, features):
@@ -196,10 +216,13 @@ def make_pairs(records, visual, tokenizer, max_tokens):
     unreadable files), cut at max_tokens (complete=False then). A caption without a single word (empty, spaces,
     emoji only) or with a token outside a --vocab-subset LM's vocabulary is left out, counted and named.
     """
-    pairs, missing, left_out = [], 0, []
+    pairs, unreadable, absent, left_out = [], 0, [], []
     for r in records:
         if r["image_id"] not in visual:
-            missing += 1
+            if r["image_id"] in visual.unreadable:  # skipped when the cache was built: reported there
+                unreadable += 1
+            else:
+                absent.append(r)
             continue
         for caption in r["captions"]:
             if not any(ch.isalnum() for ch in caption):
@@ -211,8 +234,12 @@ def make_pairs(records, visual, tokenizer, max_tokens):
                 left_out.append(dict(image_id=r["image_id"], caption=caption, reason=str(e)))
                 continue
             pairs.append((r["image_id"], tokens[:max_tokens], len(tokens) <= max_tokens))
-    if missing:
-        print0(f"note: {missing} of {len(records)} images are not in the visual source (unreadable when cached); "
+    if absent:  # a cache of another split or image list: never train on less than was asked for, silently
+        raise ValueError(f"{len(absent)} of the {len(records)} images are not in the feature cache (e.g. "
+                         f"{absent[0]['path']}): was it built from another split? Build one from this split with "
+                         f"`python data/coco.py features --split ...` (and the same --karpathy-json)")
+    if unreadable:
+        print0(f"note: {unreadable} of {len(records)} images were unreadable when the cache was built; "
                "their captions are left out")
     if left_out:
         first = "; ".join(f"image {c['image_id']}: {c['caption']!r} ({c['reason']})" for c in left_out[:3])
@@ -301,7 +328,7 @@ def restore(ckpt, captioner, optimizer, args):
     return ckpt["step"], ckpt["train_seconds"], ckpt.get("val_loss")
 
 
-def build_optimizer(captioner, args, device_type):
+def build_optimizer(captioner, args):
     """AdamW over the bridge, and any unfrozen GPT blocks at their own (smaller) learning rate; (optimizer, params)."""
     groups = []
     for params, lr in [(list(captioner.bridge.parameters()), args.lr),
@@ -309,20 +336,19 @@ def build_optimizer(captioner, args, device_type):
         if params:  # weight decay on matrices only, as for the GPT
             groups += [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay, "base_lr": lr},
                        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "base_lr": lr}]
-    fused = {"fused": True} if device_type == "cuda" else {}
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), **fused)
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), **({"fused": True} if args.fused else {}))
     return optimizer, [p for g in groups for p in g["params"]]
 
 
 @torch.no_grad()
-def val_loss(captioner, val_pairs, val_visual, eot, batch_size, dist):
+def val_loss(captioner, val_pairs, val_visual, eot, batch_size, dist, dtype):
     """Mean caption loss over the fixed val subset (weighted by batch size; split over processes)."""
     captioner.eval()
     total = torch.zeros(2, device=dist.device)  # (loss sum, pairs)
     for start in range(dist.rank * batch_size, len(val_pairs), batch_size * dist.world_size):
         index = range(start, min(start + batch_size, len(val_pairs)))
         v, tokens, targets = batch_of(val_pairs, index, val_visual, eot, dist.device)
-        with autocast(dist.device_type):
+        with autocast(dist.device_type, dtype):
             _, loss = captioner(v, tokens, targets)
         total += torch.stack([loss.float() * len(index), torch.tensor(float(len(index)), device=dist.device)])
     if dist.ddp:
@@ -332,7 +358,7 @@ def val_loss(captioner, val_pairs, val_visual, eot, batch_size, dist):
 
 
 def log_val_loss(captioner, val_pairs, val_visual, eot, args, dist, logger, step, write):
-    loss = val_loss(captioner, val_pairs, val_visual, eot, args.batch_size, dist)
+    loss = val_loss(captioner, val_pairs, val_visual, eot, args.batch_size, dist, args.dtype)
     if logger:
         logger.log(step=step, val_loss=loss)
     if dist.master:
@@ -354,6 +380,8 @@ def get_args(argv=None):
                    help="encode images on the fly with this encoder when no --features are given")
     p.add_argument("--layer", type=int, default=-1, help="encoder layer, on-the-fly encoding only")
     p.add_argument("--pool", default="4x8", help="patch pooling grid (or none), on-the-fly encoding only")
+    p.add_argument("--preload-features", default="auto", choices=["auto", "yes", "no"],
+                   help="copy the train cache to the device once (auto: on a GPU where it fits)")
     p.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=False,
                    help="standardise visual tokens with the train cache's per-(token, channel) mean and std")
     p.add_argument("--out-dir", default=None, help="default runs/caption/<bridge>")
@@ -390,6 +418,10 @@ def get_args(argv=None):
     p.add_argument("--ckpt-every", type=natural_int, default=1000)
     p.add_argument("--log-every", type=positive_int, default=10)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on CUDA)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast dtype (auto: bf16 on GPUs that have it, fp16 with loss scaling on older ones, else fp32)")
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                   help="AdamW's fused kernel (default: on CUDA)")
     args = p.parse_args(argv)
     args.out_dir = args.out_dir or os.path.join("runs", "caption", args.bridge)
     return args

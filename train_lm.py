@@ -25,12 +25,12 @@ import torch
 import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import natural_int, nonneg_float, positive_float, positive_int
+from common import autocast, natural_int, nonneg_float, positive_float, positive_int
 from data import fineweb, hellaswag
 from gpt2 import GPT, GPTConfig, PRESETS, SubsetTokenizer, get_tokenizer
-from train_utils import (Checkpoints, JsonlLogger, autocast, changed_args, check_finite, enable_speedups, estimate_mfu,
-                         find_resume, format_eta, launch, load_optimizer_state, lr_at, micro_batches, print0, rng_state,
-                         set_rng_state)
+from train_utils import (Checkpoints, JsonlLogger, changed_args, check_finite, enable_speedups, estimate_mfu,
+                         find_resume, format_eta, from_rank0, gpu_peak_flops, grad_scaler, launch, load_optimizer_state, lr_at,
+                         micro_batches, print0, rng_state, set_rng_state)
 
 # -----------------------------------------------------------------------------
 # Presets: the real run, and small runs for a CPU (defaults of every flag left unset)
@@ -86,6 +86,10 @@ def get_args(argv=None):
     p.add_argument("--ckpt-every", type=natural_int, default=None)
     p.add_argument("--log-every", type=positive_int, default=None)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on CUDA)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast dtype (auto: bf16 on GPUs that have it, fp16 with loss scaling on older ones, else fp32)")
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                   help="AdamW's fused kernel (default: on CUDA)")
     args = p.parse_args(argv)
     for k, v in TRAIN_PRESETS[args.preset].items():
         if getattr(args, k, None) is None:
@@ -112,7 +116,8 @@ def train(args, dist):
     check_resumable(ckpt, ckpt_path, vocab, config)
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     raw_model = GPT(config).to(dist.device)
-    optimizer = raw_model.configure_optimizers(args.weight_decay, args.lr, betas=(0.9, 0.95), device_type=dist.device_type)
+    optimizer = raw_model.configure_optimizers(args.weight_decay, args.lr, betas=(0.9, 0.95), fused=args.fused)
+    scaler = grad_scaler(dist.device_type, args.dtype)  # fp16 only: see train_utils.grad_scaler
     train_loader = fineweb.ShardLoader(args.data_dir, "train", B, T, dist.rank, dist.world_size, vocab,
                                        step_tokens=args.total_batch)
     val_loader = fineweb.ShardLoader(args.data_dir, "val", B, T, dist.rank, dist.world_size, vocab)
@@ -136,6 +141,7 @@ def train(args, dist):
     examples = hellaswag_examples(args, dist, vocab, logger)
     prompt = sample_prompt(tokenizer, args.sample_prompt, logger)
     checkpoints = Checkpoints(args.out_dir, dist.master, last=ckpt_path)
+    peak_flops = gpu_peak_flops(dist.device) if dist.device_type == "cuda" else None
 
     def state(step):  # a checkpoint: the model and its config for gpt2.load_lm, the rest to resume exactly
         return {"model": raw_model.state_dict(), "config": dataclasses.asdict(config), "vocab": vocab,
@@ -147,16 +153,16 @@ def train(args, dist):
         last = step == args.max_steps - 1
         # ---- evaluation (timed apart from training: it does not count in tokens/s)
         if args.val_every and (step % args.val_every == 0 or last):
-            loss = val_loss(model, val_loader, args.val_steps, dist)
+            loss = val_loss(model, val_loader, args.val_steps, dist, args.dtype)
             report(logger, f"step {step:6d} | val loss {loss:.4f}", step=step, val_loss=loss)
         if examples is not None and (step % args.hellaswag_every == 0 or last):
             # through raw_model: its shapes change every batch, which would make the compiled module recompile
             acc, n = hellaswag.evaluate(raw_model, examples, dist.device, tokenizer, rank=dist.rank,
-                                        world_size=dist.world_size)
+                                        world_size=dist.world_size, dtype=args.dtype)
             report(logger, f"step {step:6d} | hellaswag acc_norm {acc:.4f} ({n} examples)", step=step,
                    hellaswag=acc, hellaswag_n=n)
         if dist.master and args.sample_every and step > 0 and (step % args.sample_every == 0 or last):
-            print_samples(raw_model, prompt, tokenizer, dist)
+            print_samples(raw_model, prompt, tokenizer, dist, args.dtype)
 
         # ---- one optimizer step over grad_accum micro-batches
         t0 = time.time()
@@ -169,7 +175,7 @@ def train(args, dist):
             # so the (expensive) sync happens once per optimizer step, on the last micro-step
             sync = nullcontext() if not dist.ddp or micro_step == grad_accum - 1 else model.no_sync()
             with sync:
-                with autocast(dist.device_type):
+                with autocast(dist.device_type, args.dtype):
                     _, loss = model(x, y)
                 # The loss is a mean over the B*T tokens of one micro-batch, and backward() *adds* gradients
                 # up over micro-steps: without dividing by grad_accum we would get the sum of grad_accum means,
@@ -177,17 +183,20 @@ def train(args, dist):
                 # exactly what one big batch of total_batch tokens would give.
                 loss = loss / grad_accum
                 loss_accum += loss.detach()
-                loss.backward()
+                scaler.scale(loss).backward()
         if dist.ddp:
             torch_dist.all_reduce(loss_accum)  # for the log: the mean over all ranks
             loss_accum /= dist.world_size
         check_finite(loss_accum, step, checkpoints.last)
+        scaler.unscale_(optimizer)  # the true gradients, for clipping
         norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-        check_finite(norm, step, checkpoints.last)  # an inf gradient would put inf into every weight
+        if not scaler.is_enabled():  # (with fp16 an overflow is the scaler's to skip)
+            check_finite(norm, step, checkpoints.last)  # an inf gradient would put inf into every weight
         lr = lr_at(step, args.max_steps, args.warmup_steps, args.lr, 0.1 * args.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         if dist.device_type == "cuda":
             torch.cuda.synchronize()  # wait for the GPU, so the time is the step's
         dt = time.time() - t0
@@ -196,9 +205,10 @@ def train(args, dist):
         # ---- log, checkpoint
         record = dict(step=step, loss=loss_accum.item(), lr=lr, grad_norm=norm.item(),
                       tokens_per_s=args.total_batch / dt, dt=dt)
-        if dist.device_type == "cuda":
+        if peak_flops:  # one GPU's MFU: the run's tokens/s over world_size GPUs
             record["mfu"] = estimate_mfu(raw_model.num_params(), config.n_layer, config.n_head,
-                                         config.n_embd // config.n_head, T, record["tokens_per_s"])
+                                         config.n_embd // config.n_head, T, record["tokens_per_s"] / dist.world_size,
+                                         peak_flops)
         if logger:
             logger.log(**record)
         if step % args.log_every == 0 or step == end_step - 1:
@@ -271,22 +281,24 @@ def note(logger, message):
 
 
 def hellaswag_examples(args, dist, vocab, logger):
-    """The HellaSwag examples to score every --hellaswag-every steps, or None (with a note saying why not)."""
+    """
+    The HellaSwag examples to score every --hellaswag-every steps, or None (with a note saying why not). Rank 0
+    downloads and reads them, and every rank gets rank 0's examples: on several machines the others may not see
+    the file, and a rank that skipped the evaluation would leave the rest waiting in its all_reduce.
+    """
     if not args.hellaswag_every:
         return None
     if vocab is not None:
         note(logger, "HellaSwag skipped: the vocabulary is a subset of GPT-2's, its endings cannot be tokenized")
         return None
-    if dist.master:  # one download, then every rank reads the file
+    examples = None
+    if dist.master:
         try:
             hellaswag.download("val", args.hellaswag_dir)
+            examples = hellaswag.load_examples("val", args.hellaswag_dir, download_if_missing=False)[:args.hellaswag_limit]
         except RuntimeError as e:
             note(logger, f"HellaSwag skipped: {e}")
-    if dist.ddp:
-        torch_dist.barrier()
-    if not os.path.exists(os.path.join(args.hellaswag_dir, "hellaswag_val.jsonl")):
-        return None
-    return hellaswag.load_examples("val", args.hellaswag_dir, download_if_missing=False)[:args.hellaswag_limit]
+    return from_rank0(examples)
 
 
 def sample_prompt(tokenizer, text, logger):
@@ -302,7 +314,7 @@ def sample_prompt(tokenizer, text, logger):
 
 
 @torch.no_grad()
-def val_loss(model, val_loader, val_steps, dist):
+def val_loss(model, val_loader, val_steps, dist, dtype):
     """Mean loss over the first val_steps batches of the val shard, over all processes."""
     model.eval()
     val_loader.reset()
@@ -310,7 +322,7 @@ def val_loss(model, val_loader, val_steps, dist):
     steps = max(1, val_steps // dist.world_size)  # per rank: the same val tokens on any world size
     for _ in range(steps):
         x, y = val_loader.next_batch()
-        with autocast(dist.device_type):
+        with autocast(dist.device_type, dtype):
             _, loss = model(x.to(dist.device), y.to(dist.device))
         total += loss.detach() / steps
     if dist.ddp:
@@ -327,12 +339,12 @@ def print_step(record, max_steps, eta):
            f"| eta {format_eta(eta)}")
 
 
-def print_samples(raw_model, prompt, tokenizer, dist):
+def print_samples(raw_model, prompt, tokenizer, dist, dtype):
     """Four samples from the prompt, with their own RNG: training's stays untouched."""
     raw_model.eval()
     gen = torch.Generator(device=dist.device).manual_seed(42)
     idx = torch.tensor([prompt] * 4, device=dist.device)  # (4, P)
-    with autocast(dist.device_type):
+    with autocast(dist.device_type, dtype):
         out = raw_model.generate(idx, min(32, raw_model.config.block_size - len(prompt)), top_k=50, eot=None,
                                  generator=gen)
     raw_model.train()

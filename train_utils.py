@@ -12,14 +12,13 @@ import random
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as torch_dist
 
-from common import UsageError, atomic_open, load_checkpoint, save_checkpoint
+from common import UsageError, atomic_open, best_device, load_checkpoint, resolve_dtype, save_checkpoint
 
 # -----------------------------------------------------------------------------
 # Devices and distributed training
@@ -51,8 +50,7 @@ def setup_distributed(device=None):
             device = "cpu"  # gloo: DDP on CPU, used by the tests
             torch_dist.init_process_group(backend="gloo")
         return Dist(True, rank, local_rank, world_size, device, device.split(":")[0])
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device = device or best_device()
     return Dist(False, 0, 0, 1, device, device.split(":")[0])
 
 
@@ -68,8 +66,13 @@ def launch(train, args):
     would: the message and exit status 2.
     """
     dist = setup_distributed(args.device)
+    # The GPU speed-ups switch on by themselves on CUDA; each can be forced either way (make smoke forces them on a
+    # CPU, where torch has them too: inductor compiles C++ with gcc, autocast runs in bf16, AdamW has a fused kernel).
+    args.dtype = resolve_dtype(args.dtype, dist.device_type)
     if args.compile is None:
         args.compile = dist.device_type == "cuda"  # torch.compile pays off on GPUs; on a CPU it mostly costs time
+    if args.fused is None:
+        args.fused = dist.device_type == "cuda"
     try:
         return train(args, dist)
     except UsageError as e:
@@ -108,9 +111,10 @@ def enable_speedups(device_type):
         torch.set_float32_matmul_precision("high")  # TF32 matmuls: ~8x the fp32 rate on A100/H100, 10-bit mantissa
 
 
-def autocast(device_type):
-    """bf16 autocast on CUDA (same exponent range as fp32, so no loss scaling); plain fp32 elsewhere."""
-    return torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
+def grad_scaler(device_type, dtype):
+    """fp16's small exponent range underflows small gradients: scale the loss up, the gradients back down
+    (GradScaler skips a step whose gradients overflowed). bf16 and fp32 need none: a disabled scaler does nothing."""
+    return torch.amp.GradScaler(device_type, enabled=dtype == "fp16")
 
 # -----------------------------------------------------------------------------
 # Learning-rate schedule
@@ -234,7 +238,9 @@ def set_rng_state(state):
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # one state per GPU of the saving machine; a machine with fewer GPUs restores those it has
+        for i, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, i)
 
 
 def _to_lists(x):  # python's random state is nested tuples; weights_only loads lists back, so convert both ways
@@ -301,10 +307,20 @@ def format_eta(seconds):
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-def estimate_mfu(n_params, n_layer, n_head, head_size, T, tokens_per_s, peak_flops=989e12):
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 70e12, "L4": 121e12, "A5000": 111e12}
+
+
+def gpu_peak_flops(device=None):
+    """Dense bf16 peak of this GPU (by its name), or None for one not in PEAK_BF16_FLOPS: MFU is then left out."""
+    name = torch.cuda.get_device_name(device)
+    return next((flops for gpu, flops in PEAK_BF16_FLOPS.items() if gpu in name), None)
+
+
+def estimate_mfu(n_params, n_layer, n_head, head_size, T, tokens_per_s_per_gpu, peak_flops):
     """
-    Model FLOPs utilization (PaLM appendix B): 6N FLOPs per token for the weights (forward + backward),
-    plus 12 * L * H * hs * T for attention. peak_flops: H100 SXM dense bf16 (A100: 312e12).
+    Model FLOPs utilization of ONE GPU (PaLM appendix B): 6N FLOPs per token for the weights (forward + backward),
+    plus 12 * L * H * hs * T for attention, over the GPU's peak. Pass one GPU's tokens/s: with 8 GPUs the run's
+    tokens/s divided by 8 (all of them over one GPU's peak would read 8x too high).
     """
     flops_per_token = 6 * n_params + 12 * n_layer * n_head * head_size * T
-    return flops_per_token * tokens_per_s / peak_flops
+    return flops_per_token * tokens_per_s_per_gpu / peak_flops

@@ -19,6 +19,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import best_device  # noqa: E402
 import clip_loader  # noqa: E402
 from bridges import BRIDGES, build_captioner  # noqa: E402
 from data import coco, shapes  # noqa: E402
@@ -61,7 +62,7 @@ def main():
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=best_device())
     args = p.parse_args()
     torch.manual_seed(0)
 

@@ -18,6 +18,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import best_device  # noqa: E402
 import evaluate  # noqa: E402
 import metrics  # noqa: E402
 from bench_metrics import perturbed, synthetic_caption  # noqa: E402  (bench/ is on sys.path as the script's dir)
@@ -63,7 +64,7 @@ if __name__ == "__main__":
     parser.add_argument("--vis-dim", type=int, default=1024, help="their width (CLIP ViT-L/14: 1024)")
     parser.add_argument("--metric-images", type=int, default=5000, help="images for the metric timing (0: skip)")
     parser.add_argument("--refs", type=int, default=5, help="references per image for the metric timing")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=best_device())
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:

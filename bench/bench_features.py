@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import best_device  # noqa: E402
 import clip_loader  # noqa: E402
 from data import coco  # noqa: E402
 
@@ -44,7 +45,7 @@ if __name__ == "__main__":
     parser.add_argument("--cache-images", type=int, default=20000, help="rows in the synthetic cache read back")
     parser.add_argument("--pool", default="4x8")
     args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = best_device()
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
 
     # -------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import best_device  # noqa: E402
 from gpt2 import GPT, GPTConfig, PRESETS  # noqa: E402
 
 
@@ -48,7 +49,7 @@ if __name__ == "__main__":
     parser.add_argument("--num-prompts", type=int, default=16, help="captions to generate (the batch)")
     parser.add_argument("--prompt-len", type=int, default=34, help="prompt tokens (34 = <|endoftext|> + 33 image tokens)")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=best_device())
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:

@@ -17,6 +17,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import best_device  # noqa: E402
 from gpt2 import GPT, GPTConfig, PRESETS  # noqa: E402
 from train_utils import autocast, enable_speedups, estimate_mfu  # noqa: E402
 
@@ -66,7 +67,7 @@ def bench(name, config, B, T, device, steps, warmup, fast):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=best_device())
     parser.add_argument("-B", type=int, default=None, help="micro-batch (default: 4 on CPU, 16 on CUDA)")
     parser.add_argument("-T", type=int, default=None, help="sequence length (default: 128 on CPU, 1024 on CUDA)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 5 on CPU, 20 on CUDA)")

@@ -19,6 +19,7 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `python data/hellaswag.py`
+from common import autocast, best_device, positive_int, resolve_dtype  # noqa: E402
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hellaswag")
 URLS = {split: f"https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
@@ -102,7 +103,7 @@ def most_likely_row(logits, tokens, mask):
 
 
 @torch.no_grad()
-def evaluate(model, examples, device, tokenizer=None, batch_size=8, rank=0, world_size=1):
+def evaluate(model, examples, device, tokenizer=None, batch_size=8, rank=0, world_size=1, dtype="fp32"):
     """
     acc_norm of `model` over `examples`. Example i is scored on rank i % world_size; with a process group
     the counts are summed over ranks, so every rank returns the same accuracy. Batches hold batch_size
@@ -131,7 +132,7 @@ def evaluate(model, examples, device, tokenizer=None, batch_size=8, rank=0, worl
                 mask[4 * e + j, :end - begin] = m[j, begin:end]
         labels = torch.tensor([label for _, _, label in rendered])
         tokens, mask = tokens.to(device), mask.to(device)
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device_type == "cuda"):
+        with autocast(device_type, dtype):
             logits, _ = model(tokens)  # (4E, T, V)
         pred = completion_losses(logits, tokens, mask).view(-1, 4).argmin(dim=1).cpu()  # (E,)
         correct += int((pred == labels).sum())
@@ -147,7 +148,6 @@ def evaluate(model, examples, device, tokenizer=None, batch_size=8, rank=0, worl
 
 if __name__ == "__main__":
     import argparse
-    from common import positive_int
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="gpt2", help="gpt2..gpt2-xl, a hub id or dir, or a train_lm.py checkpoint")
     parser.add_argument("--split", default="val", choices=["train", "val", "test"])
@@ -155,7 +155,8 @@ if __name__ == "__main__":
     parser.add_argument("--download", action="store_true", help="only download the data")
     parser.add_argument("--limit", type=positive_int, default=None, help="score only the first N examples")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="examples per forward pass")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=best_device())
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="autocast dtype")
     args = parser.parse_args()
     if args.download:
         print(download(args.split, args.data_dir))
@@ -165,5 +166,6 @@ if __name__ == "__main__":
     if isinstance(tok, SubsetTokenizer):
         sys.exit(f"{args.model} has a {tok.n_vocab}-token vocabulary subset: HellaSwag needs the full GPT-2 vocabulary")
     examples = load_examples(args.split, args.data_dir)[:args.limit]
-    acc, n = evaluate(model, examples, args.device, tok, args.batch_size)
+    acc, n = evaluate(model, examples, args.device, tok, args.batch_size,
+                      dtype=resolve_dtype(args.dtype, torch.device(args.device).type))
     print(f"{args.model}: HellaSwag {args.split} acc_norm {acc:.4f} over {n} examples")

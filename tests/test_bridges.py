@@ -70,14 +70,15 @@ def test_layout_positions_and_masks_on_a_hand_made_example(kind):
     seen = {}
     forward = captioner.lm.forward
 
-    def spy(idx, targets=None, prefix=None, cross=None, cache=None):
+    def spy(idx, targets=None, prefix=None, cross=None, cache=None, last_only=False):
         seen.update(idx=idx, targets=targets, prefix=prefix)
-        return forward(idx, targets=targets, prefix=prefix, cross=cross, cache=cache)
+        return forward(idx, targets=targets, prefix=prefix, cross=cross, cache=cache, last_only=last_only)
 
     captioner.lm.forward = spy
     visual = torch.randn(2, 2, 16)
     tokens, targets = caption_batch([[5, 6], [7]], EOT)
-    logits, loss = captioner(visual, tokens, targets)
+    logits, _ = captioner(visual, tokens)
+    _, loss = captioner(visual, tokens, targets)
 
     bridge_prefix, _ = captioner.bridge(visual)
     P = 0 if bridge_prefix is None else bridge_prefix.size(1)  # prefix tokens after the <|endoftext|> start

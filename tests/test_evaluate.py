@@ -142,7 +142,7 @@ class ToyLM(nn.Module):
             p[token] = prob
         return (p / p.sum()).log()
 
-    def forward(self, idx, prefix=None, cross=None, cache=None):
+    def forward(self, idx, prefix=None, cross=None, cache=None, last_only=False):
         if prefix is not None:  # prefill: the image says which world
             cache.world = prefix[:, 0, 0].round().long()
         cache.history = torch.cat([cache.history, idx], dim=1)
@@ -154,7 +154,7 @@ class ToyLM(nn.Module):
 
 
 class ToyCaptioner:
-    lm, eot = ToyLM(), 0
+    lm, eot, n_vocab = ToyLM(), 0, None
 
     def condition(self, visual):
         return visual[:, :1, :], None  # (B, 1, C) prefix: the world flag

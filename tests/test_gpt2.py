@@ -321,3 +321,47 @@ def test_load_lm_from_a_train_lm_checkpoint(tmp_path):
     torch.save({"model": bad, "config": asdict(model.config), "vocab": None}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="do not match its own config"):
         load_lm(str(tmp_path / "bad.pt"))
+
+
+def test_the_output_layer_runs_only_where_it_is_needed():
+    """Logits only for positions with a target (training), only for the last position (a prefill)."""
+    model = tiny(0)
+    rows = []
+    model.lm_head.register_forward_hook(lambda module, inputs, output: rows.append(inputs[0].numel() // 32))
+    idx, targets = torch.randint(0, 128, (3, 10)), torch.randint(0, 128, (3, 10))
+    full_logits, _ = model(idx)
+    masked = targets.clone()
+    masked[:, :7] = -100  # a prefix and a prompt: no loss there
+    masked[0, 9] = -100  # and one padded position
+    _, loss = model(idx, masked)
+    assert rows == [30, 8]
+    expected = torch.nn.functional.cross_entropy(full_logits.reshape(-1, 128), masked.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(loss, expected)
+    rows.clear()
+    out = model.generate(idx[:, :5], max_new_tokens=4, eot=None)
+    assert rows == [3, 3, 3, 3] and out.shape == (3, 9)  # the prefill's 5 positions: 1 row each, then 1 per step
+
+
+def test_generation_never_picks_a_padded_vocabulary_row():
+    model = tiny(0)
+    bump = torch.zeros(128)
+    bump[100:] = 100.0  # the rows 100..127 (think: padding 50,257 -> 50,304) would win every argmax
+    model.lm_head.register_forward_hook(lambda module, inputs, output: output + bump)
+    out = model.generate(torch.zeros(2, 1, dtype=torch.long), max_new_tokens=6, temperature=0, eot=None, n_vocab=100)
+    assert out[:, 1:].max() < 100
+    assert model.generate(torch.zeros(2, 1, dtype=torch.long), 6, temperature=0, eot=None)[:, 1:].min() >= 100
+
+
+def test_the_kv_cache_follows_the_autocast_dtype():
+    model = tiny(0)
+    idx = torch.randint(0, 128, (2, 6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cache = model.new_cache(2, 8)
+        assert cache.k[0].dtype == torch.bfloat16
+        cached = model.generate(idx, 6, temperature=0, eot=None)
+        uncached = idx
+        for _ in range(6):
+            logits, _ = model(uncached)
+            uncached = torch.cat([uncached, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert (cached == uncached).float().mean() > 0.9  # bf16 rounding may flip a near-tie, rarely
+    assert model.new_cache(2, 8).k[0].dtype == torch.float32

@@ -134,3 +134,48 @@ def test_ddp_two_processes_match_one(shards, tmp_path):
     assert [r["hellaswag_n"] for r in records(tmp_path / "two", "hellaswag")] == [6, 6]
     start = next(map(json.loads, open(tmp_path / "two" / "log.jsonl")))
     assert start["config"]["world_size"] == 2 and start["config"]["grad_accum"] == 1
+
+
+def test_rank_0_decides_for_every_rank(shards, tmp_path):
+    """
+    Rank 1 sees neither the HellaSwag file nor the run folder (a second machine without the first one's disk):
+    rank 0 reads both and every rank uses what it found. Two processes, stopped and resumed, equal one.
+    """
+    examples = tmp_path / "hs"
+    os.makedirs(examples)
+    from tests.test_hellaswag import fabricate
+    with open(examples / "hellaswag_val.jsonl", "w") as f:
+        f.writelines(json.dumps(e) + "\n" for e in fabricate(6))
+    common = [a for a in args(shards, "", "--max-steps", "4", "--ckpt-every", "0", "--hellaswag-every", "2",
+                              "--hellaswag-dir", examples, "--val-every", "2", "--val-steps", "2",
+                              "--n-embd", "16") if a != "--vocab-subset"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one, two = common.copy(), common.copy()
+    one[one.index("--out-dir") + 1], two[two.index("--out-dir") + 1] = str(tmp_path / "one"), str(tmp_path / "two")
+    subprocess.run([sys.executable, "train_lm.py", *one], cwd=ROOT, env=env, check=True, capture_output=True)
+    blind = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             "tests/hide_on_rank1.py", os.pathsep.join([str(examples), str(tmp_path / "two")]), "train_lm.py"]
+    for extra in (["--stop-step", "2"], ["--resume", "auto"]):
+        run = subprocess.run([*blind, *two, *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+    for key in ("loss", "val_loss", "hellaswag"):
+        a, b = [r[key] for r in records(tmp_path / "one", key)], [r[key] for r in records(tmp_path / "two", key)]
+        assert len(a) == len(b) > 0
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+    assert [r["hellaswag_n"] for r in records(tmp_path / "two", "hellaswag")] == [6, 6, 6]
+
+
+def test_micro_batches_fit_any_world_size_that_divides_the_batch():
+    from train_utils import micro_batches
+    assert micro_batches(256, 64, 1) == (64, 4) and micro_batches(256, 64, 8) == (32, 1)
+    assert micro_batches(256, 64, 2) == (64, 2) and micro_batches(96, 64, 2) == (48, 1)
+    with pytest.raises(ValueError, match="cannot be split evenly over 3 processes"):
+        micro_batches(256, 64, 3)
+
+
+def test_mfu_is_per_gpu():
+    from train_utils import estimate_mfu
+    one = estimate_mfu(124e6, 12, 12, 64, 1024, 100_000, 989e12)
+    assert one == pytest.approx((6 * 124e6 + 12 * 12 * 12 * 64 * 1024) * 100_000 / 989e12)
+    # 8 GPUs at 100k tokens/s each: train_lm passes the run's 800k tokens/s divided by 8, the same MFU
+    assert estimate_mfu(124e6, 12, 12, 64, 1024, 800_000 / 8, 989e12) == pytest.approx(one)

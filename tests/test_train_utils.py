@@ -69,3 +69,14 @@ def test_check_finite_message():
     with pytest.raises(FloatingPointError, match=r"loss is nan at step 12; stopping; last good checkpoint: ck.pt; try a lower --lr"):
         check_finite(torch.tensor(math.nan), 12, "ck.pt")
     assert format_eta(3725) == "1h02m" and format_eta(65) == "1m05s"
+
+
+def test_rng_of_8_gpus_restores_on_a_machine_with_2(monkeypatch):
+    state = rng_state()
+    state["cuda"] = [torch.zeros(16, dtype=torch.uint8) for _ in range(8)]  # saved by a run on 8 GPUs
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda new_state, device: restored.append(device))
+    set_rng_state(state)
+    assert restored == [0, 1]
