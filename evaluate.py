@@ -73,14 +73,18 @@ def beam_search(captioner, visual, beam=3, max_new_tokens=30, length_penalty=1.0
     """
     lm, eot, K, n_vocab = captioner.lm, captioner.eot, beam, captioner.n_vocab
     B = visual.size(0)
-    # Simplest correct way to give every beam its image: condition on each image repeated K times. Rows
-    # b*K .. b*K+K-1 are image b's beams; the cross-attention keys/values follow the same layout, and since
-    # beams are only ever reshuffled within an image, they never need reordering.
-    prefix, cross = captioner.condition(visual.repeat_interleave(K, dim=0))  # (B*K, L, C)
-    cache = lm.new_cache(B * K, prefix.size(1) + max_new_tokens)
-    empty = torch.zeros(B * K, 0, dtype=torch.long, device=visual.device)  # (B*K, 0): no text yet
-    logits, _ = lm(empty, prefix=prefix, cross=cross, cache=cache, last_only=True)  # prefill the prefix
-    logprobs = F.log_softmax(logits[:, -1, :n_vocab].float(), dim=-1)  # (B*K, V)
+    # All K beams of an image start from the same prefix: prefill it once per image, then give each beam a copy
+    # of its image's keys and values. Rows b*K .. b*K+K-1 are then image b's beams, and the cross-attention
+    # callables are made for that layout too (beams are only ever reshuffled within an image, never across).
+    prefix, cross = captioner.condition(visual)  # (B, L, C)
+    cache = lm.new_cache(B, prefix.size(1) + max_new_tokens)
+    empty = torch.zeros(B, 0, dtype=torch.long, device=visual.device)  # (B, 0): no text yet
+    logits, _ = lm(empty, prefix=prefix, cross=cross, cache=cache, last_only=True)  # (B, 1, V)
+    per_beam = torch.arange(B, device=visual.device).repeat_interleave(K)  # (B*K,) the image of each beam
+    cache.reorder(per_beam)
+    if cross is not None:
+        _, cross = captioner.condition(visual[per_beam])  # (B*K rows) the image's keys and values for every beam
+    logprobs = F.log_softmax(logits[per_beam, -1, :n_vocab].float(), dim=-1)  # (B*K, V)
     V = logprobs.size(-1)
 
     # At the start all K beams of an image are the same empty caption: keep only the first alive, or the

@@ -33,8 +33,8 @@ from bridges import BRIDGES, BridgeConfig, build_captioner, caption_batch, lm_fi
 from common import autocast, natural_int, nonneg_float, positive_float, positive_int
 from data import coco
 from gpt2 import load_lm
-from train_utils import (Checkpoints, JsonlLogger, changed_args, check_finite, enable_speedups, find_resume,
-                         format_eta, grad_scaler, launch, load_optimizer_state, lr_at, micro_batches, print0, rng_state,
+from train_utils import (Checkpoints, JsonlLogger, add_run_flags, changed_args, enable_speedups, find_resume, format_eta, grad_scaler,
+                         launch, load_optimizer_state, lr_at, micro_batches, optimizer_step, print0, rng_state,
                          set_rng_state)
 
 # -----------------------------------------------------------------------------
@@ -64,15 +64,11 @@ def train(args, dist):
         model = DDP(model, device_ids=[dist.local_rank] if dist.device_type == "cuda" else None)
 
     pairs, left_out = make_pairs(train_records, visual, tokenizer, args.max_caption_tokens)
-    # what the bridge saw, so that evaluate.py can refuse to score it on any of these images
-    trained_on = {"split": "train", "karpathy_json": args.karpathy_json,
+    trained_on = {"split": "train", "karpathy_json": args.karpathy_json,  # evaluate.py refuses to score these images
                   "image_ids": torch.tensor(sorted({image_id for image_id, _, _ in pairs}), dtype=torch.long)}
     order = PairOrder(len(pairs), args.total_batch, args.seed, dist.rank, dist.world_size)
     max_steps = args.max_steps or max(1, int(args.epochs * order.steps_per_epoch))
-    val_pairs = None
-    if val_visual is not None:  # a fixed subset, the same at every evaluation
-        val_records = coco.load_records(args.coco_root, "val", args.karpathy_json)
-        val_pairs = make_pairs(val_records, val_visual, tokenizer, args.max_caption_tokens)[0][:args.val_pairs]
+    val_pairs = val_subset(args, val_visual, tokenizer)
     start_step, train_seconds, last_val = restore(ckpt, captioner, optimizer, args)
     del ckpt  # its optimizer state now lives in `optimizer`
     end_step = min(max_steps, args.stop_step or max_steps)
@@ -119,25 +115,14 @@ def train(args, dist):
                 loss = loss / grad_accum  # backward() adds micro-batch gradients up: make the sum a mean
                 loss_accum += loss.detach()
                 scaler.scale(loss).backward()
-        if dist.ddp:
-            torch_dist.all_reduce(loss_accum)
-            loss_accum /= dist.world_size
-        check_finite(loss_accum, step, checkpoints.last)
-        scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(trained, args.grad_clip)
-        if not scaler.is_enabled():
-            check_finite(norm, step, checkpoints.last)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, max_steps, args.warmup_steps, group["base_lr"], 0.1 * group["base_lr"])
-        scaler.step(optimizer)
-        scaler.update()
-        if dist.device_type == "cuda":
-            torch.cuda.synchronize()
+        loss, norm = optimizer_step(  # each group's own learning rate (the bridge's, the unfrozen blocks')
+            optimizer, scaler, trained, loss_accum, step, args.grad_clip, dist=dist, last_ckpt=checkpoints.last,
+            lr_of=lambda group: lr_at(step, max_steps, args.warmup_steps, group["base_lr"], 0.1 * group["base_lr"]))
         dt = time.time() - t0
         train_seconds += dt
         run_seconds += dt
 
-        record = dict(step=step, loss=loss_accum.item(), lr=optimizer.param_groups[0]["lr"], grad_norm=norm.item(),
+        record = dict(step=step, loss=loss, lr=optimizer.param_groups[0]["lr"], grad_norm=norm,
                       samples_per_s=args.total_batch / dt)
         if logger:
             logger.log(**record)
@@ -247,6 +232,14 @@ def make_pairs(records, visual, tokenizer, max_tokens):
     if not pairs:
         raise ValueError("no (image, caption) pairs: is the feature cache made from this split?")
     return pairs, left_out
+
+
+def val_subset(args, val_visual, tokenizer):
+    """The first --val-pairs pairs of the val split: a fixed subset, the same at every evaluation (None: no val)."""
+    if val_visual is None:
+        return None
+    records = coco.load_records(args.coco_root, "val", args.karpathy_json)
+    return make_pairs(records, val_visual, tokenizer, args.max_caption_tokens)[0][:args.val_pairs]
 
 
 class PairOrder:
@@ -385,9 +378,6 @@ def get_args(argv=None):
     p.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=False,
                    help="standardise visual tokens with the train cache's per-(token, channel) mean and std")
     p.add_argument("--out-dir", default=None, help="default runs/caption/<bridge>")
-    p.add_argument("--resume", default=None, help="a checkpoint, or 'auto' (the latest in --out-dir, if any)")
-    p.add_argument("--overwrite", action="store_true", help="delete the log and checkpoints of a run already in --out-dir")
-    p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=1337)
     # the bridge: one flag per field of bridges.BridgeConfig
     for f in dataclasses.fields(BridgeConfig):
@@ -417,11 +407,7 @@ def get_args(argv=None):
     p.add_argument("--val-pairs", type=positive_int, default=2000, help="size of the fixed val subset (pairs)")
     p.add_argument("--ckpt-every", type=natural_int, default=1000)
     p.add_argument("--log-every", type=positive_int, default=10)
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on CUDA)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="autocast dtype (auto: bf16 on GPUs that have it, fp16 with loss scaling on older ones, else fp32)")
-    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
-                   help="AdamW's fused kernel (default: on CUDA)")
+    add_run_flags(p)  # --resume, --overwrite, --device, --compile, --dtype, --fused
     args = p.parse_args(argv)
     args.out_dir = args.out_dir or os.path.join("runs", "caption", args.bridge)
     return args

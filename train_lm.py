@@ -28,9 +28,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from common import autocast, natural_int, nonneg_float, positive_float, positive_int
 from data import fineweb, hellaswag
 from gpt2 import GPT, GPTConfig, PRESETS, SubsetTokenizer, get_tokenizer
-from train_utils import (Checkpoints, JsonlLogger, changed_args, check_finite, enable_speedups, estimate_mfu,
-                         find_resume, format_eta, from_rank0, gpu_peak_flops, grad_scaler, launch, load_optimizer_state, lr_at,
-                         micro_batches, print0, rng_state, set_rng_state)
+from train_utils import (Checkpoints, JsonlLogger, add_run_flags, changed_args, enable_speedups, estimate_mfu, find_resume, format_eta,
+                         from_rank0, gpu_peak_flops, grad_scaler, launch, load_optimizer_state, lr_at, micro_batches,
+                         optimizer_step, print0, rng_state, set_rng_state)
 
 # -----------------------------------------------------------------------------
 # Presets: the real run, and small runs for a CPU (defaults of every flag left unset)
@@ -53,9 +53,6 @@ def get_args(argv=None):
     p.add_argument("--preset", default="gpt2-124m", choices=sorted(TRAIN_PRESETS), help="model size and run length")
     p.add_argument("--data-dir", default="data/fineweb_edu10B", help="shards made by data/fineweb.py")
     p.add_argument("--out-dir", default="runs/lm", help="log.jsonl and checkpoints")
-    p.add_argument("--resume", default=None, help="a checkpoint to continue from, or 'auto' (latest in --out-dir, if any)")
-    p.add_argument("--overwrite", action="store_true", help="delete the log and checkpoints of a run already in --out-dir")
-    p.add_argument("--device", default=None, help="cuda / mps / cpu (default: the best present; torchrun: per rank)")
     p.add_argument("--seed", type=int, default=1337)
     # model (the preset's unless given)
     p.add_argument("--n-layer", type=positive_int, default=None)
@@ -85,11 +82,7 @@ def get_args(argv=None):
     p.add_argument("--sample-prompt", default="Hello, I'm a language model,")
     p.add_argument("--ckpt-every", type=natural_int, default=None)
     p.add_argument("--log-every", type=positive_int, default=None)
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on CUDA)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="autocast dtype (auto: bf16 on GPUs that have it, fp16 with loss scaling on older ones, else fp32)")
-    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
-                   help="AdamW's fused kernel (default: on CUDA)")
+    add_run_flags(p)  # --resume, --overwrite, --device, --compile, --dtype, --fused
     args = p.parse_args(argv)
     for k, v in TRAIN_PRESETS[args.preset].items():
         if getattr(args, k, None) is None:
@@ -184,27 +177,14 @@ def train(args, dist):
                 loss = loss / grad_accum
                 loss_accum += loss.detach()
                 scaler.scale(loss).backward()
-        if dist.ddp:
-            torch_dist.all_reduce(loss_accum)  # for the log: the mean over all ranks
-            loss_accum /= dist.world_size
-        check_finite(loss_accum, step, checkpoints.last)
-        scaler.unscale_(optimizer)  # the true gradients, for clipping
-        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-        if not scaler.is_enabled():  # (with fp16 an overflow is the scaler's to skip)
-            check_finite(norm, step, checkpoints.last)  # an inf gradient would put inf into every weight
         lr = lr_at(step, args.max_steps, args.warmup_steps, args.lr, 0.1 * args.lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        scaler.step(optimizer)
-        scaler.update()
-        if dist.device_type == "cuda":
-            torch.cuda.synchronize()  # wait for the GPU, so the time is the step's
+        loss, norm = optimizer_step(optimizer, scaler, raw_model.parameters(), loss_accum, step, args.grad_clip,
+                                    lr_of=lambda group: lr, dist=dist, last_ckpt=checkpoints.last)
         dt = time.time() - t0
         dts = (dts + [dt])[-20:]
 
         # ---- log, checkpoint
-        record = dict(step=step, loss=loss_accum.item(), lr=lr, grad_norm=norm.item(),
-                      tokens_per_s=args.total_batch / dt, dt=dt)
+        record = dict(step=step, loss=loss, lr=lr, grad_norm=norm, tokens_per_s=args.total_batch / dt, dt=dt)
         if peak_flops:  # one GPU's MFU: the run's tokens/s over world_size GPUs
             record["mfu"] = estimate_mfu(raw_model.num_params(), config.n_layer, config.n_head,
                                          config.n_embd // config.n_head, T, record["tokens_per_s"] / dist.world_size,

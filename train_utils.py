@@ -4,6 +4,7 @@ device / DDP setup, rank-0 printing, GPU speed-ups, the learning-rate schedule, 
 from and writing new ones (atomically, by files.py), RNG state that survives a weights_only load, a JSONL log,
 and a clear stop on a NaN loss.
 """
+import argparse
 import glob
 import json
 import math
@@ -57,6 +58,21 @@ def setup_distributed(device=None):
 def teardown(dist):
     if dist.ddp and torch_dist.is_initialized():
         torch_dist.destroy_process_group()
+
+
+def add_run_flags(parser):
+    """The flags every trainer takes for what launch() and the checkpoints decide."""
+    parser.add_argument("--resume", default=None, help="a checkpoint to continue from, or 'auto' (the newest in --out-dir)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the log and checkpoints of a run already in --out-dir")
+    parser.add_argument("--device", default=None, help="cuda / mps / cpu (default: the best present; torchrun: per rank)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile (default: on CUDA)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="autocast dtype (auto: bf16 on GPUs that have it, fp16 with loss scaling on older ones, "
+                             "else fp32)")
+    parser.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                        help="AdamW's fused kernel (default: on CUDA)")
 
 
 def launch(train, args):
@@ -290,6 +306,28 @@ class JsonlLogger:
 
     def close(self):
         self.f.close()
+
+
+def optimizer_step(optimizer, scaler, params, loss_accum, step, grad_clip, lr_of, dist, last_ckpt):
+    """
+    The end of an optimizer step, the same in both trainers: the loss averaged over processes (for the log), a stop
+    at a NaN, gradient clipping, each group's learning rate (lr_of(group)), the update. Returns (loss, grad norm).
+    """
+    if dist.ddp:
+        torch_dist.all_reduce(loss_accum)  # gloo has no AVG: sum, then divide
+        loss_accum /= dist.world_size
+    check_finite(loss_accum, step, last_ckpt)
+    scaler.unscale_(optimizer)  # the true gradients, for clipping
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    if not scaler.is_enabled():  # (with fp16 an overflow is the scaler's to skip)
+        check_finite(norm, step, last_ckpt)  # an inf gradient would put inf into every weight
+    for group in optimizer.param_groups:
+        group["lr"] = lr_of(group)
+    scaler.step(optimizer)
+    scaler.update()
+    if dist.device_type == "cuda":
+        torch.cuda.synchronize()  # wait for the GPU, so that the step's time is its own
+    return loss_accum.item(), norm.item()
 
 
 def check_finite(loss, step, last_ckpt):

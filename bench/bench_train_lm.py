@@ -17,9 +17,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import best_device  # noqa: E402
+from common import autocast, best_device, resolve_dtype  # noqa: E402
 from gpt2 import GPT, GPTConfig, PRESETS  # noqa: E402
-from train_utils import autocast, enable_speedups, estimate_mfu  # noqa: E402
+from train_utils import enable_speedups, estimate_mfu, gpu_peak_flops  # noqa: E402
 
 
 def bench(name, config, B, T, device, steps, warmup, fast):
@@ -27,8 +27,9 @@ def bench(name, config, B, T, device, steps, warmup, fast):
     torch.manual_seed(0)
     model = GPT(config).to(device)
     device_type = device.split(":")[0]
-    optimizer = model.configure_optimizers(0.1, 6e-4, device_type=device_type if fast else "cpu")
+    optimizer = model.configure_optimizers(0.1, 6e-4, fused=fast and device_type == "cuda")
     step_model = torch.compile(model) if fast and device_type == "cuda" else model
+    dtype = resolve_dtype("auto", device_type) if fast else "fp32"
     x = torch.randint(0, config.vocab_size, (B, T), device=device)  # (B, T)
     y = torch.randint(0, config.vocab_size, (B, T), device=device)  # (B, T)
     if device_type == "cuda":
@@ -36,7 +37,7 @@ def bench(name, config, B, T, device, steps, warmup, fast):
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        with autocast(device_type) if fast else torch.autocast(device_type, enabled=False):
+        with autocast(device_type, dtype):
             _, loss = step_model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -55,7 +56,9 @@ def bench(name, config, B, T, device, steps, warmup, fast):
     tps = B * T / dt
     if device_type == "cuda":
         mem = f"peak {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB allocated"
-        mfu = f" | mfu {estimate_mfu(model.num_params(), config.n_layer, config.n_head, config.n_embd // config.n_head, T, tps):.1%}"
+        peak = gpu_peak_flops(device)  # one GPU: its tokens/s over its own peak
+        mfu = "" if peak is None else \
+            f" | mfu {estimate_mfu(model.num_params(), config.n_layer, config.n_head, config.n_embd // config.n_head, T, tps, peak):.1%}"
     else:
         mem = f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:,.0f} MiB (process)"
         mfu = ""

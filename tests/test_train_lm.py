@@ -109,23 +109,32 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(shards, tmp_path, monkeyp
     assert all(torch.isfinite(v).all() for v in good["model"].values())
 
 
-def test_ddp_two_processes_match_one(shards, tmp_path):
-    # the same global batch (256 tokens): one process accumulates 2 micro-batches, two processes 1 each
+def reference_run(shards, tmp_path, *extra):
+    """
+    Six HellaSwag examples, and a run of one process into tmp_path/one with the full GPT-2 vocabulary (so that
+    HellaSwag runs, and its counts are summed over ranks). Returns the same run's arguments for tmp_path/two.
+    """
     examples = tmp_path / "hs"
     os.makedirs(examples)
     from tests.test_hellaswag import fabricate
     with open(examples / "hellaswag_val.jsonl", "w") as f:
         f.writelines(json.dumps(e) + "\n" for e in fabricate(6))
-    # the full GPT-2 vocabulary here, so that HellaSwag runs (and its counts are summed over ranks)
-    common = [a for a in args(shards, "", "--max-steps", "5", "--ckpt-every", "0", "--hellaswag-every", "4",
-                              "--hellaswag-dir", examples, "--val-every", "2", "--val-steps", "2",
-                              "--n-embd", "16") if a != "--vocab-subset"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = [a for a in args(shards, "", "--ckpt-every", "0", "--hellaswag-dir", examples, "--val-every", "2",
+                              "--val-steps", "2", "--n-embd", "16", *extra) if a != "--vocab-subset"]
     one, two = common.copy(), common.copy()
     one[one.index("--out-dir") + 1], two[two.index("--out-dir") + 1] = str(tmp_path / "one"), str(tmp_path / "two")
-    subprocess.run([sys.executable, "train_lm.py", *one], cwd=ROOT, env=env, check=True, capture_output=True)
+    subprocess.run([sys.executable, "train_lm.py", *one], cwd=ROOT, env=ENV, check=True, capture_output=True)
+    return two
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def test_ddp_two_processes_match_one(shards, tmp_path):
+    # the same global batch (256 tokens): one process accumulates 2 micro-batches, two processes 1 each
+    two = reference_run(shards, tmp_path, "--max-steps", "5", "--hellaswag-every", "4")
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "train_lm.py", *two], cwd=ROOT, env=env, capture_output=True, text=True)
+                          "train_lm.py", *two], cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     for key in ("loss", "val_loss", "hellaswag"):
         a, b = [r[key] for r in records(tmp_path / "one", key)], [r[key] for r in records(tmp_path / "two", key)]
@@ -141,22 +150,12 @@ def test_rank_0_decides_for_every_rank(shards, tmp_path):
     Rank 1 sees neither the HellaSwag file nor the run folder (a second machine without the first one's disk):
     rank 0 reads both and every rank uses what it found. Two processes, stopped and resumed, equal one.
     """
+    two = reference_run(shards, tmp_path, "--max-steps", "4", "--hellaswag-every", "2")
     examples = tmp_path / "hs"
-    os.makedirs(examples)
-    from tests.test_hellaswag import fabricate
-    with open(examples / "hellaswag_val.jsonl", "w") as f:
-        f.writelines(json.dumps(e) + "\n" for e in fabricate(6))
-    common = [a for a in args(shards, "", "--max-steps", "4", "--ckpt-every", "0", "--hellaswag-every", "2",
-                              "--hellaswag-dir", examples, "--val-every", "2", "--val-steps", "2",
-                              "--n-embd", "16") if a != "--vocab-subset"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one, two = common.copy(), common.copy()
-    one[one.index("--out-dir") + 1], two[two.index("--out-dir") + 1] = str(tmp_path / "one"), str(tmp_path / "two")
-    subprocess.run([sys.executable, "train_lm.py", *one], cwd=ROOT, env=env, check=True, capture_output=True)
     blind = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
              "tests/hide_on_rank1.py", os.pathsep.join([str(examples), str(tmp_path / "two")]), "train_lm.py"]
     for extra in (["--stop-step", "2"], ["--resume", "auto"]):
-        run = subprocess.run([*blind, *two, *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        run = subprocess.run([*blind, *two, *extra], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]
     for key in ("loss", "val_loss", "hellaswag"):
         a, b = [r[key] for r in records(tmp_path / "one", key)], [r[key] for r in records(tmp_path / "two", key)]
