@@ -24,6 +24,7 @@ bench: setup
 	$(BIN)/python bench/bench_metrics.py
 	$(BIN)/python bench/bench_eval.py
 	$(BIN)/python bench/bench_caption.py
+	$(BIN)/python bench/bench_lm_head.py
 
 # ---------------------------------------------------------------------------------------------------------------
 # make smoke: every full-scale stage at full size (GPT-2 124M, CLIP ViT-L/14 at 224 px, real-size JPEGs, T = 1024),
