@@ -149,8 +149,8 @@ def beam_search(captioner, visual, beam=3, max_new_tokens=30, length_penalty=1.0
 def decode(captioner, tokenizer, batches, method="beam", beam=3, max_new_tokens=30, length_penalty=1.0,
            temperature=1.0, top_p=None, seed=0, desc="decoding", dtype="fp32"):
     """
-    Caption every image of `batches`, an iterable of (image_ids, visual (B, S, C_vis)) (see cache_batches and
-    image_batches). Returns ({image_id: caption text}, captions per second).
+    Caption every image of `batches`, an iterable of (image_ids, visual (B, S, C_vis)) (see batches() below).
+    Returns ({image_id: caption text}, captions per second).
     Captions/s times the decoding only (conditioning included), not the reading or encoding of the images.
     Sampling draws from one generator seeded with `seed`: the same seed, batches and device give the same captions.
     dtype: the autocast dtype ("bf16" on a GPU; the KV cache then holds bf16 too).

@@ -324,9 +324,19 @@ class KVCache:
         return self.k[layer][:, :, :self.pos + T], self.v[layer][:, :, :self.pos + T]
 
     def reorder(self, index):
-        """Keep, for each new batch row, the cache of row index[i]: beam search reshuffles its beams."""
-        self.k = [k.index_select(0, index) for k in self.k]
-        self.v = [v.index_select(0, index) for v in self.v]
+        """
+        Row i of the cache becomes what row index[i] was: beam search reshuffles its beams (and, with more rows
+        than before, gives every beam a copy of its image's prefill). Copying the whole cache at every step
+        was most of beam search's time; only the rows that change, up to the positions written so far, are moved.
+        """
+        if len(index) != self.k[0].size(0):  # a new number of rows: new buffers
+            self.k = [k.index_select(0, index) for k in self.k]
+            self.v = [v.index_select(0, index) for v in self.v]
+            return
+        moved = (index != torch.arange(len(index), device=index.device)).nonzero().squeeze(1)  # rows that change
+        source = index[moved]
+        for buffer in self.k + self.v:
+            buffer[moved, :, :self.pos] = buffer[source, :, :self.pos]  # the right side is gathered first: a copy
 
 # -----------------------------------------------------------------------------
 # The tokenizer: GPT-2's byte-level BPE, built from local files, never from the network.

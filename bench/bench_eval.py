@@ -36,7 +36,7 @@ def reference_loop(captioner, visual, prompt, new_tokens, temperature=0.8, top_p
     captions = []
     for b in range(visual.size(0)):
         prefix, cross = captioner.condition(visual[b:b + 1])  # (1, L, C)
-        seq = torch.tensor([prompt], device=visual.device)  # (1, P)
+        seq = torch.tensor([prompt], dtype=torch.long, device=visual.device)  # (1, P)
         for _ in range(new_tokens):
             logits, _ = captioner.lm(seq, prefix=prefix, cross=cross)  # (1, L + P + t, V): every position again
             if temperature == 0:
