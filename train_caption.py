@@ -156,7 +156,7 @@ def visual_sources(args, train_records, device):
             visual.load_to(device)
     else:
         encoder = clip_loader.load_clip(args.encoder, layer=args.layer)
-        visual = coco.EncodedImages(encoder, clip_loader.parse_grid(args.pool), train_records, device)
+        visual = coco.EncodedImages(encoder, clip_loader.parse_grid(args.pool), train_records, device, args.dtype)
     stats = None
     if args.standardize:
         if not args.features:
@@ -167,7 +167,7 @@ def visual_sources(args, train_records, device):
         val_visual = coco.FeatureCache(args.val_features, expect=visual.settings)
     elif not args.features:
         val_records = coco.load_records(args.coco_root, "val", args.karpathy_json)
-        val_visual = coco.EncodedImages(visual.model, visual.grid, val_records, device)
+        val_visual = coco.EncodedImages(visual.model, visual.grid, val_records, device, args.dtype)
     return visual, val_visual, stats
 
 
@@ -275,7 +275,9 @@ def batch_of(pairs, index, visual, eot, device):
         bad = visual.skipped[-1]
         raise ValueError(f"cannot read {bad['path']}: {bad['reason']} (data/coco.py features skips such files)")
     tokens, targets = caption_batch([t for _, t, _ in chosen], eot, [complete for _, _, complete in chosen])
-    return v.to(device), tokens.to(device), targets.to(device)
+    if torch.device(device).type == "cuda" and v.device.type == "cpu":
+        v = v.pin_memory()  # page-locked: the copy to the GPU below runs without blocking the host
+    return v.to(device, non_blocking=True), tokens.to(device, non_blocking=True), targets.to(device, non_blocking=True)
 
 # -----------------------------------------------------------------------------
 # Model, optimizer, validation
