@@ -4,8 +4,11 @@ through the KV cache) against the evaluation loop of Laurent, Lenain and Mebille
 project whose table we reproduce): one image at a time; for each of its 24 new tokens the whole sequence (the 33
 visual tokens, the prompt "A photo of" and the tokens so far) is run through the GPT again, without a cache;
 nucleus sampling (T 0.8, p 0.9); no stop at <|endoftext|>. GPT-2 124M and a Q-Former with random weights, the same
-images for both, in the same run. Then a check that our KV-cache decoding computes what a full recompute does
-(greedy, identical tokens), and the time the metrics take on a COCO-val-sized set (5,000 images x 5 references).
+images for both, in the same run; greedy decoding too. Each is also charged the LM matmul work it did (counted
+by hooks, not assumed), which bounds the speed-up: their loop runs 24 full forwards per image, but beam search
+runs 3 rows per image per step through the whole LM, output layer included. Then a check that our KV-cache
+decoding computes what a full recompute
+does (greedy, identical tokens), and the time the metrics take on a COCO-val-sized set (5,000 images x 5 references).
 
     python bench/bench_eval.py                      # 16 images (~3 min on 2 CPU cores)
     python bench/bench_eval.py --images 64 --metric-images 0    # on a GPU
@@ -48,6 +51,36 @@ def reference_loop(captioner, visual, prompt, new_tokens, temperature=0.8, top_p
             seq = torch.cat([seq, token[:, None]], dim=1)
         captions.append(seq[0, len(prompt):].tolist())
     return captions
+
+
+class LMWork:
+    """
+    Counts the LM's matmul work while active: positions through the blocks and rows through the output layer
+    (forward hooks on the first block and on lm_head). 2 flops per weight per row; attention scores and the bridge
+    are left out (a few % at these lengths). At equal flops/s, the ratio of two counts bounds their speed ratio.
+    """
+    def __init__(self, lm):
+        self.lm, self.positions, self.head_rows = lm, 0, 0
+        block = lm.transformer.h[0]
+        self.block_weights = sum(p.numel() for p in block.parameters() if p.dim() == 2)  # matrices, not LN/biases
+        self.head_weights = lm.lm_head.weight.numel()
+
+    def __enter__(self):
+        def count(attr):
+            def hook(module, args, out):
+                setattr(self, attr, getattr(self, attr) + out[..., 0].numel())  # rows: every dim but the last
+            return hook
+        self.hooks = [self.lm.transformer.h[0].register_forward_hook(count("positions")),
+                      self.lm.lm_head.register_forward_hook(count("head_rows"))]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.hooks:
+            h.remove()
+
+    def gflop(self):
+        block_flops = 2 * self.positions * self.block_weights * self.lm.config.n_layer
+        return (block_flops + 2 * self.head_rows * self.head_weights) / 1e9
 
 
 def timed(fn, device):
@@ -95,21 +128,34 @@ if __name__ == "__main__":
     batches = [visual[i:i + defaults.batch_size] for i in range(0, args.images, defaults.batch_size)]
     with autocast(device.type, defaults.dtype):
         evaluate.decode_batch(captioner, visual[:2], **{**ours_kw, "max_new_tokens": 2})  # warm-up: allocator, kernels
-        ours, t_ours = timed(lambda: [c for v in batches for c in evaluate.decode_batch(captioner, v, **ours_kw)],
-                             device)
+        with LMWork(lm) as work_ours:
+            ours, t_ours = timed(lambda: [c for v in batches for c in evaluate.decode_batch(captioner, v, **ours_kw)],
+                                 device)
+        greedy_kw = {**ours_kw, "method": "greedy", "beam": 1}
+        with LMWork(lm) as work_greedy:
+            greedy, t_greedy = timed(
+                lambda: [c for v in batches for c in evaluate.decode_batch(captioner, v, **greedy_kw)], device)
     prompt = get_tokenizer().encode_ordinary("A photo of") if lm.config.vocab_size > EOT else [1, 2, 3]
-    theirs, t_ref = timed(lambda: reference_loop(captioner, visual, prompt, 24,
-                                                 generator=torch.Generator(device=device).manual_seed(0)), device)
+    with LMWork(lm) as work_ref:
+        theirs, t_ref = timed(lambda: reference_loop(captioner, visual, prompt, 24,
+                                                     generator=torch.Generator(device=device).manual_seed(0)), device)
 
     def length(captions):
         return sum(len(c) for c in captions) / len(captions)
 
-    print(f"their loop (batch 1, no cache, nucleus T 0.8 p 0.9, prompt + 24 tokens): {t_ref:7.2f} s "
-          f"{args.images / t_ref:7.2f} captions/s  {length(theirs):.1f} tokens/caption")
-    print(f"evaluate.py defaults ({defaults.method} {defaults.beam}, batch {min(args.images, defaults.batch_size)}, "
-          f"KV cache, up to {defaults.max_new_tokens} tokens)   : {t_ours:7.2f} s {args.images / t_ours:7.2f} "
-          f"captions/s  {length(ours):.1f} tokens/caption")
-    print(f"speed-up: {t_ref / t_ours:.1f}x")
+    batch = min(args.images, defaults.batch_size)
+    for name, t, captions, work in [
+            ("their loop (batch 1, no cache, nucleus T 0.8 p 0.9, prompt + 24 tokens)", t_ref, theirs, work_ref),
+            (f"evaluate.py defaults ({defaults.method} {defaults.beam}, batch {batch}, KV cache, "
+             f"up to {defaults.max_new_tokens} tokens)", t_ours, ours, work_ours),
+            (f"evaluate.py --method greedy (batch {batch}, KV cache, up to {defaults.max_new_tokens} tokens)",
+             t_greedy, greedy, work_greedy)]:
+        print(f"{name:<80}: {t:7.2f} s {args.images / t:7.2f} captions/s  {length(captions):.1f} tokens/caption  "
+              f"LM work {work.gflop():7.1f} GFLOP ({work.gflop() / t:5.1f} GFLOP/s)")
+    print(f"speed-up of the defaults: {t_ref / t_ours:.1f}x "
+          f"(their work / ours: {work_ref.gflop() / work_ours.gflop():.1f}x,"
+          f" the bound at equal GFLOP/s); of greedy: {t_ref / t_greedy:.1f}x "
+          f"(work {work_ref.gflop() / work_greedy.gflop():.1f}x)")
 
     # ---- correctness: greedy through the KV cache = greedy by full recompute, token for token
     if args.check_images:

@@ -375,3 +375,27 @@ def test_caption_a_folder_reports_and_skips_unreadable_files(world, tmp_path, ca
     source = evaluate.encoded_images(features_manifest(), rows, torch.device("cpu"))
     _, visual = source.tokens([r["image_id"] for r in rows])  # (2, 5, 32)
     torch.testing.assert_close(visual, cache.batch([cache.row_of(r["image_id"]) for r in rows]), atol=2e-3, rtol=2e-3)
+
+
+def test_bench_eval_charges_each_decoder_the_work_it_does():
+    # bench_eval's speed-up bound rests on this count: the reference loop re-runs every position for every token
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import bench_eval
+    captioner = tiny_captioner("linear").eval()
+    lm = captioner.lm
+    visual = torch.randn(2, 5, 16)  # (B, S, C_vis)
+    L = captioner.condition(visual[:1])[0].size(1)  # the prefix's length
+    with bench_eval.LMWork(lm) as work:
+        bench_eval.reference_loop(captioner, visual, [1, 2, 3], 4, generator=torch.Generator().manual_seed(0))
+    assert work.positions == work.head_rows == 2 * sum(L + 3 + t for t in range(4))
+    C = lm.config.n_embd
+    assert work.block_weights == 12 * C * C  # qkv 3C², projection C², MLP 4C² + 4C²
+    flops_per_position = 2 * (12 * C * C * lm.config.n_layer + C * lm.config.vocab_size)
+    assert work.gflop() == pytest.approx(work.positions * flops_per_position / 1e9)
+    with bench_eval.LMWork(lm) as work:
+        [caption] = evaluate.decode_batch(captioner, visual[:1], "greedy", max_new_tokens=6)
+    # one prefill of L positions (output layer on its last only), then one position per token that is fed back:
+    # every token but a sixth (no forward after the last step)
+    assert work.positions == L + min(len(caption), 5)
+    assert work.head_rows == 1 + work.positions - L
