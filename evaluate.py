@@ -247,7 +247,8 @@ def blind_captions(captioner, tokenizer, image_ids, batch_size, decoding, dtype)
 # The comparison: several bridge checkpoints on the same images, one table
 
 
-ATTRIBUTES = ("colour", "shape", "size", "position", "relation")  # the miniature's per-attribute accuracies
+# the miniature's per-attribute accuracies, then the scene-level ones (data/shapes.py: scene_level)
+ATTRIBUTES = ("colour", "shape", "size", "position", "relation", "objects", "scene")
 
 
 def run_name(path, taken):
@@ -431,7 +432,12 @@ def markdown_table(rows, decoding, where, images, with_attributes):
              "Params: trainable / total (encoder + bridge + LM). METEOR: corpus score, then per-image mean ± std. "
              "CIDEr (CIDEr-D) with its 95% bootstrap interval over images.",
              "The blind row is the first checkpoint's frozen LM with no image at all (its first sentence after "
-             "<|endoftext|>): what the LM guesses without looking.", ""]
+             "<|endoftext|>): what the LM guesses without looking."]
+    if with_attributes:
+        lines.append("Against the drawn scenes: per-attribute accuracy (colour ... relation); objects = fraction of "
+                     "images whose caption names both objects with the right size, colour and shape; scene = "
+                     "that, and their relation right too.")
+    lines.append("")
     header = ["bridge", "trainable / total params", "train time", "val loss", "BLEU-4", "METEOR", "METEOR mean ± std",
               "CIDEr [95% CI]", "captions/s"] + [a for a in ATTRIBUTES if with_attributes]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -21,7 +21,8 @@ image where the LM expects earlier captions. Corpus scenes are sampled on their 
 the train/val images, and use every word the captions use (the LM keeps only the tokens its corpus uses).
 
 parse_caption() reads a caption back into attributes and score_caption() compares it with the scene, so an
-evaluation can report colour / shape / size / position / relation accuracy next to CIDEr.
+evaluation can report colour / shape / size / position / relation accuracy next to CIDEr, and the fraction of
+images whose caption gets both objects (objects) and also their relation (scene) entirely right.
 
     python data/shapes.py --out data/shapes --train 10000 --val 500 --seed 0
 """
@@ -228,11 +229,29 @@ def score_caption(text, scene):
     return best[1]
 
 
+def scene_level(scores):
+    """
+    Whole-scene correctness from one caption's score_caption() scores. Per-attribute means can be high while few
+    captions are right as a whole: one caption misses a colour, the next a shape, a third puts the right colours on
+    the wrong shapes (half right for both). So, per image:
+    objects: 1 if both objects are named with the right size, colour and shape (the matching score_caption picked
+             has all six right; the two objects always differ, so no other matching could);
+    scene:   1 if, in addition, their relation (left of / right of / above / below) is right.
+    """
+    objects = float(all(scores[a] == 1 for a in ("colour", "shape", "size")))
+    return dict(objects=objects, scene=float(objects == 1 and scores["relation"] == 1))
+
+
 def attribute_accuracy(captions, scenes):
-    """Mean per-attribute score over {image_id: caption} against {image_id: scene} (ids as str or int)."""
+    """
+    Mean scores over {image_id: caption} against {image_id: scene} (ids as str or int): the per-attribute ones
+    (colour, shape, size, position, relation) and the scene-level fractions of images (objects, scene).
+    """
     totals = {}
     for image_id, caption in captions.items():
-        for attribute, value in score_caption(caption, scenes[str(image_id)]).items():
+        scores = score_caption(caption, scenes[str(image_id)])
+        scores.update(scene_level(scores))
+        for attribute, value in scores.items():
             totals[attribute] = totals.get(attribute, 0.0) + value
     return {attribute: total / max(len(captions), 1) for attribute, total in totals.items()}
 

@@ -88,7 +88,7 @@ def test_parse_and_score_wrong_captions():
     assert shapes.score_caption("", scene) == dict(colour=0, shape=0, size=0, position=0, relation=0)
     acc = shapes.attribute_accuracy({1: "a small red circle left of a large blue square", "2": ""},
                                     {"1": scene, "2": scene})
-    assert acc == dict(colour=0.5, shape=0.5, size=0.5, position=0.5, relation=0.5)
+    assert acc == dict(colour=0.5, shape=0.5, size=0.5, position=0.5, relation=0.5, objects=0.5, scene=0.5)
 
 
 def test_corpus_repeats_scenes_and_covers_the_vocabulary(world):
@@ -110,3 +110,37 @@ def test_corpus_repeats_scenes_and_covers_the_vocabulary(world):
         for r in coco.load_records(world, split):
             for caption in r["captions"]:
                 assert set(enc.encode_ordinary(caption)) <= corpus_tokens, caption
+
+
+SCENE = dict(layout="horizontal", relation="left of", background=40, objects=[
+    dict(colour="red", shape="circle", size="small", position="left"),
+    dict(colour="blue", shape="square", size="large", position="right")])
+
+
+@pytest.mark.parametrize("caption, objects, scene", [
+    ("a small red circle to the left of a large blue square", 1, 1),        # right
+    ("a large blue square to the right of a small red circle", 1, 1),       # right, other order
+    ("a large blue square on the right and a small red circle on the left", 1, 1),  # right, regions only
+    ("a small red circle to the right of a large blue square", 1, 0),       # wrong relation
+    ("a small red circle above a large blue square", 1, 0),                 # relation of the other layout
+    ("a small red circle and a large blue square", 1, 0),                   # no relation at all
+    ("a small blue circle to the left of a large red square", 0, 0),        # colours swapped between the objects
+    ("a small red square to the left of a large blue circle", 0, 0),        # shapes swapped
+    ("a large red circle to the left of a small blue square", 0, 0),        # sizes swapped
+    ("a small red circle to the left of a large green square", 0, 0),       # one colour wrong
+    ("red circle to the left of a large blue square", 0, 0),                # a size left out
+    ("a small red circle", 0, 0),                                           # one object only
+    ("", 0, 0),
+])
+def test_scene_level_accuracy(caption, objects, scene):
+    assert shapes.scene_level(shapes.score_caption(caption, SCENE)) == dict(objects=objects, scene=scene)
+
+
+def test_per_attribute_means_hide_what_scene_level_shows():
+    # three captions, each with one mistake of a different kind: high per-attribute means, no image entirely right
+    captions = {1: "a small green circle to the left of a large blue square",   # one colour wrong
+                2: "a small red triangle to the left of a large blue square",   # one shape wrong
+                3: "a small red circle to the right of a large blue square"}    # relation wrong
+    acc = shapes.attribute_accuracy(captions, {str(i): SCENE for i in captions})
+    assert acc["colour"] == acc["shape"] == pytest.approx(5 / 6) and acc["size"] == 1
+    assert acc["objects"] == pytest.approx(1 / 3) and acc["scene"] == 0
