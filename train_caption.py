@@ -276,7 +276,9 @@ def batch_of(pairs, index, visual, eot, device):
         raise ValueError(f"cannot read {bad['path']}: {bad['reason']} (data/coco.py features skips such files)")
     tokens, targets = caption_batch([t for _, t, _ in chosen], eot, [complete for _, _, complete in chosen])
     if torch.device(device).type == "cuda" and v.device.type == "cpu":
-        v = v.pin_memory()  # page-locked: the copy to the GPU below runs without blocking the host
+        # page-locked, so the copy to the GPU below does not wait for the GPU's queue; pinning is itself a host
+        # copy (features preloaded on the GPU, --preload-features, avoid both)
+        v = v.pin_memory()
     return v.to(device, non_blocking=True), tokens.to(device, non_blocking=True), targets.to(device, non_blocking=True)
 
 # -----------------------------------------------------------------------------
