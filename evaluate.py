@@ -82,6 +82,7 @@ def beam_search(captioner, visual, beam=3, max_new_tokens=30, length_penalty=1.0
     logits, _ = lm(empty, prefix=prefix, cross=cross, cache=cache, last_only=True)  # (B, 1, V)
     per_beam = torch.arange(B, device=visual.device).repeat_interleave(K)  # (B*K,) the image of each beam
     cache.reorder(per_beam)
+    cache.shared = cache.pos  # from here on beams are reshuffled within an image only: their prefixes stay put
     if cross is not None:
         _, cross = captioner.condition(visual[per_beam])  # (B*K rows) the image's keys and values for every beam
     logprobs = F.log_softmax(logits[per_beam, -1, :n_vocab].float(), dim=-1)  # (B*K, V)

@@ -315,6 +315,7 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.pos = 0  # positions already in the cache (the same for every sequence of the batch)
+        self.shared = 0  # positions the rows that reorder() may swap hold in common (beam search: the image's prefix)
 
     def update(self, layer, k, v):
         """Write this step's keys/values (B, nh, T, hs) of one layer; return all keys/values so far."""
@@ -327,7 +328,9 @@ class KVCache:
         """
         Row i of the cache becomes what row index[i] was: beam search reshuffles its beams (and, with more rows
         than before, gives every beam a copy of its image's prefill). Copying the whole cache at every step
-        was most of beam search's time; only the rows that change, up to the positions written so far, are moved.
+        was most of beam search's time; only the rows that change are moved, and of those only the positions
+        written so far that are not `shared` (a beam only ever takes the place of a beam of its own image, and
+        those have the same prefix: its keys and values need no copy).
         """
         if len(index) != self.k[0].size(0):  # a new number of rows: new buffers
             self.k = [k.index_select(0, index) for k in self.k]
@@ -336,7 +339,7 @@ class KVCache:
         moved = (index != torch.arange(len(index), device=index.device)).nonzero().squeeze(1)  # rows that change
         source = index[moved]
         for buffer in self.k + self.v:
-            buffer[moved, :, :self.pos] = buffer[source, :, :self.pos]  # the right side is gathered first: a copy
+            buffer[moved, :, self.shared:self.pos] = buffer[source, :, self.shared:self.pos]  # gathered first: a copy
 
 # -----------------------------------------------------------------------------
 # The tokenizer: GPT-2's byte-level BPE, built from local files, never from the network.

@@ -147,6 +147,23 @@ def test_cache_reorder_follows_beams():
     assert torch.allclose(stepped[:, -1], full[:, -1], atol=1e-5)
 
 
+def test_cache_reorder_leaves_shared_positions_alone():
+    """Rows with a common start (beams of one image) swap only what follows it: the result is a full reorder's."""
+    model = tiny(seed=4)
+    start, ends = torch.randint(0, 128, (1, 5)).repeat(3, 1), torch.randint(0, 128, (3, 3))
+    seq = torch.cat([start, ends], 1)  # (3, 8): the same 5 tokens, then each row its own
+    cache = model.new_cache(3, 16)
+    with torch.no_grad():
+        model(start, cache=cache)
+        cache.shared = cache.pos
+        model(ends, cache=cache)
+        cache.reorder(torch.tensor([2, 2, 0]))
+        nxt = torch.randint(0, 128, (3, 1))
+        stepped, _ = model(nxt, cache=cache)
+        full, _ = model(torch.cat([seq[[2, 2, 0]], nxt], 1))
+    assert torch.allclose(stepped[:, -1], full[:, -1], atol=1e-5)
+
+
 def test_greedy_generate_equals_uncached_argmax_loop():
     model = tiny(seed=5)
     idx = torch.randint(0, 128, (4, 3))
