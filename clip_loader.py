@@ -69,6 +69,10 @@ CLIP_PRESETS = {
     # a probe on one pooled token reads colour 100%, size 95%, shape 50% (chance 33%). More random blocks add
     # nothing a probe can read (1 block and 4 score the same), so two keep feature extraction cheap.
     "mini": CLIPVisionConfig(64, 4, 128, 2, 4, 512),
+    # The miniature's PRETRAINED encoder (train_clip.py trains it on the miniature's images and captions): patches
+    # of 8 give 65 tokens, a quarter of "mini"'s, and 3 blocks of width 96 keep a training step of 128 images near
+    # a quarter of a second on 2 CPU cores.
+    "clip-mini": CLIPVisionConfig(64, 8, 96, 3, 4, 384),
     "tiny": CLIPVisionConfig(32, 8, 32, 2, 4, 64),  # unit tests: 17 tokens x 32
 }
 
@@ -138,10 +142,11 @@ class VisionTransformer(nn.Module):
     CLIP's image tower. `layer` picks whose hidden states forward() returns, indexed like transformers'
     `hidden_states`: 0 is the embedding after pre-LayerNorm, k the output of block k, -1 the last block,
     -2 the penultimate one. Blocks after the chosen layer are kept (so checkpoints load strictly) but never run.
-    The model is frozen here, once: no parameter wants a gradient and it never leaves eval mode.
+    The model is frozen here, once: no parameter wants a gradient and it never leaves eval mode. Only
+    train_clip.py, which pretrains a small tower, builds one with frozen=False.
     """
 
-    def __init__(self, config, layer=-1):
+    def __init__(self, config, layer=-1, frozen=True):
         super().__init__()
         if not -(config.layers + 1) <= layer <= config.layers:
             raise ValueError(f"layer {layer} out of range for a {config.layers}-block ViT "
@@ -157,44 +162,48 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.layers)])
         # CLIP's post-LayerNorm: only for the class token's image embedding (pooled()), never for the tokens
         self.post_layernorm = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
-        self.requires_grad_(False)
-        self.eval()
+        self.frozen = frozen
+        if frozen:
+            self.requires_grad_(False)
+            self.eval()
 
     def train(self, mode=True):
         # frozen: a caller's model.train() must not switch the encoder out of eval mode
-        return super().train(False)
+        return super().train(mode and not self.frozen)
 
-    @torch.no_grad()
     def forward(self, pixels):
-        B = pixels.shape[0]
-        x = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype))  # (B, C, g, g)
-        x = x.flatten(2).transpose(1, 2)  # (B, N, C), patches in raster order
-        cls = self.class_embedding.expand(B, 1, -1)  # (B, 1, C)
-        x = torch.cat([cls, x], dim=1)  # (B, 1 + N, C): the class token comes first
-        x = x + self.position_embedding  # positions are added before the pre-LayerNorm
-        x = self.pre_layrnorm(x)
-        for block in self.blocks[:self.n_run]:
-            x = block(x)
-        return x  # (B, 1 + N, C)
+        # a frozen tower never records an autograd graph, even for pixels that want a gradient; one being
+        # pretrained (train_clip.py) follows the caller's grad mode like any module
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            B = pixels.shape[0]
+            x = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype))  # (B, C, g, g)
+            x = x.flatten(2).transpose(1, 2)  # (B, N, C), patches in raster order
+            cls = self.class_embedding.expand(B, 1, -1)  # (B, 1, C)
+            x = torch.cat([cls, x], dim=1)  # (B, 1 + N, C): the class token comes first
+            x = x + self.position_embedding  # positions are added before the pre-LayerNorm
+            x = self.pre_layrnorm(x)
+            for block in self.blocks[:self.n_run]:
+                x = block(x)
+            return x  # (B, 1 + N, C)
 
-    @torch.no_grad()
     def pooled(self, tokens):
         """CLIP's pooled image state (transformers' pooler_output): post-LayerNorm of the last layer's class token."""
-        return self.post_layernorm(tokens[:, 0])  # (B, C)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            return self.post_layernorm(tokens[:, 0])  # (B, C)
 
 
 # -----------------------------------------------------------------------------
 # The untrained encoder of the offline miniature
 
 
-def build_random_clip(config, seed=0, layer=-1):
+def build_random_clip(config, seed=0, layer=-1, frozen=True):
     """
     A randomly initialised, UNTRAINED ViT with CLIP's layout and CLIP's init scheme, reproducible from the seed.
     Its features carry no learned semantics, only what random projections of the pixels keep (colour, size,
     position, and shape once patches are small enough); the offline miniature uses it so that the whole
-    pipeline runs without downloading anything.
+    pipeline runs without downloading anything. train_clip.py starts its training from it (frozen=False).
     """
-    model = VisionTransformer(config, layer)
+    model = VisionTransformer(config, layer, frozen)
     g = torch.Generator().manual_seed(seed)
     C, L = config.width, config.layers
     with torch.no_grad():
@@ -258,6 +267,28 @@ def hub_to_ours(state):
             key = "position_embedding"
         ours[key] = tensor
     return ours
+
+
+def ours_to_hub(state):
+    """
+    The inverse of hub_to_ours: our image tower's state dict under transformers' CLIPModel key names
+    ("vision_model.embeddings.patch_embedding.weight", "vision_model.encoder.layers.0.self_attn.q_proj.weight", ...),
+    for saving a tower we trained (train_clip.py) so that it loads exactly like OpenAI's.
+    """
+    hub = {}
+    for key, tensor in state.items():
+        if key in ("patch_embedding.weight", "class_embedding", "position_embedding"):
+            key = "embeddings." + key + (".weight" if key == "position_embedding" else "")
+        key = key.replace("blocks.", "encoder.layers.")
+        hub["vision_model." + key] = tensor
+    return hub
+
+
+def config_to_hub(config):
+    """The inverse of config_from_hub: a CLIPVisionConfig's fields under the hub's names (a "vision_config")."""
+    return dict(hidden_size=config.width, intermediate_size=config.mlp_width, num_hidden_layers=config.layers,
+                num_attention_heads=config.heads, num_channels=3, image_size=config.image_size,
+                patch_size=config.patch_size, hidden_act=config.act, layer_norm_eps=config.layer_norm_eps)
 
 
 def load_clip(name_or_dir="openai/clip-vit-large-patch14", layer=-1):

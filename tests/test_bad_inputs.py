@@ -10,6 +10,8 @@ result. Cases handled earlier are tested beside their code and listed here, so t
     caches / checkpoints of other settings, LMs, bridges refused by name       tests/test_coco.py, test_train_caption.py
     a NaN loss stops the run, keeping the last good checkpoint                 tests/test_train_lm.py, test_train_caption.py
     corrupt shards, missing data, offline downloads                            tests/test_fineweb.py, test_train_lm.py, test_coco.py
+    train_clip.py: another script's or another model's checkpoint, a caption     tests/test_train_clip.py
+      longer than --text-tokens, a run folder in use, flags out of range
 """
 import errno
 import json

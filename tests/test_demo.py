@@ -43,3 +43,19 @@ def test_shortened_demo_runs_every_stage_and_reuses_them(tmp_path):
     # a second run reuses everything: make finds every target up to date
     again = subprocess.run(["make", "-C", ROOT, "-q", target, *settings], capture_output=True, text=True)
     assert again.returncode == 0, "a finished stage would run again"
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_the_demo_can_read_a_clip_that_make_clip_trains_first(tmp_path):
+    demo = tmp_path / "demo"
+    settings = [f"BIN={os.path.dirname(sys.executable)}", f"DEMO={demo}", f"SHAPES={tmp_path / 'shapes'}",
+                f"CACHE={tmp_path / 'cache'}", "TRAIN_IMAGES=192", "VAL_IMAGES=24", "CORPUS_DOCS=100",
+                f"CLIP={tmp_path / 'clip'}", f"ENCODER={tmp_path / 'clip'}", "CLIP_STEPS=3", "CLIP_FLAGS=-B 64 --warmup-steps 1 --val-every 0"]
+    target = str(tmp_path / "cache" / "shapes_train" / "manifest.json")
+    run = subprocess.run(["make", "-C", ROOT, target, *settings], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    times = (demo / "times.txt").read_text().split("\n")
+    assert [line.split()[0] for line in times if line] == ["data", "clip", "features-train"]
+    assert (tmp_path / "clip" / "model.safetensors").exists() and (tmp_path / "clip" / "quality.json").exists()
+    with open(tmp_path / "cache" / "shapes_train" / "manifest.json") as f:
+        assert json.load(f)["encoder"] == str(tmp_path / "clip")  # the features are the trained CLIP's
