@@ -33,9 +33,9 @@ from bridges import BRIDGES, BridgeConfig, build_captioner, caption_batch, lm_fi
 from common import autocast, natural_int, nonneg_float, positive_float, positive_int
 from data import coco
 from gpt2 import load_lm
-from train_utils import (Checkpoints, JsonlLogger, add_run_flags, changed_args, enable_speedups, find_resume, format_eta, grad_scaler,
-                         launch, load_optimizer_state, lr_at, micro_batches, optimizer_step, print0, rng_state,
-                         set_rng_state)
+from train_utils import (Checkpoints, JsonlLogger, add_run_flags, enable_speedups, find_resume, format_eta,
+                         grad_scaler, launch, lr_at, micro_batches, optimizer_step, print0, restore_training_state,
+                         rng_state)
 
 # -----------------------------------------------------------------------------
 # The training loop: one optimizer step = grad_accum micro-batches on each process
@@ -317,11 +317,7 @@ def restore(ckpt, captioner, optimizer, args):
     if ckpt is None:
         return 0, 0.0, None
     captioner.load_trainable_state(ckpt["trainable"])
-    load_optimizer_state(optimizer, ckpt["optimizer"])
-    set_rng_state(ckpt["rng"])
-    changed = changed_args(ckpt["args"], args)
-    if changed:
-        print0(f"note: resuming with changed arguments (checkpoint, now), applied from here on: {changed}")
+    restore_training_state(ckpt, optimizer, args)
     return ckpt["step"], ckpt["train_seconds"], ckpt.get("val_loss")
 
 

@@ -51,9 +51,8 @@ from common import (UsageError, atomic_open, autocast, int_at_least, natural_int
                     positive_int, read_json, write_json)
 from data import coco, shapes
 from gpt2 import Block, GPTConfig, SubsetTokenizer, get_tokenizer
-from train_utils import (Checkpoints, JsonlLogger, add_run_flags, changed_args, enable_speedups, find_resume,
-                         format_eta, grad_scaler, launch, load_optimizer_state, lr_at, optimizer_step, print0,
-                         rng_state, set_rng_state)
+from train_utils import (Checkpoints, JsonlLogger, add_run_flags, enable_speedups, find_resume, format_eta,
+                         grad_scaler, launch, lr_at, optimizer_step, print0, restore_training_state, rng_state)
 
 # -----------------------------------------------------------------------------
 # Configuration: which image tower, how big a text tower, how wide the shared embedding
@@ -492,11 +491,7 @@ def restore(ckpt, model, optimizer, args):
     if ckpt is None:
         return 0, 0.0
     model.load_state_dict(ckpt["model"])
-    load_optimizer_state(optimizer, ckpt["optimizer"])
-    set_rng_state(ckpt["rng"])
-    changed = changed_args(ckpt["args"], args)
-    if changed:
-        print0(f"note: resuming with changed arguments (checkpoint, now), applied from here on: {changed}")
+    restore_training_state(ckpt, optimizer, args)
     return ckpt["step"], ckpt["train_seconds"]
 
 

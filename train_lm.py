@@ -28,9 +28,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from common import autocast, natural_int, nonneg_float, positive_float, positive_int
 from data import fineweb, hellaswag
 from gpt2 import GPT, GPTConfig, PRESETS, SubsetTokenizer, get_tokenizer
-from train_utils import (Checkpoints, JsonlLogger, add_run_flags, changed_args, enable_speedups, estimate_mfu, find_resume, format_eta,
-                         from_rank0, gpu_peak_flops, grad_scaler, launch, load_optimizer_state, lr_at, micro_batches,
-                         optimizer_step, print0, rng_state, set_rng_state)
+from train_utils import (Checkpoints, JsonlLogger, add_run_flags, enable_speedups, estimate_mfu, find_resume,
+                         format_eta, from_rank0, gpu_peak_flops, grad_scaler, launch, lr_at, micro_batches,
+                         optimizer_step, print0, restore_training_state, rng_state)
 
 # -----------------------------------------------------------------------------
 # Presets: the real run, and small runs for a CPU (defaults of every flag left unset)
@@ -239,12 +239,8 @@ def restore(ckpt, raw_model, optimizer, train_loader, args):
     if ckpt is None:
         return 0
     raw_model.load_state_dict(ckpt["model"])
-    load_optimizer_state(optimizer, ckpt["optimizer"])
     train_loader.load_state(ckpt["loader"])
-    set_rng_state(ckpt["rng"])
-    changed = changed_args(ckpt["args"], args)
-    if changed:
-        print0(f"note: resuming with changed arguments (checkpoint, now), applied from here on: {changed}")
+    restore_training_state(ckpt, optimizer, args)
     return ckpt["step"]
 
 

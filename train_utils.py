@@ -210,6 +210,18 @@ def load_optimizer_state(optimizer, state, keep=("lr", "base_lr", "weight_decay"
         group.update(settings)
 
 
+def restore_training_state(ckpt, optimizer, args):
+    """
+    What a resumed run takes back besides its weights: the optimizer's moments (with this run's hyper-parameters,
+    see load_optimizer_state) and every RNG. The flags this run changes are printed, so nothing changes unseen.
+    """
+    load_optimizer_state(optimizer, ckpt["optimizer"])
+    set_rng_state(ckpt["rng"])
+    changed = changed_args(ckpt["args"], args)
+    if changed:
+        print0(f"note: resuming with changed arguments (checkpoint, now), applied from here on: {changed}")
+
+
 def changed_args(ckpt_args, args, ignore=("resume", "stop_step", "overwrite")):
     """{flag: (in the checkpoint, now)} for every argument a resumed run changes: printed, so nothing changes unseen."""
     return {k: (ckpt_args.get(k), v) for k, v in vars(args).items() if k not in ignore and ckpt_args.get(k) != v}
