@@ -134,29 +134,19 @@ def test_cache_accepts_chunks_after_the_prefill():
     assert torch.allclose(torch.cat([a, b, c], 1), full, atol=1e-5)
 
 
-def test_cache_reorder_follows_beams():
+@pytest.mark.parametrize("shared", [0, 5])
+def test_cache_reorder_follows_beams(shared):
+    """
+    After a reorder, each row continues the sequence it was given. Rows may share their first positions (the
+    beams of one image share its prefix): a reorder that leaves those alone must give the full recompute too.
+    """
     model = tiny(seed=4)
-    seq = torch.randint(0, 128, (3, 8))
+    seq = torch.cat([torch.randint(0, 128, (1, shared)).repeat(3, 1), torch.randint(0, 128, (3, 8 - shared))], 1)
     cache = model.new_cache(3, 16)
     with torch.no_grad():
-        model(seq, cache=cache)
-        cache.reorder(torch.tensor([2, 2, 0]))
-        nxt = torch.randint(0, 128, (3, 1))
-        stepped, _ = model(nxt, cache=cache)
-        full, _ = model(torch.cat([seq[[2, 2, 0]], nxt], 1))
-    assert torch.allclose(stepped[:, -1], full[:, -1], atol=1e-5)
-
-
-def test_cache_reorder_leaves_shared_positions_alone():
-    """Rows with a common start (beams of one image) swap only what follows it: the result is a full reorder's."""
-    model = tiny(seed=4)
-    start, ends = torch.randint(0, 128, (1, 5)).repeat(3, 1), torch.randint(0, 128, (3, 3))
-    seq = torch.cat([start, ends], 1)  # (3, 8): the same 5 tokens, then each row its own
-    cache = model.new_cache(3, 16)
-    with torch.no_grad():
-        model(start, cache=cache)
+        model(seq[:, :shared], cache=cache)
         cache.shared = cache.pos
-        model(ends, cache=cache)
+        model(seq[:, shared:], cache=cache)
         cache.reorder(torch.tensor([2, 2, 0]))
         nxt = torch.randint(0, 128, (3, 1))
         stepped, _ = model(nxt, cache=cache)
