@@ -27,10 +27,10 @@ from tqdm import tqdm
 import clip_loader
 import plots
 from bridges import Captioner, load_captioner
-from common import (autocast, best_device, finite_float, nonneg_float, positive_int, probability, read_json,
-                    resolve_dtype, write_json)
+from common import (autocast, best_device, finite_float, nonneg_float, positive_int, probability, resolve_dtype,
+                    write_json)
 from data import coco
-from data.shapes import attribute_accuracy
+from data.shapes import attribute_accuracy, read_scenes
 from metrics import METRICS, score_captions
 
 # -----------------------------------------------------------------------------
@@ -331,8 +331,7 @@ def compare(args):
     if cache is not None:
         records = in_cache(records, cache, args.features, where)
     references = {r["image_id"]: r["captions"] for r in records}
-    scenes_path = os.path.join(args.coco_root, f"scenes_{split}.json")
-    scenes = read_json(scenes_path, "scene file") if os.path.exists(scenes_path) and not args.karpathy_json else None
+    scenes = None if args.karpathy_json else read_scenes(args.coco_root, split)
     decoding = dict(method=args.method, beam=args.beam, max_new_tokens=args.max_new_tokens,
                     length_penalty=args.length_penalty, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     print(f"evaluating {len(args.checkpoints)} checkpoint(s) on {len(records)} images of {where}; decoding {decoding}",

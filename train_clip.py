@@ -515,11 +515,9 @@ def finish(model, tokenizer, train_data, val_data, args, train_seconds, logger):
 
 
 def read_scenes(root):
-    """The miniature's scenes_{train,val}.json (what was drawn), or None for a real COCO root."""
-    paths = {s: os.path.join(root, f"scenes_{s}.json") for s in ("train", "val")}
-    if not all(os.path.exists(p) for p in paths.values()):
-        return None
-    return {split: read_json(path, "scene file") for split, path in paths.items()}
+    """The miniature's train and val scenes (what was drawn), or None for a real COCO root."""
+    scenes = {split: shapes.read_scenes(root, split) for split in ("train", "val")}
+    return scenes if all(s is not None for s in scenes.values()) else None
 
 
 def print_quality(quality):

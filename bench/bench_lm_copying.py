@@ -10,7 +10,6 @@ blind baseline, printed first (nothing in context), scored against the same four
     python bench/bench_lm_copying.py runs/demo/lm/ckpt_000500.pt runs/demo/lm/ckpt_001500.pt   # after make demo
 """
 import argparse
-import json
 import os
 import sys
 
@@ -18,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.coco import load_records  # noqa: E402
-from data.shapes import attribute_accuracy  # noqa: E402
+from data.shapes import attribute_accuracy, read_scenes  # noqa: E402
 from evaluate import first_sentence, score_captions  # noqa: E402
 from gpt2 import load_lm  # noqa: E402
 
@@ -39,8 +38,9 @@ if __name__ == "__main__":
     parser.add_argument("--images", type=int, default=500)
     args = parser.parse_args()
     records = load_records(args.root, "val")[:args.images]
-    with open(os.path.join(args.root, "scenes_val.json")) as f:
-        scenes = json.load(f)
+    scenes = read_scenes(args.root, "val")
+    if scenes is None:
+        sys.exit(f"{args.root} has no scenes_val.json: this bench needs the miniature (data/shapes.py)")
     in_context = {r["image_id"]: r["captions"][0] for r in records}
     references = {r["image_id"]: r["captions"][1:] for r in records}  # the one in context is not scored against
     for path in args.checkpoints:

@@ -39,7 +39,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `python data/shapes.py`
-from common import atomic_open, int_at_least, positive_int, write_json  # noqa: E402
+from common import atomic_open, int_at_least, positive_int, read_json, write_json  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # The world: a handful of attributes, each clearly visible at 64 px
@@ -283,6 +283,13 @@ def write_split(out, split, count, seed, image_size=64):
                 images=images, annotations=annotations)
     write_json(os.path.join(out, "annotations", f"captions_{split}2017.json"), coco)
     write_json(os.path.join(out, f"scenes_{split}.json"), scenes)
+
+
+def read_scenes(root, split):
+    """What was drawn in a split ({image id: scene}, from scenes_{split}.json), or None for a root that is not the
+    miniature (real COCO has no scenes)."""
+    path = os.path.join(root, f"scenes_{split}.json")
+    return read_json(path, "scene file") if os.path.exists(path) else None
 
 
 def corpus_documents(count, seed, image_size=64):
