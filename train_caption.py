@@ -306,7 +306,8 @@ def check_resumable(ckpt, ckpt_path, bridge_config, fingerprint, features, args)
     if ckpt["unfreeze_last"] != args.unfreeze_last:
         problems.append(f"--unfreeze-last {ckpt['unfreeze_last']} != {args.unfreeze_last}")
     if problems:
-        raise ValueError(f"cannot resume from {ckpt_path}: " + "; ".join(problems))
+        raise ValueError(f"cannot resume from {ckpt_path}: " + "; ".join(problems) +
+                         ". Train into another --out-dir, or start this run over with --overwrite")
 
 
 def restore(ckpt, captioner, optimizer, args):

@@ -120,6 +120,18 @@ def test_2_resume_auto_on_a_finished_run_changes_nothing(world, tmp_path, capsys
     assert "nothing left to train" in capsys.readouterr().out
     assert {name: open(tmp_path / name, "rb").read() for name in os.listdir(tmp_path)} == before
 
+def test_2_a_finished_run_is_not_resumed_on_another_encoders_features(world, tmp_path):  # noqa: F811
+    # `make demo` after the demo's encoder changed (its CLIP stage joined): the bridges' folders hold runs trained on
+    # the old features, and --resume auto must say so, and how to start over, not train on or keep the old bridge
+    train_caption.main(caption_args(world, tmp_path / "run", "linear", "--max-steps", "2"))
+    for split in ("train", "val"):
+        coco.build_feature_cache(coco.load_records(world["root"], split), "random-vit:tiny:seed1",
+                                 str(tmp_path / f"other_{split}"), batch_size=16, num_workers=1)
+    a = caption_args(world, tmp_path / "run", "linear", "--max-steps", "2", "--resume", "auto")
+    a[a.index("--features") + 1], a[a.index("--val-features") + 1] = str(tmp_path / "other_train"), str(tmp_path / "other_val")
+    with pytest.raises(ValueError, match=r"visual features .*random-vit:tiny:seed0.*--overwrite"):
+        train_caption.main(a)
+
 # -----------------------------------------------------------------------------
 # 3, 4, 6, 16. Numbers out of range stop every script at once, as argparse does (exit status 2)
 
