@@ -92,11 +92,21 @@ $(WORLD)/done.json:
 # Every size is a variable, so a shortened demo is one command line (tests/test_demo.py runs one).
 DEMO    := runs/demo
 SHAPES  := data/shapes
-CACHE   := data/cache
-# The frozen encoder: an untrained ViT. `make demo ENCODER=runs/clip CACHE=data/cache-clip DEMO=runs/demo-clip`
-# reads the small CLIP that `make clip` pretrains instead (made first if missing); the README compares the two.
-ENCODER := random-vit:mini:seed0
+# The miniature has three pretrained parts, each trained here by the project's own code: the LM on the corpus
+# (train_lm.py), CLIP on the train images and their captions (train_clip.py), then the bridges with both frozen.
+# CLIP is saved in the Hugging Face CLIP layout, and the features read it as they read openai/clip-vit-large-patch14.
+CLIP       := $(DEMO)/clip
+CLIP_STEPS := 500
+CLIP_FLAGS := -B 128 --warmup-steps 30 --lr 2e-3 --val-every 0
+# The frozen encoder of the bridges: that CLIP. The ablation, an untrained ViT of the same family:
+# `make demo ENCODER=random-vit:mini:seed0 DEMO=runs/demo-random` (the README compares the two).
+ENCODER := $(CLIP)
 ENCODER_DEP := $(if $(findstring random-vit:,$(ENCODER)),,$(ENCODER)/config.json)
+# Feature caches live in the run folder, so another encoder or world (another DEMO) never meets this one's.
+CACHE   := $(DEMO)/features
+# The world's seed: another seed draws other scenes, captions and corpus (`make demo SHAPES_SEED=1 SHAPES=data/shapes-1
+# CACHE=data/cache-1 DEMO=runs/demo-1` runs the whole demo on it; the README shows that table next to seed 0's).
+SHAPES_SEED  := 0
 TRAIN_IMAGES := 5000
 VAL_IMAGES   := 500
 CORPUS_DOCS  := 20000
@@ -132,7 +142,7 @@ demo-table: $(DEMO)/results/table.md
 
 $(SHAPES)/info.json:
 	$(call stage,data,$(BIN)/python data/shapes.py --out $(SHAPES) --train $(TRAIN_IMAGES) --val $(VAL_IMAGES) \
-		--corpus-docs $(CORPUS_DOCS) --seed 0)
+		--corpus-docs $(CORPUS_DOCS) --seed $(SHAPES_SEED))
 
 $(DEMO)/lm_shards/manifest.json: $(SHAPES)/info.json
 	$(call stage,shards,$(BIN)/python data/fineweb.py --data-files $(SHAPES)/corpus.jsonl --out-dir $(DEMO)/lm_shards --shard-size $(SHARD_SIZE) --workers 2)
@@ -155,12 +165,9 @@ $(DEMO)/results/table.md: $(foreach b,$(BRIDGES),$(DEMO)/caption/$(b)/ckpt_final
 	$(call stage,evaluate,$(BIN)/python evaluate.py --checkpoints $^ --coco-root $(SHAPES) --split val \
 		--features $(CACHE)/shapes_val --out $(DEMO)/results --method greedy)
 
-# make clip: CLIP's contrastive pretraining by hand (train_clip.py) on the miniature's train images and captions,
-# saved in the Hugging Face CLIP layout (config.json + model.safetensors), with its retrieval R@1 and linear probes
-# in quality.json. Any encoder flag (ENCODER, --encoder) takes that folder as it takes openai/clip-vit-large-patch14.
-CLIP       := runs/clip
-CLIP_STEPS := 500
-CLIP_FLAGS := -B 128 --warmup-steps 30 --lr 2e-3 --val-every 0
+# make clip: the demo's CLIP stage alone: CLIP's contrastive pretraining by hand (train_clip.py) on the miniature's
+# train images and captions, saved in the Hugging Face CLIP layout (config.json + model.safetensors), with its
+# retrieval R@1 and linear probes in quality.json (variables above).
 
 clip: setup
 	@$(MAKE) --no-print-directory clip-run

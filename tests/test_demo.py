@@ -11,7 +11,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ["data", "shards", "lm", "features-train", "features-val", "bridge-linear", "bridge-xattn",
+STAGES = ["data", "shards", "lm", "clip", "features-train", "features-val", "bridge-linear", "bridge-xattn",
           "bridge-qformer", "evaluate"]
 
 
@@ -19,8 +19,8 @@ STAGES = ["data", "shards", "lm", "features-train", "features-val", "bridge-line
 def test_shortened_demo_runs_every_stage_and_reuses_them(tmp_path):
     demo = tmp_path / "demo"
     settings = [f"BIN={os.path.dirname(sys.executable)}", f"DEMO={demo}", f"SHAPES={tmp_path / 'shapes'}",
-                f"CACHE={tmp_path / 'cache'}", "TRAIN_IMAGES=192", "VAL_IMAGES=24", "CORPUS_DOCS=1200",
-                "SHARD_SIZE=20000", "LM_STEPS=12", "BRIDGE_STEPS=6", "VAL_PAIRS=48"]
+                "TRAIN_IMAGES=192", "VAL_IMAGES=24", "CORPUS_DOCS=1200", "SHARD_SIZE=20000", "LM_STEPS=12",
+                "CLIP_STEPS=3", "CLIP_FLAGS=-B 64 --warmup-steps 1 --val-every 0", "BRIDGE_STEPS=6", "VAL_PAIRS=48"]
     target = str(demo / "results" / "table.md")  # the file target: `demo` itself would also install .venv
     run = subprocess.run(["make", "-C", ROOT, target, *settings], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -38,24 +38,29 @@ def test_shortened_demo_runs_every_stage_and_reuses_them(tmp_path):
     times = (demo / "times.txt").read_text().split("\n")
     assert [line.split()[0] for line in times if line] == STAGES
 
-    # the feature caches stay finished (make must not delete their manifests as "intermediate" files)
-    assert all((tmp_path / "cache" / f"shapes_{split}" / "manifest.json").exists() for split in ("train", "val"))
+    # the bridges read the CLIP the demo trained, in the hub's layout; its caches live in the run folder and stay
+    # finished (make must not delete their manifests as "intermediate" files)
+    assert (demo / "clip" / "model.safetensors").exists() and (demo / "clip" / "quality.json").exists()
+    for split in ("train", "val"):
+        with open(demo / "features" / f"shapes_{split}" / "manifest.json") as f:
+            assert json.load(f)["encoder"] == str(demo / "clip")
     # a second run reuses everything: make finds every target up to date
     again = subprocess.run(["make", "-C", ROOT, "-q", target, *settings], capture_output=True, text=True)
     assert again.returncode == 0, "a finished stage would run again"
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
-def test_the_demo_can_read_a_clip_that_make_clip_trains_first(tmp_path):
+def test_the_ablation_reads_an_untrained_vit_and_trains_no_clip(tmp_path):
     demo = tmp_path / "demo"
     settings = [f"BIN={os.path.dirname(sys.executable)}", f"DEMO={demo}", f"SHAPES={tmp_path / 'shapes'}",
-                f"CACHE={tmp_path / 'cache'}", "TRAIN_IMAGES=192", "VAL_IMAGES=24", "CORPUS_DOCS=100",
-                f"CLIP={tmp_path / 'clip'}", f"ENCODER={tmp_path / 'clip'}", "CLIP_STEPS=3", "CLIP_FLAGS=-B 64 --warmup-steps 1 --val-every 0"]
-    target = str(tmp_path / "cache" / "shapes_train" / "manifest.json")
+                "TRAIN_IMAGES=24", "VAL_IMAGES=8", "CORPUS_DOCS=100", "SHAPES_SEED=3", "ENCODER=random-vit:mini:seed0"]
+    target = str(demo / "features" / "shapes_train" / "manifest.json")
     run = subprocess.run(["make", "-C", ROOT, target, *settings], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     times = (demo / "times.txt").read_text().split("\n")
-    assert [line.split()[0] for line in times if line] == ["data", "clip", "features-train"]
-    assert (tmp_path / "clip" / "model.safetensors").exists() and (tmp_path / "clip" / "quality.json").exists()
-    with open(tmp_path / "cache" / "shapes_train" / "manifest.json") as f:
-        assert json.load(f)["encoder"] == str(tmp_path / "clip")  # the features are the trained CLIP's
+    assert [line.split()[0] for line in times if line] == ["data", "features-train"]  # no CLIP stage
+    assert not (demo / "clip").exists()
+    with open(demo / "features" / "shapes_train" / "manifest.json") as f:
+        assert json.load(f)["encoder"] == "random-vit:mini:seed0"
+    with open(tmp_path / "shapes" / "info.json") as f:
+        assert json.load(f)["seed"] == 3  # the world was drawn with SHAPES_SEED
