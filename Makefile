@@ -92,7 +92,7 @@ $(WORLD)/done.json:
 # Every size is a variable, so a shortened demo is one command line (tests/test_demo.py runs one).
 DEMO    := runs/demo
 SHAPES  := data/shapes
-# The miniature has three pretrained parts, each trained here by the project's own code: the LM on the corpus
+# The miniature has three trained parts, each trained here by the project's own code: the LM on the corpus
 # (train_lm.py), CLIP on the train images and their captions (train_clip.py), then the bridges with both frozen.
 # CLIP is saved in the Hugging Face CLIP layout, and the features read it as they read openai/clip-vit-large-patch14.
 CLIP       := $(DEMO)/clip
@@ -105,7 +105,7 @@ ENCODER_DEP := $(if $(findstring random-vit:,$(ENCODER)),,$(ENCODER)/config.json
 # Feature caches live in the run folder, so another encoder or world (another DEMO) never meets this one's.
 CACHE   := $(DEMO)/features
 # The world's seed: another seed draws other scenes, captions and corpus (`make demo SHAPES_SEED=1 SHAPES=data/shapes-1
-# CACHE=data/cache-1 DEMO=runs/demo-1` runs the whole demo on it; the README shows that table next to seed 0's).
+# DEMO=runs/demo-1` runs the whole demo on it; the README shows that table next to seed 0's).
 SHAPES_SEED  := 0
 TRAIN_IMAGES := 5000
 VAL_IMAGES   := 500
