@@ -119,8 +119,12 @@ SHARD_SIZE   := 200000
 LM      := $(DEMO)/lm/ckpt_$(shell printf %06d $(LM_STEPS)).pt
 # Every bridge registered in bridges.py (its BRIDGES registry): a new bridge joins the demo by itself.
 BRIDGES = $(shell $(BIN)/python -c "import bridges; print(*bridges.BRIDGES)")
+# Standardising the features per token and channel with the train set's statistics (--standardize) is for the
+# untrained ViT, whose channels have very uneven scales; the CLIP's tokens are read as they are. Measured on the
+# CLIP's features, CIDEr-D with / without, seed-0 world: linear 2.30 / 3.08, xattn 3.53 / 3.60, qformer 3.20 / 3.13.
+STANDARDIZE := $(if $(findstring random-vit:,$(ENCODER)),--standardize,--no-standardize)
 CAPTION_FLAGS := -B 64 --total-batch 64 --max-steps $(BRIDGE_STEPS) --warmup-steps 30 --val-every 100 \
-                 --val-pairs $(VAL_PAIRS) --standardize --qformer-width 128 --qformer-heads 4 --queries 16
+                 --val-pairs $(VAL_PAIRS) $(STANDARDIZE) --qformer-width 128 --qformer-heads 4 --queries 16
 # Learning rate per bridge: LR_<name>, else LR. One linear layer (21k parameters) needs a far larger step than
 # the attention bridges (0.6-0.8M).
 LR         := 1e-3

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ["data", "shards", "lm", "clip", "features-train", "features-val", "bridge-linear", "bridge-xattn",
@@ -44,6 +45,10 @@ def test_shortened_demo_runs_every_stage_and_reuses_them(tmp_path):
     for split in ("train", "val"):
         with open(demo / "features" / f"shapes_{split}" / "manifest.json") as f:
             assert json.load(f)["encoder"] == str(demo / "clip")
+    # the CLIP's tokens are read as they are (standardising is for the untrained ViT: the Makefile's STANDARDIZE)
+    for bridge in ("linear", "xattn", "qformer"):
+        ckpt = torch.load(demo / "caption" / bridge / "ckpt_final.pt", weights_only=True)
+        assert ckpt["args"]["standardize"] is False and ckpt["visual_stats"] is None, bridge
     # a second run reuses everything: make finds every target up to date
     again = subprocess.run(["make", "-C", ROOT, "-q", target, *settings], capture_output=True, text=True)
     assert again.returncode == 0, "a finished stage would run again"
@@ -64,3 +69,8 @@ def test_the_ablation_reads_an_untrained_vit_and_trains_no_clip(tmp_path):
         assert json.load(f)["encoder"] == "random-vit:mini:seed0"
     with open(tmp_path / "shapes" / "info.json") as f:
         assert json.load(f)["seed"] == 3  # the world was drawn with SHAPES_SEED
+    # its bridges would standardise the untrained ViT's features (uneven channels), unlike the CLIP's
+    dry = subprocess.run(["make", "-C", ROOT, "-n", str(demo / "caption" / "linear" / "ckpt_final.pt"), *settings],
+                         capture_output=True, text=True)
+    bridge = [line for line in dry.stdout.splitlines() if "train_caption.py" in line]
+    assert dry.returncode == 0 and len(bridge) == 1 and " --standardize " in bridge[0], dry.stdout[-2000:]
