@@ -101,7 +101,8 @@ CLIP_FLAGS := -B 128 --warmup-steps 30 --lr 2e-3 --val-every 0
 # The frozen encoder of the bridges: that CLIP. The ablation, an untrained ViT of the same family:
 # `make demo ENCODER=random-vit:mini:seed0 DEMO=runs/demo-random` (the README compares the two).
 ENCODER := $(CLIP)
-ENCODER_DEP := $(if $(findstring random-vit:,$(ENCODER)),,$(ENCODER)/config.json)
+UNTRAINED := $(findstring random-vit:,$(ENCODER))
+ENCODER_DEP := $(if $(UNTRAINED),,$(ENCODER)/config.json)
 # Feature caches live in the run folder, so another encoder or world (another DEMO) never meets this one's.
 CACHE   := $(DEMO)/features
 # The world's seed: another seed draws other scenes, captions and corpus (`make demo SHAPES_SEED=1 SHAPES=data/shapes-1
@@ -122,7 +123,7 @@ BRIDGES = $(shell $(BIN)/python -c "import bridges; print(*bridges.BRIDGES)")
 # Standardising the features per token and channel with the train set's statistics (--standardize) is for the
 # untrained ViT, whose channels have very uneven scales; the CLIP's tokens are read as they are. Measured on the
 # CLIP's features, CIDEr-D with / without, seed-0 world: linear 2.30 / 3.08, xattn 3.53 / 3.60, qformer 3.20 / 3.13.
-STANDARDIZE := $(if $(findstring random-vit:,$(ENCODER)),--standardize,--no-standardize)
+STANDARDIZE := $(if $(UNTRAINED),--standardize,--no-standardize)
 CAPTION_FLAGS := -B 64 --total-batch 64 --max-steps $(BRIDGE_STEPS) --warmup-steps 30 --val-every 100 \
                  --val-pairs $(VAL_PAIRS) $(STANDARDIZE) --qformer-width 128 --qformer-heads 4 --queries 16
 # Learning rate per bridge: LR_<name>, else LR. One linear layer (21k parameters) needs a far larger step than

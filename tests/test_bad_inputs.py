@@ -120,6 +120,7 @@ def test_2_resume_auto_on_a_finished_run_changes_nothing(world, tmp_path, capsys
     assert "nothing left to train" in capsys.readouterr().out
     assert {name: open(tmp_path / name, "rb").read() for name in os.listdir(tmp_path)} == before
 
+
 def test_2_a_finished_run_is_not_resumed_on_another_encoders_features(world, tmp_path):  # noqa: F811
     # `make demo` after the demo's encoder changed (its CLIP stage joined): the bridges' folders hold runs trained on
     # the old features, and --resume auto must say so, and how to start over, not train on or keep the old bridge
