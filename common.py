@@ -91,6 +91,12 @@ def hub_folder(name_or_dir, weights=("model.safetensors", "pytorch_model.bin")):
     """
     if os.path.isdir(name_or_dir):
         return name_or_dir
+    if os.path.isfile(name_or_dir):  # its weights or config file, or a training checkpoint beside them
+        folder = os.path.dirname(name_or_dir) or "."
+        fix = (f"pass the folder that holds it with its config.json: {folder}"
+               if os.path.isfile(os.path.join(folder, "config.json"))
+               else f"pass a folder holding config.json and {weights[0]}")
+        raise ValueError(f"{name_or_dir} is a file, but a model in the Hugging Face hub's layout is a folder: {fix}")
     if looks_like_path(name_or_dir):
         raise FileNotFoundError(f"{name_or_dir} does not exist (it names a file or folder, not a hub id like "
                                 f"openai-community/gpt2); was it moved or deleted?")

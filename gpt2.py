@@ -414,7 +414,7 @@ def load_lm(name_or_path, device="cpu"):
     (a .pt file: {"model", "config", "vocab", ...}; vocab is None or the GPT-2 ids of a SubsetTokenizer), or
     OpenAI's weights (anything GPT.from_pretrained accepts). Returns (model, tokenizer).
     """
-    if os.path.isfile(name_or_path):
+    if os.path.isfile(name_or_path) and not name_or_path.endswith((".safetensors", ".bin", ".json")):  # not a hub file
         ckpt = load_checkpoint(name_or_path, "LM checkpoint")
         if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
             raise ValueError(f"{name_or_path} is not a train_lm.py checkpoint (no 'model'/'config' entries)")

@@ -30,6 +30,7 @@ import evaluate
 import train_caption
 import train_lm
 from bridges import load_captioner
+from clip_loader import load_clip
 from data import coco, fineweb, shapes
 from gpt2 import SubsetTokenizer, get_tokenizer, load_lm
 from tests.test_train_caption import args as caption_args
@@ -239,7 +240,7 @@ def test_7_malformed_annotation_json_is_named(tmp_path):
         coco.load_records(root, "test", karpathy_json=str(karpathy))
 
 # -----------------------------------------------------------------------------
-# 8, 9, 10. Checkpoints that are truncated, empty, moved, or of the other kind
+# 8, 9, 10. Checkpoints that are truncated, empty, moved, of the other kind, or a file where its folder is meant
 
 
 def test_8_truncated_or_empty_checkpoints_are_named(world, tmp_path):  # noqa: F811
@@ -257,6 +258,24 @@ def test_9_a_moved_lm_is_a_missing_file_not_a_hub_id(tmp_path):
     for moved in [str(tmp_path / "runs" / "lm" / "ckpt_001500.pt"), "runs/moved-away/lm/ckpt_001500.pt", "ckpt.pt"]:
         with pytest.raises(FileNotFoundError, match="does not exist"):
             load_lm(moved)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "ckpt_000500.pt"])
+def test_9_a_file_of_a_model_folder_names_the_folder(tmp_path, name):
+    # --encoder runs/demo/clip/model.safetensors, or the CLIP's last training checkpoint beside it, for the folder
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    for file in ("config.json", "model.safetensors", "ckpt_000500.pt"):
+        (folder / file).write_text("{}")
+    with pytest.raises(ValueError, match=f"{folder / name} is a file, .* pass the folder that holds it with its "
+                                         f"config.json: {folder}$"):
+        load_clip(str(folder / name))
+    if name != "ckpt_000500.pt":  # a .pt file is read as a train_lm.py checkpoint (test 8)
+        with pytest.raises(ValueError, match=f"pass the folder that holds it with its config.json: {folder}$"):
+            load_lm(str(folder / name))
+    (folder / "config.json").unlink()  # weights with no config beside them
+    with pytest.raises(ValueError, match="pass a folder holding config.json and model.safetensors$"):
+        load_clip(str(folder / "model.safetensors"))
 
 
 def test_10_train_lm_refuses_to_resume_a_caption_checkpoint(shards, world, tmp_path):  # noqa: F811
