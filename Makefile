@@ -90,8 +90,12 @@ $(WORLD)/done.json:
 # Every stage is a file target, so a re-run reuses what is finished; train_lm / train_caption resume with
 # --resume auto when interrupted. `make demo-clean` starts over. Stage times go to $(DEMO)/times.txt.
 # Every size is a variable, so a shortened demo is one command line (tests/test_demo.py runs one).
-DEMO    := runs/demo
-SHAPES  := data/shapes
+# The world's seed: another seed draws other scenes, captions and corpus, into folders of its own (`make demo
+# SHAPES_SEED=1`: data/shapes-1 and runs/demo-1), so two worlds never mix; the README shows seed 1's table.
+SHAPES_SEED := 0
+SEED_SUFFIX := $(if $(filter 0,$(SHAPES_SEED)),,-$(SHAPES_SEED))
+DEMO    := runs/demo$(SEED_SUFFIX)
+SHAPES  := data/shapes$(SEED_SUFFIX)
 # The miniature has three trained parts, each trained here by the project's own code: the LM on the corpus
 # (train_lm.py), CLIP on the train images and their captions (train_clip.py), then the bridges with both frozen.
 # CLIP is saved in the Hugging Face CLIP layout, and the features read it as they read openai/clip-vit-large-patch14.
@@ -105,9 +109,6 @@ UNTRAINED := $(findstring random-vit:,$(ENCODER))
 ENCODER_DEP := $(if $(UNTRAINED),,$(ENCODER)/config.json)
 # Feature caches live in the run folder, so another encoder or world (another DEMO) never meets this one's.
 CACHE   := $(DEMO)/features
-# The world's seed: another seed draws other scenes, captions and corpus (`make demo SHAPES_SEED=1 SHAPES=data/shapes-1
-# DEMO=runs/demo-1` runs the whole demo on it; the README shows that table next to seed 0's).
-SHAPES_SEED  := 0
 TRAIN_IMAGES := 5000
 VAL_IMAGES   := 500
 CORPUS_DOCS  := 20000
@@ -138,16 +139,20 @@ stage = @mkdir -p $(DEMO); start=$$(date +%s); $(2) && echo "$(1) $$(( $$(date +
 .SECONDARY:
 
 # `demo` installs first, then runs the stages in a second make, which can ask bridges.py for the bridge list.
+# A world already drawn is reused as it is: first check it is the one these variables ask for.
 demo: setup
+	@$(CHECK_WORLD)
 	@$(MAKE) --no-print-directory demo-table
 
 demo-table: $(DEMO)/results/table.md
 	@echo; echo "stage times (this run; reused stages are not listed):"; cat $(DEMO)/times.txt; rm -f $(DEMO)/times.txt
 	@echo; cat $(DEMO)/results/table.md
 
+WORLD_FLAGS := --out $(SHAPES) --train $(TRAIN_IMAGES) --val $(VAL_IMAGES) --corpus-docs $(CORPUS_DOCS) --seed $(SHAPES_SEED)
+CHECK_WORLD := $(BIN)/python data/shapes.py $(WORLD_FLAGS) --check
+
 $(SHAPES)/info.json:
-	$(call stage,data,$(BIN)/python data/shapes.py --out $(SHAPES) --train $(TRAIN_IMAGES) --val $(VAL_IMAGES) \
-		--corpus-docs $(CORPUS_DOCS) --seed $(SHAPES_SEED))
+	$(call stage,data,$(BIN)/python data/shapes.py $(WORLD_FLAGS))
 
 $(DEMO)/lm_shards/manifest.json: $(SHAPES)/info.json
 	$(call stage,shards,$(BIN)/python data/fineweb.py --data-files $(SHAPES)/corpus.jsonl --out-dir $(DEMO)/lm_shards --shard-size $(SHARD_SIZE) --workers 2)
@@ -175,6 +180,7 @@ $(DEMO)/results/table.md: $(foreach b,$(BRIDGES),$(DEMO)/caption/$(b)/ckpt_final
 # retrieval R@1 and linear probes in quality.json (variables above).
 
 clip: setup
+	@$(CHECK_WORLD)
 	@$(MAKE) --no-print-directory clip-run
 
 clip-run: $(CLIP)/config.json

@@ -316,6 +316,22 @@ def generate(out, train=10000, val=500, corpus_docs=20000, seed=0, image_size=64
                                                     image_size=image_size, vocabulary=vocabulary()))
     return time.time() - t0
 
+
+
+def check_world(out, train, val, corpus_docs, seed, image_size=64):
+    """
+    None if `out` holds no world yet or exactly this one, else what differs. A world already drawn is reused as it
+    is (make sees its info.json and skips the stage), so `make demo SHAPES_SEED=1 SHAPES=data/shapes` would
+    otherwise train and score on seed 0's images while the user reads the table as seed 1's.
+    """
+    path = os.path.join(out, "info.json")
+    if not os.path.exists(path):
+        return None
+    info = read_json(path, "world description")
+    asked = dict(seed=seed, train=train, val=val, corpus_docs=corpus_docs, image_size=image_size)
+    differ = [f"{k} {info.get(k)} (asked: {v})" for k, v in asked.items() if info.get(k) != v]
+    return f"{out} holds a world drawn with other settings: " + ", ".join(differ) if differ else None
+
 # -----------------------------------------------------------------------------
 
 
@@ -327,7 +343,15 @@ if __name__ == "__main__":
     parser.add_argument("--corpus-docs", type=positive_int, default=20000, help="LM pretraining documents in corpus.jsonl")
     parser.add_argument("--image-size", type=int_at_least(32), default=64, help="pixels (>= 32: two shapes must fit)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--check", action="store_true",
+                        help="draw nothing: stop with an error if --out already holds a world of other settings")
     args = parser.parse_args()
+    problem = check_world(args.out, args.train, args.val, args.corpus_docs, args.seed, args.image_size)
+    if problem:
+        parser.error(f"{problem}. Draw this one into another folder (the Makefile's SHAPES and DEMO; `make demo "
+                     f"SHAPES_SEED=<k>` picks data/shapes-<k> and runs/demo-<k> by itself), or delete {args.out}")
+    if args.check:
+        sys.exit(0)
     seconds = generate(args.out, args.train, args.val, args.corpus_docs, args.seed, args.image_size)
     print(f"wrote {args.train} train + {args.val} val images and {args.corpus_docs} corpus documents to "
           f"{args.out} in {seconds:.1f}s; vocabulary of {len(vocabulary())} words", file=sys.stderr)

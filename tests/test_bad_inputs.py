@@ -388,3 +388,24 @@ def test_15_the_table_counts_only_the_images_it_scored(world, tmp_path):  # noqa
     assert result["images"] == len(val) - 1 == result["rows"][0]["images"]
     assert [s["image_id"] for s in result["skipped"]] == [val[0]["image_id"]]
     assert open(tmp_path / "results" / "table.md").read().startswith(f"{len(val) - 1} images")
+
+# -----------------------------------------------------------------------------
+# 17. A world already drawn, asked for with other settings (make reuses a drawn world as it is)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_17_make_demo_refuses_a_world_drawn_with_other_settings(tmp_path):
+    world = small_world(tmp_path / "shapes")  # seed 0, 12 / 4 images, 4 corpus documents
+    same = ["TRAIN_IMAGES=12", "VAL_IMAGES=4", "CORPUS_DOCS=4"]
+    settings = [f"BIN={os.path.dirname(sys.executable)}", f"SHAPES={world}", f"DEMO={tmp_path / 'demo'}"]
+    for target in ("demo", "clip"):  # `-o`: never (re)install .venv from a test
+        run = subprocess.run(["make", "-C", ROOT, "-o", ".venv/.installed", target, *settings, *same, "SHAPES_SEED=1"],
+                             capture_output=True, text=True)
+        assert run.returncode != 0 and f"{world} holds a world drawn with other settings: seed 0 (asked: 1)" in run.stderr
+        assert not (tmp_path / "demo").exists()  # stopped before any stage
+    assert shapes.check_world(world, 12, 4, 4, seed=0, image_size=32) is None  # the same world: reused
+    assert "train 12 (asked: 5000)" in shapes.check_world(world, 5000, 4, 4, seed=0, image_size=32)
+    # so another seed gets folders of its own by default: data/shapes-2, runs/demo-2
+    dry = subprocess.run(["make", "-C", ROOT, "-n", "-o", ".venv/.installed", "demo", "SHAPES_SEED=2"],
+                         capture_output=True, text=True)
+    assert "data/shapes.py --out data/shapes-2 " in dry.stdout and "runs/demo-2/" in dry.stdout, dry.stdout[-2000:]
