@@ -249,7 +249,7 @@ def blind_captions(captioner, tokenizer, image_ids, batch_size, decoding, dtype)
 
 
 # the miniature's per-attribute accuracies, then the scene-level ones (data/shapes.py: scene_level)
-ATTRIBUTES = ("colour", "shape", "size", "position", "relation", "objects", "scene")
+ATTRIBUTES = ("colour", "shape", "size", "position", "layout", "relation", "objects", "scene")
 
 
 def run_name(path, taken):
@@ -434,7 +434,8 @@ def markdown_table(rows, decoding, where, images, with_attributes):
              "The blind row is the first checkpoint's frozen LM with no image at all (its first sentence after "
              "<|endoftext|>): what the LM guesses without looking."]
     if with_attributes:
-        lines.append("Against the drawn scenes: per-attribute accuracy (colour ... relation); objects = fraction of "
+        lines.append("Against the drawn scenes: per-attribute accuracy (colour ... relation; layout = side by side "
+                     "or one above the other, as drawn, whatever the order); objects = fraction of "
                      "images whose caption names both objects with the right size, colour and shape; scene = "
                      "that, and their relation right too.")
     lines.append("")

@@ -157,6 +157,7 @@ def vocabulary():
 
 POSITION_WORDS = {"left", "right", "top", "bottom"}
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+LAYOUT_OF = {"left of": "horizontal", "right of": "horizontal", "above": "vertical", "below": "vertical"}
 REGION_OF = {"left of": ("left", "right"), "right of": ("right", "left"), "above": ("top", "bottom"),
              "below": ("bottom", "top")}  # relation of mention 0 to mention 1 -> their regions
 
@@ -203,6 +204,7 @@ def score_caption(text, scene):
     Per-attribute correctness of one caption against the scene it describes, each in [0, 1]:
     colour, shape, size: fraction of the scene's two objects named with the right value;
     position: fraction of the two objects placed in the right region (left/right/top/bottom);
+    layout: 1 if the caption puts them side by side, or one above the other, as they are (whatever their order);
     relation: 1 if the objects' spatial order is stated correctly.
     Mentions are matched to objects in whichever order agrees on more attributes, so "a large blue square to the
     right of a small red circle" is as right as "a small red circle to the left of a large blue square".
@@ -215,6 +217,7 @@ def score_caption(text, scene):
     if stated is None and None not in regions[:2] and regions[0] != regions[1]:
         stated = {("left", "right"): "left of", ("right", "left"): "right of",
                   ("top", "bottom"): "above", ("bottom", "top"): "below"}.get(tuple(regions[:2]))
+    layout = float(len(parsed["objects"]) >= 2 and LAYOUT_OF.get(stated) == scene["layout"])
     best = None
     for order in permutations(range(2)):  # order[k]: the mention matched to object k
         scores = {a: sum(mentions[order[k]][a] == objects[k][a] for k in range(2)) / 2 for a in ("colour", "shape", "size")}
@@ -226,7 +229,7 @@ def score_caption(text, scene):
         key = (scores["colour"] + scores["shape"] + scores["size"], scores["position"] + scores["relation"])
         if best is None or key > best[0]:
             best = (key, scores)
-    return best[1]
+    return {**best[1], "layout": layout}
 
 
 def scene_level(scores):

@@ -31,8 +31,8 @@ def test_shortened_demo_runs_every_stage_and_reuses_them(tmp_path):
     rows = [row["bridge"] for row in result["rows"]]
     assert rows == ["linear", "xattn", "qformer", "blind (frozen LM of linear, no image)"]
     assert result["images"] == 24 and all("METEOR" in row and "CIDEr" in row for row in result["rows"])
-    assert all(set(row["attributes"]) == {"colour", "shape", "size", "position", "relation", "objects", "scene"}
-               for row in result["rows"])
+    attributes = {"colour", "shape", "size", "position", "layout", "relation", "objects", "scene"}
+    assert all(set(row["attributes"]) == attributes for row in result["rows"])
     for name in ["val_loss.png", "grid_linear.png", "grid_xattn.png", "grid_qformer.png", "attention_qformer.png"]:
         assert (demo / "results" / name).stat().st_size > 1000, name
     # the per-stage time summary: every stage ran once and was timed

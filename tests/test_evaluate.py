@@ -290,7 +290,7 @@ def test_compare_writes_table_json_captions_and_pictures(world, tmp_path):
     table = open(os.path.join(out, "table.md")).read()
     assert table.count("\n| ") == len(KINDS) + 2  # header + the bridges + blind
     assert "| blind (frozen LM of linear, no image) |" in table
-    assert "colour | shape | size | position | relation" in table
+    assert "colour | shape | size | position | layout | relation" in table
     maps = [f"attention_{k}.png" for k in KINDS if hasattr(BRIDGES[k], "attention_maps")]
     assert maps and not os.path.exists(os.path.join(out, "attention_linear.png"))
     for name in ["val_loss.png"] + [f"grid_{k}.png" for k in KINDS] + maps:

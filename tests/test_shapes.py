@@ -66,7 +66,8 @@ def test_captions_describe_the_scene(world):
             scene = scenes[str(r["image_id"])]
             for caption in r["captions"]:
                 # every reference caption gets every attribute right
-                assert shapes.score_caption(caption, scene) == dict(colour=1, shape=1, size=1, position=1, relation=1), caption
+                right = dict(colour=1, shape=1, size=1, position=1, layout=1, relation=1)
+                assert shapes.score_caption(caption, scene) == right, caption
                 parsed = shapes.parse_caption(caption)
                 described = {(o["size"], o["colour"], o["shape"]) for o in parsed["objects"]}
                 assert described == {(o["size"], o["colour"], o["shape"]) for o in scene["objects"]}
@@ -80,15 +81,16 @@ def test_parse_and_score_wrong_captions():
         objects=[dict(size="small", colour="red", shape="circle", position=None),
                  dict(size="large", colour="blue", shape="square", position=None)], relation="left of")
     swapped = shapes.score_caption("a small red circle to the right of a large blue square", scene)
-    assert swapped == dict(colour=1, shape=1, size=1, position=0, relation=0)
+    assert swapped == dict(colour=1, shape=1, size=1, position=0, layout=1, relation=0)  # right layout, wrong order
     reversed_order = shapes.score_caption("a large blue square on the right and a small red circle on the left", scene)
-    assert reversed_order == dict(colour=1, shape=1, size=1, position=1, relation=1)
+    assert reversed_order == dict(colour=1, shape=1, size=1, position=1, layout=1, relation=1)
     half = shapes.score_caption("a small green circle above a large blue triangle", scene)
-    assert half == dict(colour=0.5, shape=0.5, size=1, position=0, relation=0)
-    assert shapes.score_caption("", scene) == dict(colour=0, shape=0, size=0, position=0, relation=0)
+    assert half == dict(colour=0.5, shape=0.5, size=1, position=0, layout=0, relation=0)  # stacked: wrong layout
+    assert shapes.score_caption("", scene) == dict(colour=0, shape=0, size=0, position=0, layout=0, relation=0)
     acc = shapes.attribute_accuracy({1: "a small red circle left of a large blue square", "2": ""},
                                     {"1": scene, "2": scene})
-    assert acc == dict(colour=0.5, shape=0.5, size=0.5, position=0.5, relation=0.5, objects=0.5, scene=0.5)
+    assert acc == dict(colour=0.5, shape=0.5, size=0.5, position=0.5, layout=0.5, relation=0.5, objects=0.5,
+                       scene=0.5)
 
 
 def test_corpus_repeats_scenes_and_covers_the_vocabulary(world):
