@@ -59,6 +59,21 @@ def test_drawn_pixels_match_the_scene(world):
             assert a["y"] < b["y"] and abs(a["x"] - b["x"]) < b["y"] - a["y"]
 
 
+@pytest.mark.parametrize("image_size", [64, 32])
+def test_objects_sit_on_the_grid_inside_the_image_apart(image_size):
+    # centres on the GRID x GRID grid (the demo CLIP's patch corners), whole shapes inside, never touching; in a
+    # tiny image two large objects may fit nowhere on the grid: such scenes are redrawn, never an endless loop
+    rng = np.random.default_rng(0)
+    step = image_size / shapes.GRID
+    for _ in range(2000):
+        scene = shapes.sample_scene(rng, image_size)
+        a, b = scene["objects"]
+        for obj in (a, b):
+            assert obj["x"] % step == 0 and obj["y"] % step == 0, obj
+            assert obj["extent"] / 2 < min(obj["x"], obj["y"], image_size - obj["x"], image_size - obj["y"]), obj
+        assert max(abs(a["x"] - b["x"]), abs(a["y"] - b["y"])) >= (a["extent"] + b["extent"]) / 2 + 2
+
+
 def test_captions_describe_the_scene(world):
     for split in ("train", "val"):
         scenes = json.load(open(os.path.join(world, f"scenes_{split}.json")))
