@@ -137,6 +137,10 @@ CAPTION_FLAGS := -B 64 --total-batch 64 --warmup-steps 30 --val-every 100 \
 LR         := 1e-3
 LR_linear  := 3e-2
 LR_xattn   := 3e-3
+# More flags per bridge: FLAGS_<name>. Cross-attention's visual position embedding starts as a 2-D sin-cos of the
+# grid (--vis-pos-grid): it then tells side by side from stacked (layout 0.54 -> 0.99 on seed 0, 0.72 -> 0.95 on
+# seed 1) and gets the whole scene right twice as often (0.08 -> 0.15, 0.08 -> 0.12).
+FLAGS_xattn := --vis-pos-grid
 # time one stage: run it, then append "<name> <seconds> s" to the summary
 stage = @mkdir -p $(DEMO); start=$$(date +%s); $(2) && echo "$(1) $$(( $$(date +%s) - start )) s" >> $(DEMO)/times.txt
 
@@ -174,7 +178,7 @@ $(CACHE)/shapes_%/manifest.json: $(SHAPES)/info.json $(ENCODER_DEP)
 $(DEMO)/caption/%/ckpt_final.pt: $(LM) $(CACHE)/shapes_train/manifest.json $(CACHE)/shapes_val/manifest.json
 	$(call stage,bridge-$*,$(BIN)/python train_caption.py --bridge $* --lm $(LM) --coco-root $(SHAPES) \
 		--features $(CACHE)/shapes_train --val-features $(CACHE)/shapes_val --out-dir $(DEMO)/caption/$* $(CAPTION_FLAGS) \
-		--max-steps $(or $(STEPS_$*),$(BRIDGE_STEPS)) --lr $(or $(LR_$*),$(LR)) --resume auto)
+		--max-steps $(or $(STEPS_$*),$(BRIDGE_STEPS)) --lr $(or $(LR_$*),$(LR)) $(FLAGS_$*) --resume auto)
 
 $(DEMO)/results/table.md: $(foreach b,$(BRIDGES),$(DEMO)/caption/$(b)/ckpt_final.pt)
 	$(if $(BRIDGES),,$(error no bridges: `$(BIN)/python -c "import bridges"` failed; run `make setup`))

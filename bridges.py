@@ -50,10 +50,12 @@ class BridgeConfig:
     kind: str = "qformer"       # a name in BRIDGES
     vis_dim: int = 1024         # width of the encoder's tokens (CLIP ViT-L/14: 1024)
     vis_tokens: int = 33        # visual tokens per image (CLS + 32 pooled patches)
+    vis_grid: tuple = (4, 8)    # rows x columns of the pooled patches (the pooling grid)
     n_embd: int = 768           # the GPT's width
     n_layer: int = 12           # the GPT's depth
     # the bridges' own hyper-parameters, each a flag of train_caption.py
     vis_pos: bool = flag(True, "learned position embedding of the visual tokens inside the bridge")
+    vis_pos_grid: bool = flag(False, "start that embedding as a fixed 2-D sin-cos of the patch grid, not at zero")
     xattn_every: int = flag(1, "cross-attention: a gated layer in every k-th GPT block", minimum=1)
     xattn_heads: int = flag(0, "cross-attention heads (0: as many as the GPT has)", minimum=0)
     queries: int = flag(32, "Q-Former: learnable queries (= prefix length)", minimum=1)
@@ -122,13 +124,15 @@ class Attention(nn.Module):
 class VisualInput(nn.Module):
     """Normalise the encoder's tokens, map them to the bridge's width and tell them apart by position."""
 
-    def __init__(self, vis_dim, vis_tokens, dim, use_pos):
+    def __init__(self, vis_dim, vis_tokens, dim, use_pos, grid=None):
         super().__init__()
         self.ln = nn.LayerNorm(vis_dim)  # CLIP's hidden states have a few very large channels; tame them
         self.proj = nn.Linear(vis_dim, dim)
         # Pooling keeps the grid order but attention is blind to order: without a position embedding the
-        # bridge cannot tell "left" from "right".
-        self.pos = nn.Parameter(torch.zeros(vis_tokens, dim)) if use_pos else None
+        # bridge cannot tell "left" from "right". It starts at zero, or (grid given) at a 2-D sin-cos of the grid,
+        # so that where a token sits is a direction from the first step instead of being learned token by token.
+        start = torch.zeros(vis_tokens, dim) if grid is None else grid_sincos(*grid, dim, vis_tokens)
+        self.pos = nn.Parameter(start) if use_pos else None
 
     def forward(self, visual):
         x = self.proj(self.ln(visual))  # (B, S, dim)
@@ -138,6 +142,28 @@ class VisualInput(nn.Module):
                                  "(a feature cache with another pooling?)")
             x = x + self.pos
         return x
+
+
+def visual_grid(config):
+    """The patch grid a bridge's position embedding starts from (--vis-pos-grid), else None (it starts at zero)."""
+    return tuple(config.vis_grid) if config.vis_pos_grid else None
+
+
+def grid_sincos(rows, cols, dim, tokens):
+    """
+    (tokens, dim): token 0 (the class token) zeros, token 1 + r * cols + c the 2-D sin-cos code of patch (r, c):
+    sin and cos of r and of c at dim / 4 frequencies each (MAE's fixed position embedding, on the pooled grid).
+    """
+    if tokens != 1 + rows * cols:
+        raise ValueError(f"{tokens} visual tokens are not a class token + a {rows}x{cols} grid")
+    d = dim // 4
+    omega = 1.0 / 100 ** (torch.arange(d) / d)  # (d,) from 1 (neighbours differ) to ~1/100 (nearly linear)
+    r, c = torch.meshgrid(torch.arange(rows, dtype=torch.float32), torch.arange(cols, dtype=torch.float32),
+                          indexing="ij")
+    r, c = r.flatten()[:, None] * omega, c.flatten()[:, None] * omega  # (rows * cols, d)
+    out = torch.zeros(tokens, dim)
+    out[1:, :4 * d] = torch.cat([r.sin(), r.cos(), c.sin(), c.cos()], 1)
+    return out
 
 # -----------------------------------------------------------------------------
 # Bridge 1: a linear map of each visual token into the GPT's embedding space, used as a prefix
@@ -149,7 +175,7 @@ class LinearBridge(nn.Module):
     def __init__(self, config):
         super().__init__()
         # LayerNorm + one Linear (+ a learned per-slot offset with vis_pos): nothing but a linear projection
-        self.input = VisualInput(config.vis_dim, config.vis_tokens, config.n_embd, config.vis_pos)
+        self.input = VisualInput(config.vis_dim, config.vis_tokens, config.n_embd, config.vis_pos, visual_grid(config))
 
     def forward(self, visual):
         prefix = self.input(visual)  # (B, S, C): one word-like embedding per visual token
@@ -186,7 +212,7 @@ class CrossAttentionBridge(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.visual = VisualInput(config.vis_dim, config.vis_tokens, config.n_embd, config.vis_pos)
+        self.visual = VisualInput(config.vis_dim, config.vis_tokens, config.n_embd, config.vis_pos, visual_grid(config))
         self.every = config.xattn_every
         # one layer per chosen GPT block (blocks every-1, 2*every-1, ..., so the last block always has one)
         self.layers = nn.ModuleDict({str(i): GatedCrossAttention(config.n_embd, config.xattn_heads)
@@ -232,7 +258,7 @@ class QFormerBridge(nn.Module):
     def __init__(self, config):
         super().__init__()
         W = config.qformer_width
-        self.visual = VisualInput(config.vis_dim, config.vis_tokens, W, config.vis_pos)
+        self.visual = VisualInput(config.vis_dim, config.vis_tokens, W, config.vis_pos, visual_grid(config))
         self.queries = nn.Parameter(torch.randn(config.queries, W) * 0.02)  # (Q, W)
         self.layers = nn.ModuleList([QFormerLayer(W, config.qformer_heads) for _ in range(config.qformer_layers)])
         self.ln_f = nn.LayerNorm(W)
@@ -369,11 +395,13 @@ class Captioner(nn.Module):
             self.lm.transformer.h[int(i)].load_state_dict(block_state)
 
 
-def build_captioner(lm, eot, kind, vis_dim, vis_tokens, unfreeze_last=0, visual_stats=None, **overrides):
-    """A captioner with a fresh bridge of the given kind, sized to the LM and the visual tokens."""
+def build_captioner(lm, eot, kind, vis_dim, vis_tokens, unfreeze_last=0, visual_stats=None, vis_grid=(4, 8),
+                    **overrides):
+    """A captioner with a fresh bridge of the given kind, sized to the LM and the visual tokens (a class token +
+    a vis_grid of pooled patches)."""
     if kind not in BRIDGES:
         raise ValueError(f"unknown bridge {kind!r}; choose one of {sorted(BRIDGES)}")
-    config = BridgeConfig(kind=kind, vis_dim=vis_dim, vis_tokens=vis_tokens,
+    config = BridgeConfig(kind=kind, vis_dim=vis_dim, vis_tokens=vis_tokens, vis_grid=tuple(vis_grid),
                           n_embd=lm.config.n_embd, n_layer=lm.config.n_layer, **overrides)
     if not config.xattn_heads:  # 0: as many heads as the GPT's own attention
         config = dataclasses.replace(config, xattn_heads=lm.config.n_head)

@@ -18,6 +18,7 @@ read by bridges.load_captioner and by --resume, which continues exactly where th
 """
 import argparse
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -52,8 +53,10 @@ def train(args, dist):
     ckpt_path, ckpt = find_resume(args.resume, args.out_dir, args.overwrite)
 
     torch.manual_seed(args.seed)  # the same fresh bridge on every rank
-    captioner, bridge_config = build_captioner(lm, eot, args.bridge, visual.settings["width"], visual.settings["tokens"],
-                                               args.unfreeze_last, stats, **bridge_overrides(args))
+    S = visual.settings["tokens"]  # a class token + the pooled grid (pooling "none": the ViT's square patch grid)
+    grid = clip_loader.parse_grid(visual.settings["pooling"]) or (math.isqrt(S - 1),) * 2
+    captioner, bridge_config = build_captioner(lm, eot, args.bridge, visual.settings["width"], S, args.unfreeze_last,
+                                               stats, grid, **bridge_overrides(args))
     check_resumable(ckpt, ckpt_path, bridge_config, fingerprint, visual.settings, args)
     captioner.to(dist.device)
     params = parameter_counts(captioner, visual.settings)
@@ -297,8 +300,9 @@ def check_resumable(ckpt, ckpt_path, bridge_config, fingerprint, features, args)
     if ckpt.get("kind") != "caption":
         raise ValueError(f"{ckpt_path} is not a train_caption.py checkpoint")
     problems = []
-    if ckpt["bridge_config"] != dataclasses.asdict(bridge_config):
-        problems.append(f"bridge config {ckpt['bridge_config']} != {dataclasses.asdict(bridge_config)}")
+    saved = dataclasses.asdict(BridgeConfig(**ckpt["bridge_config"]))  # fields added since it was written: defaults
+    if saved != dataclasses.asdict(bridge_config):
+        problems.append(f"bridge config {saved} != {dataclasses.asdict(bridge_config)}")
     if ckpt["lm"]["fingerprint"] != fingerprint:
         problems.append(f"LM weights differ (checkpoint trained on {ckpt['lm']['name']!r}, now {args.lm!r})")
     if ckpt["features"] != features:

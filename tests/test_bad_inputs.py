@@ -122,6 +122,21 @@ def test_2_resume_auto_on_a_finished_run_changes_nothing(world, tmp_path, capsys
     assert {name: open(tmp_path / name, "rb").read() for name in os.listdir(tmp_path)} == before
 
 
+def test_2_a_checkpoint_older_than_a_bridge_flag_still_resumes(world, tmp_path, capsys):  # noqa: F811
+    # a run interrupted before --vis-pos-grid existed: its saved bridge config lacks the new fields, which mean
+    # their defaults; it resumes (here: finds nothing left), and asking for the new setting is a mismatch
+    train_caption.main(caption_args(world, tmp_path, "linear", "--max-steps", "2"))
+    ckpt = torch.load(tmp_path / "ckpt_final.pt", weights_only=True)
+    for field in ("vis_grid", "vis_pos_grid"):
+        del ckpt["bridge_config"][field]
+    torch.save(ckpt, tmp_path / "ckpt_final.pt")
+    train_caption.main(caption_args(world, tmp_path, "linear", "--max-steps", "2", "--resume", "auto"))
+    assert "nothing left to train" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="'vis_pos_grid': False.* != .*'vis_pos_grid': True"):
+        train_caption.main(caption_args(world, tmp_path, "linear", "--max-steps", "2", "--resume", "auto",
+                                        "--vis-pos-grid"))
+
+
 def test_2_a_finished_run_is_not_resumed_on_another_encoders_features(world, tmp_path):  # noqa: F811
     # `make demo` after the demo's encoder changed (its CLIP stage joined): the bridges' folders hold runs trained on
     # the old features, and --resume auto must say so, and how to start over, not train on or keep the old bridge

@@ -196,3 +196,21 @@ def test_mismatches_are_refused_clearly():
     rebuilt, _ = captioner_from_config(tiny_lm(), EOT, vars(BridgeConfig(kind="linear", vis_dim=16, n_embd=32,
                                                                          n_layer=2)))
     assert isinstance(rebuilt, Captioner)
+
+
+def test_grid_position_start_is_a_2d_sincos_of_the_pooled_grid():
+    from bridges import grid_sincos
+    code = grid_sincos(4, 8, 32, 33)  # (33, 32): class token + 4 x 8 patches, row-major as encode_pixels pools
+    assert code[0].abs().sum() == 0  # the class token has no place in the grid
+    patches = code[1:].view(4, 8, 32)
+    rows, cols = patches[..., :16], patches[..., 16:]  # the first half codes the row, the second the column
+    assert torch.equal(rows[:, :1].expand(-1, 8, -1), rows) and torch.equal(cols[:1].expand(4, -1, -1), cols)
+    assert len({tuple(p.tolist()) for p in code[1:]}) == 32  # every patch its own code
+    with pytest.raises(ValueError, match="not a class token \\+ a 4x8 grid"):
+        grid_sincos(4, 8, 32, 65)
+    for kind in KINDS:  # --vis-pos-grid: every bridge's visual position embedding starts there, and still learns
+        pos = make(kind, vis_tokens=5, vis_grid=(2, 2), vis_pos_grid=True).bridge
+        pos = next(p for name, p in pos.named_parameters() if name.endswith("pos"))
+        assert pos.requires_grad and torch.equal(pos.detach(), grid_sincos(2, 2, pos.size(1), 5)), kind
+        fresh = make(kind, vis_tokens=5).bridge.state_dict()
+        assert all(v.abs().sum() == 0 for n, v in fresh.items() if n.endswith("pos")), kind  # the default: zeros

@@ -75,7 +75,7 @@ def test_the_ablation_reads_an_untrained_vit_and_trains_no_clip(tmp_path):
     bridge = [line for line in dry.stdout.splitlines() if "train_caption.py" in line]
     assert dry.returncode == 0 and len(bridge) == 1 and " --standardize " in bridge[0], dry.stdout[-2000:]
     # per-bridge settings: the Q-Former trains twice as many steps, cross-attention at lr 3e-3
-    for bridge, flags in [("linear", "--max-steps 600 --lr 3e-2"), ("xattn", "--max-steps 600 --lr 3e-3"),
+    for bridge, flags in [("linear", "--max-steps 600 --lr 3e-2"), ("xattn", "--max-steps 600 --lr 3e-3 --vis-pos-grid"),
                           ("qformer", "--max-steps 1200 --lr 1e-3")]:
         dry = subprocess.run(["make", "-C", ROOT, "-n", str(demo / "caption" / bridge / "ckpt_final.pt"), *settings],
                              capture_output=True, text=True)
