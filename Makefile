@@ -131,9 +131,9 @@ BRIDGES = $(shell $(BIN)/python -c "import bridges; print(*bridges.BRIDGES)")
 STANDARDIZE := $(if $(UNTRAINED),--standardize,--no-standardize)
 CAPTION_FLAGS := -B 64 --total-batch 64 --warmup-steps 30 --val-every 100 \
                  --val-pairs $(VAL_PAIRS) $(STANDARDIZE) --qformer-width 128 --qformer-heads 4 --queries 16
-# Learning rate per bridge: LR_<name>, else LR (and steps: STEPS_<name>, else BRIDGE_STEPS). One linear layer (21k parameters) needs a far larger step than
-# the attention bridges (0.6-0.8M); cross-attention learns shape from the patch-grid world's CLIP only at 3e-3
-# (seed 0: shape 0.42 at 1e-3, 0.61 at 3e-3; both objects right 0.15 / 0.37).
+# Learning rate per bridge: LR_<name>, else LR (and steps: STEPS_<name>, else BRIDGE_STEPS). One linear layer
+# (21k parameters) needs a far larger step than the attention bridges (0.6-0.8M); cross-attention learns shape from
+# the patch-grid world's CLIP only at 3e-3 (seed 0: shape 0.42 at 1e-3, 0.61 at 3e-3; both objects 0.15 / 0.37).
 LR         := 1e-3
 LR_linear  := 3e-2
 LR_xattn   := 3e-3
@@ -158,7 +158,8 @@ demo-table: $(DEMO)/results/table.md
 	@echo; echo "stage times (this run; reused stages are not listed):"; cat $(DEMO)/times.txt; rm -f $(DEMO)/times.txt
 	@echo; cat $(DEMO)/results/table.md
 
-WORLD_FLAGS := --out $(SHAPES) --train $(TRAIN_IMAGES) --val $(VAL_IMAGES) --corpus-docs $(CORPUS_DOCS) --seed $(SHAPES_SEED)
+WORLD_FLAGS := --out $(SHAPES) --train $(TRAIN_IMAGES) --val $(VAL_IMAGES) --corpus-docs $(CORPUS_DOCS) \
+               --seed $(SHAPES_SEED)
 CHECK_WORLD := $(BIN)/python data/shapes.py $(WORLD_FLAGS) --check
 
 $(SHAPES)/info.json:

@@ -176,7 +176,7 @@ def vocabulary():
 
 POSITION_WORDS = {"left", "right", "top", "bottom"}
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-LAYOUT_OF = {"left of": "horizontal", "right of": "horizontal", "above": "vertical", "below": "vertical"}
+LAYOUT_OF = {relation: layout for layout, pair in RELATIONS.items() for relation in pair}  # "above" -> "vertical"
 REGION_OF = {"left of": ("left", "right"), "right of": ("right", "left"), "above": ("top", "bottom"),
              "below": ("bottom", "top")}  # relation of mention 0 to mention 1 -> their regions
 
