@@ -122,17 +122,18 @@ class Attention(nn.Module):
 
 
 class VisualInput(nn.Module):
-    """Normalise the encoder's tokens, map them to the bridge's width and tell them apart by position."""
+    """Normalise the encoder's tokens (config: a BridgeConfig), map them to width dim, tell them apart by position."""
 
-    def __init__(self, vis_dim, vis_tokens, dim, use_pos, grid=None):
+    def __init__(self, config, dim):
         super().__init__()
-        self.ln = nn.LayerNorm(vis_dim)  # CLIP's hidden states have a few very large channels; tame them
-        self.proj = nn.Linear(vis_dim, dim)
+        self.ln = nn.LayerNorm(config.vis_dim)  # CLIP's hidden states have a few very large channels; tame them
+        self.proj = nn.Linear(config.vis_dim, dim)
         # Pooling keeps the grid order but attention is blind to order: without a position embedding the
-        # bridge cannot tell "left" from "right". It starts at zero, or (grid given) at a 2-D sin-cos of the grid,
-        # so that where a token sits is a direction from the first step instead of being learned token by token.
-        start = torch.zeros(vis_tokens, dim) if grid is None else grid_sincos(*grid, dim, vis_tokens)
-        self.pos = nn.Parameter(start) if use_pos else None
+        # bridge cannot tell "left" from "right". It starts at zero, or (--vis-pos-grid) at a 2-D sin-cos of the
+        # grid, so that where a token sits is a direction from the first step instead of being learned token by token.
+        S = config.vis_tokens
+        start = grid_sincos(*config.vis_grid, dim, S) if config.vis_pos_grid else torch.zeros(S, dim)
+        self.pos = nn.Parameter(start) if config.vis_pos else None
 
     def forward(self, visual):
         x = self.proj(self.ln(visual))  # (B, S, dim)
@@ -142,11 +143,6 @@ class VisualInput(nn.Module):
                                  "(a feature cache with another pooling?)")
             x = x + self.pos
         return x
-
-
-def visual_grid(config):
-    """The patch grid a bridge's position embedding starts from (--vis-pos-grid), else None (it starts at zero)."""
-    return tuple(config.vis_grid) if config.vis_pos_grid else None
 
 
 def grid_sincos(rows, cols, dim, tokens):
@@ -175,7 +171,7 @@ class LinearBridge(nn.Module):
     def __init__(self, config):
         super().__init__()
         # LayerNorm + one Linear (+ a learned per-slot offset with vis_pos): nothing but a linear projection
-        self.input = VisualInput(config.vis_dim, config.vis_tokens, config.n_embd, config.vis_pos, visual_grid(config))
+        self.input = VisualInput(config, config.n_embd)
 
     def forward(self, visual):
         prefix = self.input(visual)  # (B, S, C): one word-like embedding per visual token
@@ -212,7 +208,7 @@ class CrossAttentionBridge(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.visual = VisualInput(config.vis_dim, config.vis_tokens, config.n_embd, config.vis_pos, visual_grid(config))
+        self.visual = VisualInput(config, config.n_embd)
         self.every = config.xattn_every
         # one layer per chosen GPT block (blocks every-1, 2*every-1, ..., so the last block always has one)
         self.layers = nn.ModuleDict({str(i): GatedCrossAttention(config.n_embd, config.xattn_heads)
@@ -258,7 +254,7 @@ class QFormerBridge(nn.Module):
     def __init__(self, config):
         super().__init__()
         W = config.qformer_width
-        self.visual = VisualInput(config.vis_dim, config.vis_tokens, W, config.vis_pos, visual_grid(config))
+        self.visual = VisualInput(config, W)
         self.queries = nn.Parameter(torch.randn(config.queries, W) * 0.02)  # (Q, W)
         self.layers = nn.ModuleList([QFormerLayer(W, config.qformer_heads) for _ in range(config.qformer_layers)])
         self.ln_f = nn.LayerNorm(W)
