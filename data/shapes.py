@@ -3,10 +3,10 @@ The offline miniature world: a synthetic captioning data set in exactly COCO's f
 
 Every image holds two filled shapes on a grey background, side by side or one above the other, centred on the
 corners of an 8 x 8 grid (GRID, below: why). A caption has to name each shape's size, colour and kind, and where
-they are relative to each other:
+they are relative to each other, the left (or top) one first (FRAMES, below: why):
 
     a small red circle to the left of a large blue square
-    a large blue square on the right and a small red circle on the left
+    a small red circle on the left and a large blue square on the right
 
 What gets written (to --out):
     train2017/, val2017/                         the images (PNG), COCO file names
@@ -62,7 +62,8 @@ REGIONS = {"horizontal": ("left", "right"), "vertical": ("top", "bottom")}  # wh
 # chance (linear probe 0.43 against 0.68 on the grid, seed 0), and no bridge can name what its encoder misses.
 GRID = 8
 SUPERSAMPLE = 4  # draw at 4x and downsample: anti-aliased edges, so shape is more than a staircase of pixels
-VERSION = 2  # of the drawing code, in info.json: a world drawn by other code is not reused (1: centres anywhere)
+VERSION = 3  # of the drawing code, in info.json: a world drawn by other code is not reused
+# (1: centres anywhere; 2: on the grid, captions in both orders; 3: captions in reading order)
 
 # -----------------------------------------------------------------------------
 # Scenes: what to draw
@@ -136,24 +137,31 @@ def phrase(obj):
     return f"a {obj['size']} {obj['colour']} {obj['shape']}"
 
 
-FRAMES = {  # {a} is the first (left / top) object, {b} the second
+FRAMES = {  # {a} is the first (left / top) object, {b} the second: always named in reading order (see below)
     "horizontal": [
         "{a} to the left of {b}",
-        "{b} to the right of {a}",
+        "{a} is to the left of {b}",
         "{a} on the left and {b} on the right",
-        "{b} on the right and {a} on the left",
+        "{a} on the left, {b} on the right",
         "there is {a} left of {b}",
         "two shapes, {a} on the left and {b} on the right",
     ],
     "vertical": [
         "{a} above {b}",
-        "{b} below {a}",
+        "{a} is above {b}",
         "{a} at the top and {b} at the bottom",
-        "{b} at the bottom and {a} at the top",
+        "{a} at the top, {b} at the bottom",
         "there is {a} above {b}",
         "two shapes, {a} at the top and {b} at the bottom",
     ],
 }
+# Why reading order: a caption that names an object first and places it afterwards ("a red circle on the right
+# and ...", "... to the right of ...") asks the captioner to look up where the object it has just named sits,
+# by what it looks like. The demo's cross-attention never learned that: with both orders in the captions
+# (world version 2) it named both objects right in 80% of held-out images after 1,800 steps but their relation in
+# only 56% (50% is chance once the layout is right). In reading order, where an object sits decides when it is
+# named, which attention reads directly (cross-attention on the same images, CLIP tokens and LM, 600 steps:
+# relation 0.49 -> 0.99, both objects 0.46 -> 0.76), and CLIP learns shape better from such captions.
 
 
 def captions_of(scene, rng, n=5):

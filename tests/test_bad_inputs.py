@@ -421,9 +421,12 @@ def test_17_make_demo_refuses_a_world_drawn_with_other_settings(tmp_path):
     assert shapes.check_world(world, 12, 4, 4, seed=0, image_size=32) is None  # the same world: reused
     assert "train 12 (asked: 5000)" in shapes.check_world(world, 5000, 4, 4, seed=0, image_size=32)
     info = json.load(open(os.path.join(world, "info.json")))
+    info["version"] = 2  # a world whose captions name the objects in either order
+    json.dump(info, open(os.path.join(world, "info.json"), "w"))
+    assert "version 2 (asked: 3)" in shapes.check_world(world, 12, 4, 4, seed=0, image_size=32)
     del info["version"]  # a world drawn before the objects sat on the patch grid
     json.dump(info, open(os.path.join(world, "info.json"), "w"))
-    assert "version 1 (asked: 2)" in shapes.check_world(world, 12, 4, 4, seed=0, image_size=32)
+    assert "version 1 (asked: 3)" in shapes.check_world(world, 12, 4, 4, seed=0, image_size=32)
     # so another seed gets folders of its own by default: data/shapes-2, runs/demo-2
     dry = subprocess.run(["make", "-C", ROOT, "-n", "-o", ".venv/.installed", "demo", "SHAPES_SEED=2"],
                          capture_output=True, text=True)

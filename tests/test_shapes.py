@@ -84,8 +84,9 @@ def test_captions_describe_the_scene(world):
                 right = dict(colour=1, shape=1, size=1, position=1, layout=1, relation=1)
                 assert shapes.score_caption(caption, scene) == right, caption
                 parsed = shapes.parse_caption(caption)
-                described = {(o["size"], o["colour"], o["shape"]) for o in parsed["objects"]}
-                assert described == {(o["size"], o["colour"], o["shape"]) for o in scene["objects"]}
+                described = [(o["size"], o["colour"], o["shape"]) for o in parsed["objects"]]
+                # in reading order: the left (or top) object first, so where it sits decides when it is named
+                assert described == [(o["size"], o["colour"], o["shape"]) for o in scene["objects"]], caption
 
 
 def test_parse_and_score_wrong_captions():
