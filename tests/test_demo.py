@@ -12,8 +12,8 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ["data", "shards", "lm", "clip", "features-train", "features-val", "bridge-linear", "bridge-xattn",
-          "bridge-qformer", "evaluate"]
+STAGES = ["data", "shards", "lm", "clip", "features-4x8-train", "features-4x8-val", "bridge-linear",
+          "features-none-train", "features-none-val", "bridge-xattn", "bridge-qformer", "evaluate"]
 
 
 @pytest.mark.skipif(shutil.which("make") is None or shutil.which("java") is None, reason="needs make and Java")
@@ -39,16 +39,20 @@ def test_shortened_demo_runs_every_stage_and_reuses_them(tmp_path):
     times = (demo / "times.txt").read_text().split("\n")
     assert [line.split()[0] for line in times if line] == STAGES
 
-    # the bridges read the CLIP the demo trained, in the hub's layout; its caches live in the run folder and stay
-    # finished (make must not delete their manifests as "intermediate" files)
+    # the bridges read the CLIP the demo trained, in the hub's layout; its caches live in the run folder, one per
+    # pooling, and stay finished (make must not delete their manifests as "intermediate" files)
     assert (demo / "clip" / "model.safetensors").exists() and (demo / "clip" / "quality.json").exists()
-    for split in ("train", "val"):
-        with open(demo / "features" / f"shapes_{split}" / "manifest.json") as f:
-            assert json.load(f)["encoder"] == str(demo / "clip")
-    # the CLIP's tokens are read as they are (standardising is for the untrained ViT: the Makefile's STANDARDIZE)
-    for bridge in ("linear", "xattn", "qformer"):
+    for pooling in ("4x8", "none"):
+        for split in ("train", "val"):
+            with open(demo / "features" / pooling / split / "manifest.json") as f:
+                manifest = json.load(f)
+            assert manifest["encoder"] == str(demo / "clip") and manifest["pooling"] == pooling
+    # the CLIP's tokens are read as they are (standardising is for the untrained ViT: the Makefile's STANDARDIZE),
+    # each bridge with its own pooling (POOL_<name>)
+    for bridge, pooling in (("linear", "4x8"), ("xattn", "none"), ("qformer", "none")):
         ckpt = torch.load(demo / "caption" / bridge / "ckpt_final.pt", weights_only=True)
         assert ckpt["args"]["standardize"] is False and ckpt["visual_stats"] is None, bridge
+        assert ckpt["features"]["pooling"] == pooling, bridge
     # a second run reuses everything: make finds every target up to date
     again = subprocess.run(["make", "-C", ROOT, "-q", target, *settings], capture_output=True, text=True)
     assert again.returncode == 0, "a finished stage would run again"
@@ -59,13 +63,13 @@ def test_the_ablation_reads_an_untrained_vit_and_trains_no_clip(tmp_path):
     demo = tmp_path / "demo"
     settings = [f"BIN={os.path.dirname(sys.executable)}", f"DEMO={demo}", f"SHAPES={tmp_path / 'shapes'}",
                 "TRAIN_IMAGES=24", "VAL_IMAGES=8", "CORPUS_DOCS=100", "SHAPES_SEED=3", "ENCODER=random-vit:mini:seed0"]
-    target = str(demo / "features" / "shapes_train" / "manifest.json")
+    target = str(demo / "features" / "none" / "train" / "manifest.json")
     run = subprocess.run(["make", "-C", ROOT, target, *settings], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     times = (demo / "times.txt").read_text().split("\n")
-    assert [line.split()[0] for line in times if line] == ["data", "features-train"]  # no CLIP stage
+    assert [line.split()[0] for line in times if line] == ["data", "features-none-train"]  # no CLIP stage
     assert not (demo / "clip").exists()
-    with open(demo / "features" / "shapes_train" / "manifest.json") as f:
+    with open(demo / "features" / "none" / "train" / "manifest.json") as f:
         assert json.load(f)["encoder"] == "random-vit:mini:seed0"
     with open(tmp_path / "shapes" / "info.json") as f:
         assert json.load(f)["seed"] == 3  # the world was drawn with SHAPES_SEED
@@ -74,9 +78,11 @@ def test_the_ablation_reads_an_untrained_vit_and_trains_no_clip(tmp_path):
                          capture_output=True, text=True)
     bridge = [line for line in dry.stdout.splitlines() if "train_caption.py" in line]
     assert dry.returncode == 0 and len(bridge) == 1 and " --standardize " in bridge[0], dry.stdout[-2000:]
-    # per-bridge settings: the Q-Former trains twice as many steps, cross-attention at lr 3e-3
-    for bridge, flags in [("linear", "--max-steps 600 --lr 3e-2"), ("xattn", "--max-steps 600 --lr 3e-3 --vis-pos-grid"),
-                          ("qformer", "--max-steps 1200 --lr 1e-3")]:
+    # per-bridge settings: the Q-Former trains twice as many steps and the linear prefix 3/4 as many, cross-attention
+    # at lr 3e-3; the linear prefix reads the 4x8-pooled tokens, the others all 64 patches
+    for bridge, flags in [("linear", "4x8/train --val-features"), ("xattn", "none/train --val-features"),
+                          ("linear", "--max-steps 450 --lr 3e-2"), ("xattn", "--max-steps 600 --lr 3e-3 --vis-pos-grid"),
+                          ("qformer", "--max-steps 1200 --lr 2e-3")]:
         dry = subprocess.run(["make", "-C", ROOT, "-n", str(demo / "caption" / bridge / "ckpt_final.pt"), *settings],
                              capture_output=True, text=True)
         assert flags in dry.stdout, (bridge, dry.stdout[-2000:])
