@@ -169,7 +169,8 @@ stage = @mkdir -p $(DEMO); start=$$(date +%s); $(2) && echo "$(1) $$(( $$(date +
 .SECONDARY:
 
 # `demo` installs first, then runs the stages in a second make, which can ask bridges.py for the bridge list.
-# A world already drawn is reused as it is: first check it is the one these variables ask for.
+# A world already drawn is reused as it is: first check it is the one these variables ask for, and that the run
+# folder (DEMO) was trained on it, if on anything.
 demo: setup
 	@$(CHECK_WORLD)
 	@$(MAKE) --no-print-directory demo-table
@@ -180,12 +181,14 @@ demo-table: $(DEMO)/results/table.md
 
 WORLD_FLAGS := --out $(SHAPES) --train $(TRAIN_IMAGES) --val $(VAL_IMAGES) --corpus-docs $(CORPUS_DOCS) \
                --seed $(SHAPES_SEED)
-CHECK_WORLD := $(BIN)/python data/shapes.py $(WORLD_FLAGS) --check
+CHECK_WORLD := $(BIN)/python data/shapes.py $(WORLD_FLAGS) --check --run-dir $(DEMO)
 
 $(SHAPES)/info.json:
 	$(call stage,data,$(BIN)/python data/shapes.py $(WORLD_FLAGS))
 
+# The run folder records its world (world.json): a later `make demo` refuses a DEMO trained on another one.
 $(DEMO)/lm_shards/manifest.json: $(SHAPES)/info.json
+	@mkdir -p $(DEMO) && cp $(SHAPES)/info.json $(DEMO)/world.json
 	$(call stage,shards,$(BIN)/python data/fineweb.py --data-files $(SHAPES)/corpus.jsonl --out-dir $(DEMO)/lm_shards --shard-size $(SHARD_SIZE) --workers 2)
 
 # lr 1e-3: the LM must learn to copy a scene's words from an earlier caption (what the bridges use), and on the

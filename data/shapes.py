@@ -364,6 +364,22 @@ def check_world(out, train, val, corpus_docs, seed, image_size=64):
     differ = [f"{k} {found.get(k)} (asked: {v})" for k, v in asked.items() if found.get(k) != v]
     return f"{out} holds a world drawn with other settings: " + ", ".join(differ) if differ else None
 
+def check_run_folder(run_dir, out):
+    """
+    None if run_dir (make demo's DEMO) is new or was trained on the world in `out`, else why not. make reuses what
+    a run folder holds (an LM, a bridge resumed with --resume auto) whenever its file targets exist, so a folder
+    trained on another world would put that world's LM and bridges into this world's table. The shards stage
+    records the world in run_dir/world.json (a copy of its info.json).
+    """
+    record, info = os.path.join(run_dir, "world.json"), os.path.join(out, "info.json")
+    if os.path.exists(record):
+        if os.path.exists(info) and read_json(record, "run folder's world") != read_json(info, "world description"):
+            return f"{run_dir} was trained on another world than {out} holds (its world.json differs from {info})"
+        return None
+    if os.path.isdir(run_dir) and set(os.listdir(run_dir)) - {"times.txt"}:
+        return f"{run_dir} holds runs of a world it did not record (made before run folders recorded their world)"
+    return None
+
 # -----------------------------------------------------------------------------
 
 
@@ -377,12 +393,17 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--check", action="store_true",
                         help="draw nothing: stop with an error if --out already holds a world of other settings")
+    parser.add_argument("--run-dir", help="with --check: also stop if this run folder was trained on another world")
     args = parser.parse_args()
     problem = check_world(args.out, args.train, args.val, args.corpus_docs, args.seed, args.image_size)
     if problem:
         parser.error(f"{problem}. Draw this one into another folder (the Makefile's SHAPES and DEMO; `make demo "
                      f"SHAPES_SEED=<k>` picks data/shapes-<k> and runs/demo-<k> by itself), or delete {args.out} and "
                      f"the runs trained on it (`make demo-clean` deletes the demo's world and run folder)")
+    problem = args.run_dir and check_run_folder(args.run_dir, args.out)
+    if problem:
+        parser.error(f"{problem}. Train into another folder (`make demo DEMO=runs/<new>`), or delete {args.run_dir} "
+                     f"(`make demo-clean` deletes the demo's world and run folder)")
     if args.check:
         sys.exit(0)
     seconds = generate(args.out, args.train, args.val, args.corpus_docs, args.seed, args.image_size)

@@ -431,3 +431,26 @@ def test_17_make_demo_refuses_a_world_drawn_with_other_settings(tmp_path):
     dry = subprocess.run(["make", "-C", ROOT, "-n", "-o", ".venv/.installed", "demo", "SHAPES_SEED=2"],
                          capture_output=True, text=True)
     assert "data/shapes.py --out data/shapes-2 " in dry.stdout and "runs/demo-2/" in dry.stdout, dry.stdout[-2000:]
+
+# -----------------------------------------------------------------------------
+# 18. A run folder trained on another world (make would reuse its LM, shards and finished bridges as they are)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_18_make_demo_refuses_a_run_folder_of_another_world(tmp_path):
+    world = str(tmp_path / "shapes")
+    shapes.generate(world, train=12, val=4, corpus_docs=4, seed=0)  # the demo's image size: the world check passes
+    demo = tmp_path / "demo"
+    assert shapes.check_run_folder(str(demo), world) is None  # a new run folder
+    (demo / "lm_shards").mkdir(parents=True)  # a run folder made before run folders recorded their world
+    assert "holds runs of a world it did not record" in shapes.check_run_folder(str(demo), world)
+    info = json.load(open(os.path.join(world, "info.json")))
+    json.dump(info, open(demo / "world.json", "w"))
+    assert shapes.check_run_folder(str(demo), world) is None  # trained on this very world: reused
+    json.dump(dict(info, version=2), open(demo / "world.json", "w"))
+    assert "was trained on another world" in shapes.check_run_folder(str(demo), world)
+    settings = [f"BIN={os.path.dirname(sys.executable)}", f"SHAPES={world}", f"DEMO={demo}", "TRAIN_IMAGES=12",
+                "VAL_IMAGES=4", "CORPUS_DOCS=4"]
+    run = subprocess.run(["make", "-C", ROOT, "-o", ".venv/.installed", "demo", *settings], capture_output=True, text=True)
+    assert run.returncode != 0 and f"{demo} was trained on another world than {world} holds" in run.stderr
+    assert "make demo DEMO=runs/<new>" in run.stderr and not (demo / "times.txt").exists()  # stopped before any stage
