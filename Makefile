@@ -161,8 +161,10 @@ LR_qformer := 2e-3
 # grid (--vis-pos-grid): it then tells side by side from stacked (layout 0.54 -> 0.99 on seed 0, 0.72 -> 0.95 on
 # seed 1) and gets the whole scene right twice as often (0.08 -> 0.15, 0.08 -> 0.12).
 FLAGS_xattn := --vis-pos-grid
-# time one stage: run it, then append "<name> <seconds> s" to the summary
-stage = @mkdir -p $(DEMO); start=$$(date +%s); $(2) && echo "$(1) $$(( $$(date +%s) - start )) s" >> $(DEMO)/times.txt
+# time one stage: run it, then append "<name> <seconds> s" to the summary. Every stage after the world's also
+# records the world in the run folder (world.json): a later `make demo` or `make clip` refuses a DEMO of another world.
+stage = @mkdir -p $(DEMO); [ ! -f $(SHAPES)/info.json ] || cp $(SHAPES)/info.json $(DEMO)/world.json; \
+	start=$$(date +%s); $(2) && echo "$(1) $$(( $$(date +%s) - start )) s" >> $(DEMO)/times.txt
 
 # Without this, make deletes the feature caches' manifest.json (pattern-rule "intermediate" files) after a run,
 # and the next run would find the caches unfinished.
@@ -186,9 +188,7 @@ CHECK_WORLD := $(BIN)/python data/shapes.py $(WORLD_FLAGS) --check --run-dir $(D
 $(SHAPES)/info.json:
 	$(call stage,data,$(BIN)/python data/shapes.py $(WORLD_FLAGS))
 
-# The run folder records its world (world.json): a later `make demo` refuses a DEMO trained on another one.
 $(DEMO)/lm_shards/manifest.json: $(SHAPES)/info.json
-	@mkdir -p $(DEMO) && cp $(SHAPES)/info.json $(DEMO)/world.json
 	$(call stage,shards,$(BIN)/python data/fineweb.py --data-files $(SHAPES)/corpus.jsonl --out-dir $(DEMO)/lm_shards --shard-size $(SHARD_SIZE) --workers 2)
 
 # lr 1e-3: the LM must learn to copy a scene's words from an earlier caption (what the bridges use), and on the

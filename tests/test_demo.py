@@ -53,6 +53,8 @@ def test_shortened_demo_runs_every_stage_and_reuses_them(tmp_path):
         ckpt = torch.load(demo / "caption" / bridge / "ckpt_final.pt", weights_only=True)
         assert ckpt["args"]["standardize"] is False and ckpt["visual_stats"] is None, bridge
         assert ckpt["features"]["pooling"] == pooling, bridge
+    # the run folder records its world, so that a later `make demo` can refuse a folder of another world
+    assert json.load(open(demo / "world.json")) == json.load(open(tmp_path / "shapes" / "info.json"))
     # a second run reuses everything: make finds every target up to date
     again = subprocess.run(["make", "-C", ROOT, "-q", target, *settings], capture_output=True, text=True)
     assert again.returncode == 0, "a finished stage would run again"
