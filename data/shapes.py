@@ -368,8 +368,8 @@ def check_run_folder(run_dir, out):
     """
     None if run_dir (make demo's DEMO) is new or was trained on the world in `out`, else why not. make reuses what
     a run folder holds (an LM, a bridge resumed with --resume auto) whenever its file targets exist, so a folder
-    trained on another world would put that world's LM and bridges into this world's table. The shards stage
-    records the world in run_dir/world.json (a copy of its info.json).
+    trained on another world would put that world's LM and bridges into this world's table. Every demo stage
+    records the world in run_dir/world.json (a copy of its info.json: the Makefile's stage macro).
     """
     record, info = os.path.join(run_dir, "world.json"), os.path.join(out, "info.json")
     if os.path.exists(record):
