@@ -56,6 +56,8 @@ class BridgeConfig:
     # the bridges' own hyper-parameters, each a flag of train_caption.py
     vis_pos: bool = flag(True, "learned position embedding of the visual tokens inside the bridge")
     vis_pos_grid: bool = flag(False, "start that embedding as a fixed 2-D sin-cos of the patch grid, not at zero")
+    prefix_len: int = flag(0, "linear: map the whole image (all visual tokens at once) to this many prefix "
+                              "embeddings (0: one embedding per visual token)", minimum=0)
     xattn_every: int = flag(1, "cross-attention: a gated layer in every k-th GPT block", minimum=1)
     xattn_heads: int = flag(0, "cross-attention heads (0: as many as the GPT has)", minimum=0)
     queries: int = flag(32, "Q-Former: learnable queries (= prefix length)", minimum=1)
@@ -136,13 +138,18 @@ class VisualInput(nn.Module):
         self.pos = nn.Parameter(start) if config.vis_pos else None
 
     def forward(self, visual):
+        check_tokens(visual, None if self.pos is None else self.pos.size(0))
         x = self.proj(self.ln(visual))  # (B, S, dim)
         if self.pos is not None:
-            if visual.size(1) != self.pos.size(0):
-                raise ValueError(f"bridge was built for {self.pos.size(0)} visual tokens, got {visual.size(1)} "
-                                 "(a feature cache with another pooling?)")
             x = x + self.pos
         return x
+
+
+def check_tokens(visual, expected):
+    """Refuse visual (B, S, C_vis) unless S is the number of tokens a bridge has weights for (None: any)."""
+    if expected is not None and visual.size(1) != expected:
+        raise ValueError(f"bridge was built for {expected} visual tokens, got {visual.size(1)} "
+                         "(a feature cache with another pooling?)")
 
 
 def grid_sincos(rows, cols, dim, tokens):
@@ -167,13 +174,32 @@ def grid_sincos(rows, cols, dim, tokens):
 
 @register("linear")
 class LinearBridge(nn.Module):
+    """
+    One Linear layer, used one of two ways:
+    - per token (the default, the reference project's): each visual token -> one prefix embedding, S in all;
+    - whole image (--prefix-len k, ClipCap's mapping in one layer): all S tokens at once -> k prefix embeddings.
+    Per token, a prefix slot only ever sees its own patch; a tiny LM then has to assemble "a small red circle"
+    from slots that each hold a piece of a shape. Whole image, every slot is a linear read-out of the entire
+    image, so slot j can become "the colour of the first object" wherever that object is; the price is
+    S * C_vis * k * n_embd weights (6.5M in the miniature's demo, far too many for ViT-L/14's 33 x 1024 tokens).
+    """
 
     def __init__(self, config):
         super().__init__()
-        # LayerNorm + one Linear (+ a learned per-slot offset with vis_pos): nothing but a linear projection
-        self.input = VisualInput(config, config.n_embd)
+        self.k = config.prefix_len
+        if self.k:
+            self.ln = nn.LayerNorm(config.vis_dim)  # per token, as in VisualInput
+            self.proj = nn.Linear(config.vis_tokens * config.vis_dim, self.k * config.n_embd)
+            self.tokens = config.vis_tokens
+        else:
+            # LayerNorm + one Linear (+ a learned per-slot offset with vis_pos): nothing but a linear projection
+            self.input = VisualInput(config, config.n_embd)
 
     def forward(self, visual):
+        if self.k:
+            check_tokens(visual, self.tokens)
+            x = self.ln(visual).flatten(1)  # (B, S * C_vis)
+            return self.proj(x).view(visual.size(0), self.k, -1), None  # (B, k, C)
         prefix = self.input(visual)  # (B, S, C): one word-like embedding per visual token
         return prefix, None  # the GPT adds its own position embeddings too
 

@@ -9,6 +9,8 @@ from bridges import (BRIDGES, BridgeConfig, Captioner, caption_batch, build_capt
 from gpt2 import GPT, GPTConfig
 
 KINDS = list(BRIDGES)  # every registered bridge
+# and each way of using one: the linear bridge per visual token (its default) or on the whole image
+VARIANTS = [pytest.param(k, {}, id=k) for k in KINDS] + [pytest.param("linear", dict(prefix_len=6), id="linear-whole")]
 EOT = 0  # the tiny LM's <|endoftext|> id
 SMALL = dict(xattn_heads=2, queries=4, qformer_layers=2, qformer_width=32, qformer_heads=2)
 
@@ -108,11 +110,11 @@ def test_cross_attention_with_closed_gates_is_exactly_the_lm():
     assert not torch.allclose(opened, plain[:, :-1], atol=1e-3)  # and the image does matter once they open
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_each_bridge_overfits_a_tiny_batch_with_the_lm_frozen(kind, copying_lm):
+@pytest.mark.parametrize("kind, variant", VARIANTS)
+def test_each_bridge_overfits_a_tiny_batch_with_the_lm_frozen(kind, variant, copying_lm):
     lm = tiny_lm()
     lm.load_state_dict(copying_lm)
-    captioner = make(kind, lm=lm, vis_dim=64, vis_tokens=6, queries=6)
+    captioner = make(kind, lm=lm, vis_dim=64, vis_tokens=6, queries=6, **variant)
     params = [p for p in captioner.parameters() if p.requires_grad]
     # the Q-Former (a deeper path, queries that start alike) needs a gentler step; at 3e-3 it stalls near loss 0.4
     optimizer = torch.optim.AdamW(params, lr=1e-3 if kind == "qformer" else 3e-3, weight_decay=0.0)
@@ -152,9 +154,9 @@ def test_unfreeze_last_trains_only_the_last_blocks():
     assert set(captioner.trainable_state()["lm_blocks"]) == {"1"}
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_cached_generation_equals_uncached(kind):
-    captioner = make(kind, seed=3)
+@pytest.mark.parametrize("kind, variant", VARIANTS)
+def test_cached_generation_equals_uncached(kind, variant):
+    captioner = make(kind, seed=3, **variant)
     open_gates(captioner)
     visual = torch.randn(3, 5, 16)
     cached = captioner.generate(visual, max_new_tokens=12)
@@ -168,6 +170,18 @@ def test_cached_generation_equals_uncached(kind):
     uncached = [row[:row.index(EOT)] if EOT in row else row for row in seq.tolist()]
     assert cached == uncached
     assert any(len(c) > 2 for c in cached)  # a real comparison, not of empty captions
+
+
+def test_whole_image_linear_prefix_reads_every_token_into_every_slot():
+    captioner = make("linear", vis_tokens=5, prefix_len=3)
+    visual = torch.randn(2, 5, 16, requires_grad=True)
+    prefix, cross = captioner.bridge(visual)
+    assert prefix.shape == (2, 3, 32) and cross is None  # (B, k, n_embd), k = --prefix-len, whatever S is
+    for slot in range(3):  # each slot is a read-out of the whole image: every token of its own image moves it
+        grad, = torch.autograd.grad(prefix[0, slot].sum(), visual, retain_graph=True)
+        assert (grad[0].abs().sum(-1) > 0).all() and (grad[1] == 0).all()
+    # still one Linear layer (and a per-token LayerNorm): S * C_vis inputs, k * n_embd outputs
+    assert count_params(captioner.bridge)[0] == 5 * 16 * 3 * 32 + 3 * 32 + 2 * 16
 
 
 def test_qformer_attention_maps_are_distributions_over_the_image():
@@ -188,6 +202,9 @@ def test_mismatches_are_refused_clearly():
     captioner = make("xattn", vis_tokens=5)
     with pytest.raises(ValueError, match="built for 5 visual tokens, got 9"):
         captioner(torch.randn(1, 9, 16), torch.tensor([[1, 2]]))
+    whole = make("linear", vis_tokens=5, prefix_len=3)
+    with pytest.raises(ValueError, match="built for 5 visual tokens, got 9"):
+        whole(torch.randn(1, 9, 16), torch.tensor([[1, 2]]))
     with pytest.raises(ValueError, match="unknown bridge"):
         build_captioner(tiny_lm(), EOT, "perceiver", 16, 5)
     config = BridgeConfig(kind="linear", vis_dim=16, vis_tokens=5, n_embd=64, n_layer=2)

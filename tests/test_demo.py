@@ -80,11 +80,11 @@ def test_the_ablation_reads_an_untrained_vit_and_trains_no_clip(tmp_path):
                          capture_output=True, text=True)
     bridge = [line for line in dry.stdout.splitlines() if "train_caption.py" in line]
     assert dry.returncode == 0 and len(bridge) == 1 and " --standardize " in bridge[0], dry.stdout[-2000:]
-    # per-bridge settings: the Q-Former trains twice as many steps and the linear prefix 3/4 as many, cross-attention
-    # at lr 3e-3; the linear prefix reads the 4x8-pooled tokens, the others all 64 patches
+    # per-bridge settings: the Q-Former trains twice as many steps, the linear prefix maps the whole image to 12 slots;
+    # it reads the 4x8-pooled tokens, the others all 64 patches with their positions starting as a sin-cos
     for bridge, flags in [("linear", "4x8/train --val-features"), ("xattn", "none/train --val-features"),
-                          ("linear", "--max-steps 450 --lr 3e-2"), ("xattn", "--max-steps 600 --lr 3e-3 --vis-pos-grid"),
-                          ("qformer", "--max-steps 1200 --lr 2e-3")]:
+                          ("linear", "--max-steps 600 --lr 3e-3 --prefix-len 12"), ("xattn", "--max-steps 600 --lr 3e-3 --vis-pos-grid"),
+                          ("qformer", "--max-steps 1200 --lr 2e-3 --vis-pos-grid")]:
         dry = subprocess.run(["make", "-C", ROOT, "-n", str(demo / "caption" / bridge / "ckpt_final.pt"), *settings],
                              capture_output=True, text=True)
         assert flags in dry.stdout, (bridge, dry.stdout[-2000:])
