@@ -1,7 +1,7 @@
 """
 Three ways to let a frozen GPT-2 see an image, side by side, and the captioner that joins one to the GPT.
 
-    LinearBridge          each visual token -> one prefix embedding (ClipCap's idea, in one layer)
+    LinearBridge          each visual token (or the whole image) -> prefix embeddings (ClipCap's idea, in one layer)
     CrossAttentionBridge  gated cross-attention inserted into every k-th GPT block (Flamingo's idea)
     QFormerBridge         learnable queries read the image, their outputs become the prefix (BLIP-2's idea)
 
@@ -181,7 +181,7 @@ class LinearBridge(nn.Module):
     Per token, a prefix slot only ever sees its own patch; a tiny LM then has to assemble "a small red circle"
     from slots that each hold a piece of a shape. Whole image, every slot is a linear read-out of the entire
     image, so slot j can become "the colour of the first object" wherever that object is; the price is
-    S * C_vis * k * n_embd weights (6.5M in the miniature's demo, far too many for ViT-L/14's 33 x 1024 tokens).
+    S * C_vis * k * n_embd weights (4.9M in the miniature's demo, far too many for ViT-L/14's 33 x 1024 tokens).
     """
 
     def __init__(self, config):
