@@ -337,7 +337,9 @@ def compare(args):
     print(f"evaluating {len(args.checkpoints)} checkpoint(s) on {len(records)} images of {where}; decoding {decoding}",
           file=sys.stderr)
 
-    rows, runs, sources, names = [], [], {}, set()
+    # Decode every checkpoint first, then score: captions/s then times decoding with nothing else running in the
+    # process (the METEOR JVM, started by the first scoring, would otherwise compete for the cores).
+    runs, sources, names = [], {}, set()
     for path in args.checkpoints:
         captioner, tokenizer, ckpt = load_captioner(path, lm=args.lm, device=args.device)
         check_unseen(ckpt, records, path, where)
@@ -351,30 +353,36 @@ def compare(args):
         name = run_name(path, names)
         captions, captions_per_s = decode(captioner, tokenizer, batches(source, list(references), args.batch_size),
                                           desc=name, dtype=args.dtype, **decoding)
-        row = score_row(name, captions, references, args.metrics, scenes)
-        params = ckpt.get("params") or captioner.param_counts()
-        row.update(kind=ckpt["bridge_config"]["kind"], checkpoint=path, step=ckpt.get("step"), params=params,
-                   trainable_params=sum(p["trainable"] for p in params.values() if p),
-                   total_params=sum(p["total"] for p in params.values() if p),
-                   train_seconds=ckpt.get("train_seconds"), captions_per_s=captions_per_s,
-                   val_loss=final_val_loss(ckpt, path))
-        rows.append(row)
         runs.append(dict(name=name, path=path, captioner=captioner, tokenizer=tokenizer, ckpt=ckpt, captions=captions,
-                         source=source))
-        write_json(os.path.join(args.out, f"captions_{name}.json"),
-                   {str(i): dict(caption=c, references=references[i]) for i, c in captions.items()})
-        print(f"{name}: CIDEr {row.get('CIDEr', float('nan')):.3f}, {captions_per_s:.1f} captions/s", file=sys.stderr)
-
+                         source=source, captions_per_s=captions_per_s))
+        print(f"{name}: {captions_per_s:.1f} captions/s", file=sys.stderr)
     # The blind baseline: if a bridge's scores are not clearly above this row, the bridge has not learned to use
     # the image: everything it gets right, the LM guesses on its own.
     first = runs[0]
-    captions, captions_per_s = blind_captions(first["captioner"], first["tokenizer"], list(first["captions"]),
-                                              args.batch_size, decoding, args.dtype)
-    blind = score_row(f"blind (frozen LM of {first['name']}, no image)", captions, references, args.metrics, scenes)
-    blind.update(kind="blind", checkpoint=first["path"], captions_per_s=captions_per_s, blind=True)
-    rows.append(blind)
+    blind, blind_per_s = blind_captions(first["captioner"], first["tokenizer"], list(first["captions"]),
+                                        args.batch_size, decoding, args.dtype)
+
+    rows = []
+    for run in runs:
+        captioner, ckpt, captions = run["captioner"], run["ckpt"], run["captions"]
+        row = score_row(run["name"], captions, references, args.metrics, scenes)
+        params = ckpt.get("params") or captioner.param_counts()
+        row.update(kind=ckpt["bridge_config"]["kind"], checkpoint=run["path"], step=ckpt.get("step"), params=params,
+                   trainable_params=sum(p["trainable"] for p in params.values() if p),
+                   total_params=sum(p["total"] for p in params.values() if p),
+                   train_seconds=ckpt.get("train_seconds"), captions_per_s=run["captions_per_s"],
+                   val_loss=final_val_loss(ckpt, run["path"]), seed=ckpt.get("args", {}).get("seed"))
+        if hasattr(captioner.bridge, "attention_maps"):
+            row["query_similarity"] = query_similarity(captioner, run["source"], list(captions)[:100], args.device)
+        rows.append(row)
+        write_json(os.path.join(args.out, f"captions_{run['name']}.json"),
+                   {str(i): dict(caption=c, references=references[i]) for i, c in captions.items()})
+        print(f"{run['name']}: CIDEr {row.get('CIDEr', float('nan')):.3f}", file=sys.stderr)
+    row = score_row(f"blind (frozen LM of {first['name']}, no image)", blind, references, args.metrics, scenes)
+    row.update(kind="blind", checkpoint=first["path"], captions_per_s=blind_per_s, blind=True)
+    rows.append(row)
     write_json(os.path.join(args.out, "captions_blind.json"),
-               {str(i): dict(caption=c, references=references[i]) for i, c in captions.items()})
+               {str(i): dict(caption=c, references=references[i]) for i, c in blind.items()})
 
     pictures = draw_pictures(args, runs, records)
     skipped = {s["image_id"]: s for source in sources.values() for s in source.skipped}
@@ -388,6 +396,21 @@ def compare(args):
         f.write(table)
     print(table)
     return result
+
+
+@torch.no_grad()
+def query_similarity(captioner, source, image_ids, device):
+    """
+    How alike the queries' attention maps are: the mean cosine similarity over pairs of queries of their last-layer
+    attention over the visual tokens (heads averaged), over the images. 1.0: every query reads the same tokens
+    (collapsed queries, or uniform attention); lower as they specialise. A number, so a collapse shows in the table.
+    """
+    _, visual = source.tokens(image_ids)
+    weights = captioner.bridge.attention_maps(captioner.standardized(visual.to(device))).mean(1)  # (B, Q, S)
+    w = F.normalize(weights.float(), dim=-1)
+    sim = w @ w.transpose(1, 2)  # (B, Q, Q); its diagonal is all ones
+    Q = sim.size(1)
+    return ((sim.sum((1, 2)) - Q) / (Q * (Q - 1))).mean().item() if Q > 1 else 1.0
 
 
 def draw_pictures(args, runs, records):
@@ -432,7 +455,9 @@ def markdown_table(rows, decoding, where, images, with_attributes):
              "Params: trainable / total (encoder + bridge + LM). METEOR: corpus score, then per-image mean ± std. "
              "CIDEr (CIDEr-D) with its 95% bootstrap interval over images.",
              "The blind row is the first checkpoint's frozen LM with no image at all (its first sentence after "
-             "<|endoftext|>): what the LM guesses without looking."]
+             "<|endoftext|>): what the LM guesses without looking. Captions/s: decoding alone, nothing else running. "
+             "Query similarity (bridges with queries): mean cosine similarity of the queries' attention maps, 1.0 = "
+             "every query reads the same tokens."]
     if with_attributes:
         lines.append("Against the drawn scenes: per-attribute accuracy (colour ... relation; layout = side by side "
                      "or one above the other, as drawn, whatever the order); objects = fraction of "
@@ -440,7 +465,7 @@ def markdown_table(rows, decoding, where, images, with_attributes):
                      "that, and their relation right too.")
     lines.append("")
     header = ["bridge", "trainable / total params", "train time", "val loss", "BLEU-4", "METEOR", "METEOR mean ± std",
-              "CIDEr [95% CI]", "captions/s"] + [a for a in ATTRIBUTES if with_attributes]
+              "CIDEr [95% CI]", "captions/s", "query similarity"] + [a for a in ATTRIBUTES if with_attributes]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         seconds = row.get("train_seconds")
@@ -450,7 +475,7 @@ def markdown_table(rows, decoding, where, images, with_attributes):
                  _fmt(row.get("val_loss")), _fmt(row.get("BLEU-4")), _fmt(row.get("METEOR")),
                  "—" if "METEOR_mean" not in row else f"{row['METEOR_mean']:.3f} ± {row['METEOR_std']:.3f}",
                  "—" if "CIDEr" not in row else f"{row['CIDEr']:.3f} [{row['CIDEr_ci'][0]:.3f}, {row['CIDEr_ci'][1]:.3f}]",
-                 f"{row['captions_per_s']:.1f}"]
+                 f"{row['captions_per_s']:.1f}", _fmt(row.get("query_similarity"), ".2f")]
         if with_attributes:
             cells += [f"{row['attributes'].get(a, 0.0):.2f}" for a in ATTRIBUTES]
         lines.append("| " + " | ".join(cells) + " |")

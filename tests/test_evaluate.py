@@ -298,6 +298,25 @@ def test_compare_writes_table_json_captions_and_pictures(world, tmp_path):
         assert os.path.getsize(path) > 1000 and open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n", name
 
 
+def test_every_checkpoint_is_decoded_before_any_scoring(world, tmp_path, monkeypatch):
+    # captions/s times decoding alone: no scorer (nor the METEOR JVM it may start) runs while anything decodes
+    events, decode, score_row = [], evaluate.decode, evaluate.score_row
+    monkeypatch.setattr(evaluate, "decode", lambda *a, **k: events.append("decode") or decode(*a, **k))
+    monkeypatch.setattr(evaluate, "score_row", lambda *a, **k: events.append("score") or score_row(*a, **k))
+    result = evaluate.main(["--checkpoints", *[world["checkpoints"][k] for k in KINDS], "--coco-root", world["root"],
+                            "--split", "val", "--features", world["cache"], "--out", str(tmp_path / "results"),
+                            "--max-new-tokens", "6", "--batch-size", "4", "--metrics", "bleu", "cider",
+                            "--device", "cpu"])
+    assert events.count("decode") == len(KINDS) + 1 and events.count("score") == len(KINDS) + 1  # + blind
+    assert events == ["decode"] * (len(KINDS) + 1) + ["score"] * (len(KINDS) + 1)
+    # the bridges with queries report how alike their queries' attention maps are (1.0: all read the same tokens)
+    for row in result["rows"]:
+        if hasattr(BRIDGES.get(row.get("kind")), "attention_maps"):
+            assert 0.0 < row["query_similarity"] <= 1.0 + 1e-6
+        else:
+            assert "query_similarity" not in row
+
+
 def test_blind_captioner_is_the_lm_alone(world):
     captioner, tokenizer, _ = load_captioner(world["checkpoints"]["xattn"])
     blind = Captioner(captioner.lm, evaluate.NoImage(), tokenizer.eot_token).eval()
