@@ -57,7 +57,8 @@ class BridgeConfig:
     vis_pos: bool = flag(True, "learned position embedding of the visual tokens inside the bridge")
     vis_pos_grid: bool = flag(False, "start that embedding as a fixed 2-D sin-cos of the patch grid, not at zero")
     prefix_len: int = flag(0, "linear: map the whole image (all visual tokens at once) to this many prefix "
-                              "embeddings (0: one embedding per visual token)", minimum=0)
+                              "embeddings (0: one embedding per visual token); Q-Former: map all the queries' "
+                              "outputs at once to this many (0: one embedding per query)", minimum=0)
     xattn_every: int = flag(1, "cross-attention: a gated layer in every k-th GPT block", minimum=1)
     xattn_heads: int = flag(0, "cross-attention heads (0: as many as the GPT has)", minimum=0)
     queries: int = flag(32, "Q-Former: learnable queries (= prefix length)", minimum=1)
@@ -284,14 +285,22 @@ class QFormerBridge(nn.Module):
         self.queries = nn.Parameter(torch.randn(config.queries, W) * 0.02)  # (Q, W)
         self.layers = nn.ModuleList([QFormerLayer(W, config.qformer_heads) for _ in range(config.qformer_layers)])
         self.ln_f = nn.LayerNorm(W)
-        self.proj = nn.Linear(W, config.n_embd)
+        # The read-out into the GPT. Per query (BLIP-2's): query i -> prefix slot i through one shared Linear, so
+        # the LM can only tell the queries apart if they have specialised. Whole (--prefix-len k): every slot reads
+        # every query's output, so a slot can be "the first object's colour" however the queries split the work.
+        self.k = config.prefix_len
+        self.proj = nn.Linear(config.queries * W, self.k * config.n_embd) if self.k else nn.Linear(W, config.n_embd)
 
     def forward(self, visual, return_weights=False):
         context = self.visual(visual)  # (B, S, W)
         q = self.queries.expand(visual.size(0), -1, -1)  # (B, Q, W)
         for layer in self.layers:
             q, weights = layer(q, context, return_weights)
-        prefix = self.proj(self.ln_f(q))  # (B, Q, C): Q word-like embeddings, whatever the number of patches
+        q = self.ln_f(q)
+        if self.k:
+            prefix = self.proj(q.flatten(1)).view(q.size(0), self.k, -1)  # (B, k, C)
+        else:
+            prefix = self.proj(q)  # (B, Q, C): Q word-like embeddings, whatever the number of patches
         return (prefix, None, weights) if return_weights else (prefix, None)
 
     def attention_maps(self, visual):

@@ -9,8 +9,9 @@ from bridges import (BRIDGES, BridgeConfig, Captioner, caption_batch, build_capt
 from gpt2 import GPT, GPTConfig
 
 KINDS = list(BRIDGES)  # every registered bridge
-# and each way of using one: the linear bridge per visual token (its default) or on the whole image
-VARIANTS = [pytest.param(k, {}, id=k) for k in KINDS] + [pytest.param("linear", dict(prefix_len=6), id="linear-whole")]
+# and each way of using one: the prefix bridges per token / per query (their defaults) or read out whole
+VARIANTS = [pytest.param(k, {}, id=k) for k in KINDS] + [pytest.param("linear", dict(prefix_len=6), id="linear-whole"),
+                                                         pytest.param("qformer", dict(prefix_len=6), id="qformer-whole")]
 EOT = 0  # the tiny LM's <|endoftext|> id
 SMALL = dict(xattn_heads=2, queries=4, qformer_layers=2, qformer_width=32, qformer_heads=2)
 
@@ -182,6 +183,23 @@ def test_whole_image_linear_prefix_reads_every_token_into_every_slot():
         assert (grad[0].abs().sum(-1) > 0).all() and (grad[1] == 0).all()
     # still one Linear layer (and a per-token LayerNorm): S * C_vis inputs, k * n_embd outputs
     assert count_params(captioner.bridge)[0] == 5 * 16 * 3 * 32 + 3 * 32 + 2 * 16
+
+
+def test_whole_qformer_read_out_maps_all_query_outputs_to_every_slot():
+    per_query, whole = make("qformer").bridge, make("qformer", prefix_len=3).bridge
+    visual = torch.randn(2, 5, 16)
+    assert per_query(visual)[0].shape == (2, 4, 32)  # (B, Q, n_embd): one slot per query
+    assert whole(visual)[0].shape == (2, 3, 32)  # (B, k, n_embd): k = --prefix-len, whatever Q is
+    for bridge, reads in ((per_query, lambda slot, q: q == slot), (whole, lambda slot, q: True)):
+        outputs = []
+        bridge.ln_f.register_forward_hook(lambda m, i, o: outputs.append(o))  # the queries' outputs (B, Q, W)
+        prefix = bridge(visual)[0]
+        for slot in range(prefix.size(1)):
+            grad, = torch.autograd.grad(prefix[0, slot].sum(), outputs[-1], retain_graph=True)
+            assert (grad[0].abs().sum(-1) > 0).tolist() == [reads(slot, q) for q in range(4)]
+            assert (grad[1] == 0).all()  # and only its own image's
+    # one Linear from all Q * W outputs to k * n_embd, in place of the shared W -> n_embd one
+    assert count_params(whole)[0] - count_params(per_query)[0] == (4 * 32 * 3 * 32 + 3 * 32) - (32 * 32 + 32)
 
 
 def test_qformer_attention_maps_are_distributions_over_the_image():
