@@ -59,6 +59,27 @@ def test_shortened_demo_runs_every_stage_and_reuses_them(tmp_path):
     again = subprocess.run(["make", "-C", ROOT, "-q", target, *settings], capture_output=True, text=True)
     assert again.returncode == 0, "a finished stage would run again"
 
+    # make study, shortened to one seed of one world: it reuses the world's LM, CLIP and caches, and trains every
+    # bridge with that seed under each recipe, into a run folder per recipe and seed
+    study, demo_times = tmp_path / "study", (demo / "times.txt").read_text()
+    run = subprocess.run(["make", "-C", ROOT, "study-world", *settings, f"STUDY={study}", "STUDY_SEEDS=5",
+                          "EVAL_FLAGS=--metrics bleu cider"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert (demo / "times.txt").read_text() == demo_times  # the world's stages were reused, none ran again
+    for recipe in ("own", "common"):
+        folder = study / "w0" / recipe / "s5"
+        with open(folder / "results" / "results.json") as f:
+            assert [row["seed"] for row in json.load(f)["rows"][:3]] == [5, 5, 5]
+        assert [line.split()[0] for line in (folder / "times.txt").read_text().split("\n") if line] == \
+            ["bridge-linear", "bridge-xattn", "bridge-qformer", "evaluate"]
+        assert (folder / "logs" / "bridge-qformer.log").stat().st_size > 0
+    # the common recipe: every bridge the same steps, features and learning rate
+    for bridge in ("linear", "xattn", "qformer"):
+        args = torch.load(study / "w0" / "common" / "s5" / "caption" / bridge / "ckpt_final.pt",
+                          weights_only=True)["args"]
+        assert (args["max_steps"], args["lr"], args["seed"]) == (6, 2e-3, 5), bridge
+        assert "/none/" in args["features"], bridge
+
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_the_ablation_reads_an_untrained_vit_and_trains_no_clip(tmp_path):
@@ -80,11 +101,12 @@ def test_the_ablation_reads_an_untrained_vit_and_trains_no_clip(tmp_path):
                          capture_output=True, text=True)
     bridge = [line for line in dry.stdout.splitlines() if "train_caption.py" in line]
     assert dry.returncode == 0 and len(bridge) == 1 and " --standardize " in bridge[0], dry.stdout[-2000:]
-    # per-bridge settings: the Q-Former trains twice as many steps, the linear prefix maps the whole image to 12 slots;
-    # it reads the 4x8-pooled tokens, the others all 64 patches with their positions starting as a sin-cos
+    # per-bridge settings: the prefix bridges train twice as many steps and read their input out whole (12 and 16
+    # slots); the linear prefix reads the 4x8-pooled tokens, the others all 64 patches, positions starting as a sin-cos
     for bridge, flags in [("linear", "4x8/train --val-features"), ("xattn", "none/train --val-features"),
-                          ("linear", "--max-steps 600 --lr 3e-3 --prefix-len 12"), ("xattn", "--max-steps 600 --lr 3e-3 --vis-pos-grid"),
-                          ("qformer", "--max-steps 1200 --lr 2e-3 --vis-pos-grid")]:
+                          ("linear", "--max-steps 1200 --lr 3e-3 --prefix-len 12"),
+                          ("xattn", "--max-steps 600 --lr 3e-3 --vis-pos-grid"),
+                          ("qformer", "--max-steps 1200 --lr 2e-3 --vis-pos-grid --prefix-len 16")]:
         dry = subprocess.run(["make", "-C", ROOT, "-n", str(demo / "caption" / bridge / "ckpt_final.pt"), *settings],
                              capture_output=True, text=True)
         assert flags in dry.stdout, (bridge, dry.stdout[-2000:])
