@@ -25,6 +25,7 @@ bench: setup
 	$(BIN)/python bench/bench_eval.py
 	$(BIN)/python bench/bench_caption.py
 	$(BIN)/python bench/bench_lm_head.py
+	$(BIN)/python bench/bench_cpu_bf16.py
 
 # ---------------------------------------------------------------------------------------------------------------
 # make smoke: every full-scale stage at full size (GPT-2 124M, CLIP ViT-L/14 at 224 px, real-size JPEGs, T = 1024),
@@ -232,9 +233,12 @@ $(RUN)/caption/%/ckpt_final.pt: $(LM) $$(CACHE)/$$(call pool_of,$$*)/train/manif
 # EVAL_FLAGS: more evaluate.py flags (the tests' shortened demo: --metrics bleu cider).
 # No --features: the bridges read caches of different poolings, so evaluate.py encodes the val images once per
 # pooling with the encoder each checkpoint records.
-$(RUN)/results/table.md: $(foreach b,$(BRIDGES),$(RUN)/caption/$(b)/ckpt_final.pt)
+# The bridges train longest first (side by side, the short ones then share the other core); the table keeps BRIDGES' order.
+LONGEST_FIRST = $(filter qformer linear,$(BRIDGES)) $(filter-out qformer linear,$(BRIDGES))
+$(RUN)/results/table.md: $(foreach b,$(LONGEST_FIRST),$(RUN)/caption/$(b)/ckpt_final.pt)
 	$(if $(BRIDGES),,$(error no bridges: `$(BIN)/python -c "import bridges"` failed; run `make setup`))
-	$(call stage,evaluate,$(RUN),$(BIN)/python evaluate.py --checkpoints $^ --coco-root $(SHAPES) --split val \
+	$(call stage,evaluate,$(RUN),$(BIN)/python evaluate.py --checkpoints $(foreach b,$(BRIDGES),$(RUN)/caption/$(b)/ckpt_final.pt) \
+		--coco-root $(SHAPES) --split val \
 		--out $(RUN)/results --method greedy $(EVAL_FLAGS))
 
 # make clip: the demo's CLIP stage alone (variables above); its retrieval and probes are in $(CLIP)/quality.json.
@@ -263,7 +267,8 @@ demo-clean:
 STUDY        := runs/study
 STUDY_SEEDS  := 0 1 2 3 4
 STUDY_WORLDS := 0 1
-STUDY_RUNS = $(foreach r,own common,$(foreach s,$(STUDY_SEEDS),$(STUDY)/w$(SHAPES_SEED)/$(r)/s$(s)))
+STUDY_RECIPES := own common
+STUDY_RUNS = $(foreach r,$(STUDY_RECIPES),$(foreach s,$(STUDY_SEEDS),$(STUDY)/w$(SHAPES_SEED)/$(r)/s$(s)))
 
 study: setup
 	@for w in $(STUDY_WORLDS); do $(MAKE) --no-print-directory study-world SHAPES_SEED=$$w || exit 1; done

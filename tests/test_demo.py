@@ -13,7 +13,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ["data", "shards", "lm", "clip", "features-4x8-train", "features-4x8-val", "bridge-linear",
-          "features-none-train", "features-none-val", "bridge-xattn", "bridge-qformer", "evaluate"]
+          "features-none-train", "features-none-val", "bridge-qformer", "bridge-xattn", "evaluate"]  # longest first
 
 
 @pytest.mark.skipif(shutil.which("make") is None or shutil.which("java") is None, reason="needs make and Java")
@@ -71,7 +71,7 @@ def test_shortened_demo_runs_every_stage_and_reuses_them(tmp_path):
         with open(folder / "results" / "results.json") as f:
             assert [row["seed"] for row in json.load(f)["rows"][:3]] == [5, 5, 5]
         assert [line.split()[0] for line in (folder / "times.txt").read_text().split("\n") if line] == \
-            ["bridge-linear", "bridge-xattn", "bridge-qformer", "evaluate"]
+            ["bridge-linear", "bridge-qformer", "bridge-xattn", "evaluate"]
         assert (folder / "logs" / "bridge-qformer.log").stat().st_size > 0
     # the common recipe: every bridge the same steps, features and learning rate
     for bridge in ("linear", "xattn", "qformer"):
