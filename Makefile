@@ -137,9 +137,9 @@ BRIDGES = $(eval BRIDGES := $(shell $(BIN)/python -c "import bridges; print(*bri
 POOL         := none
 POOL_linear  := 4x8
 BRIDGE_STEPS := 600
-# the prefix bridges need twice the steps of cross-attention to learn on every seed (docs/miniature.md)
-STEPS_linear  = $(shell echo $$(( 2 * $(BRIDGE_STEPS) )))
-STEPS_qformer = $(STEPS_linear)
+# the prefix bridges need more steps than cross-attention to learn on every seed (docs/miniature.md)
+STEPS_linear  = $(shell echo $$(( 3 * $(BRIDGE_STEPS) )))
+STEPS_qformer = $(shell echo $$(( 2 * $(BRIDGE_STEPS) )))
 LR           := 1e-3
 LR_linear    := 3e-3
 LR_xattn     := 3e-3
@@ -153,7 +153,7 @@ FLAGS_linear  := --prefix-len 12
 # the attention bridges' visual positions start as a 2-D sin-cos of the patch grid
 FLAGS_xattn   := --vis-pos-grid
 FLAGS_qformer := --vis-pos-grid --prefix-len 16
-# make study's common recipe: every bridge the same steps (the prefix bridges' 1200), features (all 64 patches) and
+# make study's common recipe: every bridge the same steps (the Q-Former's 1200), features (all 64 patches) and
 # learning rate (FLAGS stay: they make the bridge)
 ifeq ($(RECIPE),common)
 BRIDGE_STEPS  := 1200

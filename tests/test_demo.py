@@ -101,10 +101,10 @@ def test_the_ablation_reads_an_untrained_vit_and_trains_no_clip(tmp_path):
                          capture_output=True, text=True)
     bridge = [line for line in dry.stdout.splitlines() if "train_caption.py" in line]
     assert dry.returncode == 0 and len(bridge) == 1 and " --standardize " in bridge[0], dry.stdout[-2000:]
-    # per-bridge settings: the prefix bridges train twice as many steps and read their input out whole (12 and 16
+    # per-bridge settings: the prefix bridges train 3x and 2x as many steps and read their input out whole (12 and 16
     # slots); the linear prefix reads the 4x8-pooled tokens, the others all 64 patches, positions starting as a sin-cos
     for bridge, flags in [("linear", "4x8/train --val-features"), ("xattn", "none/train --val-features"),
-                          ("linear", "--max-steps 1200 --lr 3e-3 --prefix-len 12"),
+                          ("linear", "--max-steps 1800 --lr 3e-3 --prefix-len 12"),
                           ("xattn", "--max-steps 600 --lr 3e-3 --vis-pos-grid"),
                           ("qformer", "--max-steps 1200 --lr 2e-3 --vis-pos-grid --prefix-len 16")]:
         dry = subprocess.run(["make", "-C", ROOT, "-n", str(demo / "caption" / bridge / "ckpt_final.pt"), *settings],
