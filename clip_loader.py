@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 from common import autocast, hub_folder, read_hub_weights, read_json
 
@@ -483,7 +483,7 @@ if __name__ == "__main__":
     print(describe(model))
     print("config:", asdict(model.config))
     if args.images:
-        images = [Image.open(p) for p in args.images]
+        images = [ImageOps.exif_transpose(Image.open(p)) for p in args.images]  # phone photos upright
     else:
         images = [Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))]
     pixels = preprocess(images, model.config.image_size)

@@ -11,7 +11,7 @@ import textwrap
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 import clip_loader
 
@@ -54,7 +54,7 @@ def plot_val_loss(checkpoints, names, out_path):
 
 def _open_rgb(path):
     with Image.open(path) as image:
-        return clip_loader.to_rgb(image)
+        return clip_loader.to_rgb(ImageOps.exif_transpose(image))  # as it was captioned: upright
 
 
 def plot_grid(records, captions, out_path, title):

@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 # runnable as `python data/coco.py` from the repo root as well as `import data.coco`
@@ -134,8 +134,34 @@ def load_records(root, split, karpathy_json=None):
     captions = {}
     for a in coco["annotations"]:
         captions.setdefault(a["image_id"], []).append(a["caption"].strip())
-    return [dict(image_id=im["id"], path=os.path.join(root, f"{split}2017", im["file_name"]),
-                 captions=captions.get(im["id"], [])) for im in coco["images"]]
+    images_dir = os.path.join(root, f"{split}2017")
+    records = [dict(image_id=im["id"], path=inside(images_dir, im["file_name"], path, im["id"]),
+                    captions=captions.get(im["id"], [])) for im in coco["images"]]
+    return unique_ids(records, path)
+
+
+def inside(folder, name, source, image_id):
+    """folder/name, refused if name leads out of folder (an absolute path, or ../): a caption file names its images."""
+    path = os.path.normpath(os.path.join(folder, name))
+    if os.path.isabs(name) or os.path.commonpath([os.path.abspath(path), os.path.abspath(folder)]) != \
+            os.path.abspath(folder):
+        raise ValueError(f"{source}: image {image_id}'s file name {name!r} points outside {folder}; "
+                         f"a COCO file names images inside its split's folder: fix the entry")
+    return path
+
+
+def unique_ids(records, source):
+    """Refuse a split that lists one image id twice: its captions would be paired with either file, silently."""
+    seen, repeated = set(), []
+    for r in records:
+        if r["image_id"] in seen:
+            repeated.append(r["image_id"])
+        seen.add(r["image_id"])
+    if repeated:
+        raise ValueError(f"{source}: image id {repeated[0]} is listed more than once"
+                         f"{f' (and {len(repeated) - 1} more repeated ids)' if len(repeated) > 1 else ''}; "
+                         f"every image needs an id of its own: fix or remove the repeated entries")
+    return records
 
 
 def load_karpathy_records(root, split, karpathy_json):
@@ -158,11 +184,13 @@ def load_karpathy_records(root, split, karpathy_json):
         if path is None:
             missing.append(im["cocoid"])
             continue
-        records.append(dict(image_id=im["cocoid"], path=path, captions=[s["raw"].strip() for s in im["sentences"]]))
+        records.append(dict(image_id=im["cocoid"], path=inside(root, os.path.relpath(path, root), karpathy_json,
+                                                                im["cocoid"]),
+                            captions=[s["raw"].strip() for s in im["sentences"]]))
     if missing:
         raise FileNotFoundError(f"{len(missing)} images of Karpathy's {split} split are not under {root} "
                                 f"(e.g. COCO id {missing[0]}): expected train2017/ and val2017/ there")
-    return records
+    return unique_ids(records, karpathy_json)
 
 # -----------------------------------------------------------------------------
 # Reading one image, robustly
@@ -176,6 +204,7 @@ def load_pixels(path, size):
     try:
         with Image.open(path) as image:
             image.load()  # decoding happens here: a truncated file fails now, not later
+            image = ImageOps.exif_transpose(image)  # a phone's photo stored sideways, shown upright by viewers
             return clip_loader.resize_crop(image, size), None  # any mode (L, LA, P, RGBA, CMYK, I;16) -> RGB
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         return None, f"{type(e).__name__}: {e}"

@@ -454,3 +454,50 @@ def test_18_make_demo_refuses_a_run_folder_of_another_world(tmp_path):
     run = subprocess.run(["make", "-C", ROOT, "-o", ".venv/.installed", "demo", *settings], capture_output=True, text=True)
     assert run.returncode != 0 and f"{demo} was trained on another world than {world} holds" in run.stderr
     assert "make demo DEMO=runs/<new>" in run.stderr and not (demo / "times.txt").exists()  # stopped before any stage
+
+# -----------------------------------------------------------------------------
+# 19. A phone's photo, stored sideways with an EXIF orientation tag that viewers apply
+
+
+def test_19_exif_orientation_is_applied_wherever_an_image_is_read(tmp_path):
+    upright = np.zeros((40, 80, 3), dtype=np.uint8)  # (H, W, 3): a wide picture, red on the left, blue on the right
+    upright[:, :40, 0], upright[:, 40:, 2] = 255, 255
+    Image.fromarray(upright).save(tmp_path / "upright.png")
+    # as a phone stores it: the sensor's pixels turned a quarter, and orientation 6 ("rotate 90 to show")
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "phone.jpg", quality=95, exif=exif)
+    want, _ = coco.load_pixels(str(tmp_path / "upright.png"), 32)
+    got, reason = coco.load_pixels(str(tmp_path / "phone.jpg"), 32)  # features, on-the-fly encoding, evaluate --images
+    assert reason is None and np.abs(got.astype(int) - want.astype(int)).mean() < 8  # upright (JPEG: nearly equal)
+    sideways = np.asarray(stored.resize((32, 64)).crop((0, 16, 32, 48)))
+    assert np.abs(sideways.astype(int) - want.astype(int)).mean() > 60  # what reading it as stored would give
+
+# -----------------------------------------------------------------------------
+# 20. A caption file that lists one image id twice, with two files
+
+
+def test_20_repeated_image_ids_are_refused_by_name(tmp_path):
+    root = small_world(tmp_path / "shapes")
+    path = os.path.join(root, "annotations", "captions_val2017.json")
+    data = json.load(open(path))
+    data["images"].append(dict(data["images"][1], file_name=data["images"][0]["file_name"]))  # id 1 again, other file
+    json.dump(data, open(path, "w"))
+    repeated = data["images"][1]["id"]
+    with pytest.raises(ValueError, match=f"captions_val2017.json: image id {repeated} is listed more than once"):
+        coco.load_records(root, "val")
+
+# -----------------------------------------------------------------------------
+# 21. A caption file whose file names lead outside the images' folder
+
+
+@pytest.mark.parametrize("name", ["../../outside.png", "/etc/hostname"])
+def test_21_file_names_outside_the_split_folder_are_refused(tmp_path, name):
+    root = small_world(tmp_path / "shapes")
+    path = os.path.join(root, "annotations", "captions_val2017.json")
+    data = json.load(open(path))
+    data["images"][2]["file_name"] = name
+    json.dump(data, open(path, "w"))
+    with pytest.raises(ValueError, match=f"file name '{name}' points outside"):
+        coco.load_records(root, "val")
