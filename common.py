@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -70,7 +71,11 @@ def load_checkpoint(path, what="checkpoint"):
         raise FileNotFoundError(f"{what} {path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:  # truncated zip, foreign pickle...
+    except pickle.UnpicklingError:  # torch's own message would suggest weights_only=False: never do that
+        raise RuntimeError(f"{what} {path} holds pickled Python objects besides tensors, so it was not written by "
+                           f"this project's scripts; it is refused without being unpickled (unpickling can run "
+                           f"any code). Use a checkpoint this code wrote.") from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:  # truncated zip, foreign format...
         raise RuntimeError(f"{what} {path} is corrupt or not a torch checkpoint this code wrote "
                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
 

@@ -412,7 +412,7 @@ class FeatureCache:
         m = self.manifest
         self.features = np.memmap(os.path.join(out_dir, "features.fp16"), dtype=np.float16, mode="r",
                                   shape=(m["count"], m["tokens"], m["width"]))  # (N, S, C)
-        self.image_ids = np.load(os.path.join(out_dir, "image_ids.npy"))
+        self.image_ids = load_numbers(os.path.join(out_dir, "image_ids.npy"), "the feature cache's image ids")
         self._rows = {int(i): row for row, i in enumerate(self.image_ids)}
         self._stats = None
         self.on_device = None  # the features as one tensor on a GPU, after load_to()
@@ -489,9 +489,23 @@ class FeatureCache:
     @property
     def stats(self):
         if self._stats is None:
-            with np.load(os.path.join(self.out_dir, "stats.npz")) as z:
-                self._stats = {k: z[k] for k in z.files}
+            self._stats = load_numbers(os.path.join(self.out_dir, "stats.npz"), "the feature cache's statistics")
         return self._stats
+
+
+def load_numbers(path, what):
+    """np.load of plain numbers (a .npy array, or an .npz's arrays as a dict): pickled objects are refused by name."""
+    try:
+        if path.endswith(".npz"):
+            with np.load(path) as z:
+                return {k: z[k] for k in z.files}
+        return np.load(path)
+    except ValueError as e:
+        if "allow_pickle" not in str(e):
+            raise
+        raise ValueError(f"{what} {path} holds pickled Python objects, not numbers: it was not written by this code "
+                         f"and is refused without being unpickled; build the cache again "
+                         f"(`python data/coco.py features ...`)") from None
 
 
 class EncodedImages:

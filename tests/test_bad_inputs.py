@@ -501,3 +501,24 @@ def test_21_file_names_outside_the_split_folder_are_refused(tmp_path, name):
     json.dump(data, open(path, "w"))
     with pytest.raises(ValueError, match=f"file name '{name}' points outside"):
         coco.load_records(root, "val")
+
+# -----------------------------------------------------------------------------
+# 22. Files holding pickled objects: refused by name, and never a hint to unpickle them
+
+
+def test_22_pickled_objects_are_refused_by_name_never_unpickled(tmp_path):
+    import argparse
+
+    from common import load_checkpoint
+    path = str(tmp_path / "ckpt_final.pt")
+    torch.save(dict(model={}, args=argparse.Namespace(lr=1.0)), path)  # a Python object: not loadable as weights
+    with pytest.raises(RuntimeError) as e:
+        load_checkpoint(path)
+    assert path in str(e.value) and "refused without being unpickled" in str(e.value)
+    assert "weights_only=False" not in str(e.value)
+    for name in ("image_ids.npy", "stats.npz"):
+        path = str(tmp_path / name)
+        objects = np.array([1, "a", None], dtype=object)
+        np.save(path, objects) if name.endswith(".npy") else np.savez(path, mean=objects)
+        with pytest.raises(ValueError, match=f"{path} holds pickled Python objects, not numbers"):
+            coco.load_numbers(path, "the feature cache's file")
