@@ -7,6 +7,8 @@ BIN    := $(VENV)/bin
 .PHONY: setup test bench smoke smoke-run demo demo-table demo-pictures demo-clean clip clip-run study study-world clean-venv
 
 setup: $(VENV)/.installed
+	@$(BIN)/python -c "import torch, tiktoken, PIL" 2>/dev/null || { echo "$(VENV) is stale: its Python cannot import \
+	the requirements (made by another Python, or that Python is gone). Run \`make clean-venv setup\`." >&2; exit 1; }
 
 # Re-install whenever a requirements file changes.
 $(VENV)/.installed: requirements.txt requirements-dev.txt
@@ -109,6 +111,10 @@ BRIDGE_SEED := $(SEED)
 JOBS    := 2
 THREADS := $(shell n=$$(nproc 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || echo 2); \
                    echo $$(( n / $(JOBS) > 1 ? n / $(JOBS) : 1 )))
+
+# make passes paths to the stages as words: a path with a space would be split, so it is refused up front
+$(foreach v,SHAPES DEMO RUN STUDY,$(if $(word 2,$($(v))),$(error $(v)='$($(v))' has a space in it; make would split \
+  it between arguments: choose a path without spaces)))
 
 TRAIN_IMAGES := 5000
 VAL_IMAGES   := 500

@@ -522,3 +522,27 @@ def test_22_pickled_objects_are_refused_by_name_never_unpickled(tmp_path):
         np.save(path, objects) if name.endswith(".npy") else np.savez(path, mean=objects)
         with pytest.raises(ValueError, match=f"{path} holds pickled Python objects, not numbers"):
             coco.load_numbers(path, "the feature cache's file")
+
+# -----------------------------------------------------------------------------
+# 23. A stale .venv: made by another Python, or its interpreter gone (make setup used to say nothing to do)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_23_a_stale_venv_is_named_with_its_fix(tmp_path):
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(tmp_path / "python3.9-that-was-removed")  # a dangling interpreter
+    (venv / ".installed").touch()  # newer than the requirements: make thinks the install is done
+    run = subprocess.run(["make", "-C", ROOT, "setup", f"VENV={venv}"], capture_output=True, text=True)
+    assert run.returncode != 0 and f"{venv} is stale" in run.stderr and "make clean-venv setup" in run.stderr
+
+# -----------------------------------------------------------------------------
+# 24. Paths with spaces, which make would split between arguments
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+@pytest.mark.parametrize("variable", ["SHAPES", "DEMO", "STUDY"])
+def test_24_make_refuses_paths_with_spaces_by_name(tmp_path, variable):
+    run = subprocess.run(["make", "-C", ROOT, "-n", "demo", f"{variable}={tmp_path}/a b"], capture_output=True,
+                         text=True)
+    assert run.returncode != 0 and f"{variable}='{tmp_path}/a b' has a space in it" in run.stderr
