@@ -40,7 +40,7 @@ WORLD  := $(SMOKE)/world
 GPU_PATHS := --dtype bf16 --fused
 LM_SMOKE := --preset gpt2-124m --data-dir $(SMOKE)/shards --out-dir $(SMOKE)/lm -B 1 -T 1024 --total-batch 2048 \
             --max-steps 2 --warmup-steps 1 --val-every 1 --val-steps 1 --hellaswag-every 1 --hellaswag-limit 4 \
-            --hellaswag-dir $(WORLD)/hellaswag --sample-every 1 --ckpt-every 0 --log-every 1 --compile $(GPU_PATHS)
+            --hellaswag-dir $(WORLD)/hellaswag --sample-every 1 --ckpt-every 0 --log-every 1 $(GPU_PATHS)
 CAPTION_SMOKE := --lm $(WORLD)/gpt2 --coco-root $(WORLD)/coco -B 2 --total-batch 4 --max-steps 2 --warmup-steps 1 \
                  --val-every 1 --val-pairs 4 --log-every 1 --ckpt-every 0 $(GPU_PATHS)
 EVAL_SMOKE := --coco-root $(WORLD)/coco --max-new-tokens 8 --batch-size 4 --metrics bleu cider
@@ -53,8 +53,8 @@ smoke-run: $(WORLD)/done.json
 	@echo "== FineWeb-Edu: parquet files in the hub dataset's layout -> GPT-2 token shards"
 	$(BIN)/python data/fineweb.py --data-files $(WORLD)/fineweb/sample/10BT/*.parquet --out-dir $(SMOKE)/shards \
 		--shard-size 100000 --workers 2
-	@echo "== GPT-2 124M pretraining: one step, stopped, resumed for the second; val loss, HellaSwag, samples"
-	$(BIN)/python train_lm.py $(LM_SMOKE) --stop-step 1
+	@echo "== GPT-2 124M pretraining: one step compiled, stopped, resumed for the second; val loss, HellaSwag, samples"
+	$(BIN)/python train_lm.py $(LM_SMOKE) --compile --stop-step 1
 	$(BIN)/python train_lm.py $(LM_SMOKE) --resume auto
 	@echo "== HellaSwag alone, on GPT-2 in the hub's layout (read as --lm gpt2 reads OpenAI's files)"
 	$(BIN)/python data/hellaswag.py --model $(WORLD)/gpt2 --data-dir $(WORLD)/hellaswag --limit 4 --dtype bf16
@@ -64,11 +64,12 @@ smoke-run: $(WORLD)/done.json
 	for split in train test; do $(BIN)/python data/coco.py features --root $(WORLD)/coco --split $$split \
 		--karpathy-json $(WORLD)/coco/dataset_coco.json --encoder $(WORLD)/clip-vit-large-patch14 \
 		--out $(SMOKE)/features/karpathy_$$split --batch-size 4 --dtype bf16 || exit 1; done
-	@echo "== every bridge on GPT-2 124M: a step, stopped, resumed for the second (the Q-Former compiled)"
+	@echo "== every bridge on GPT-2 124M: a step, stopped, resumed for the second (the Q-Former's first step compiled)"
 	for bridge in $(BRIDGES); do \
 		flags="$(CAPTION_SMOKE) --bridge $$bridge --features $(SMOKE)/features/train --val-features $(SMOKE)/features/val \
-		       --out-dir $(SMOKE)/caption/$$bridge $$([ $$bridge = qformer ] && echo --compile)"; \
-		$(BIN)/python train_caption.py $$flags --stop-step 1 && $(BIN)/python train_caption.py $$flags --resume auto || exit 1; done
+		       --out-dir $(SMOKE)/caption/$$bridge"; \
+		$(BIN)/python train_caption.py $$flags --stop-step 1 $$([ $$bridge = qformer ] && echo --compile) && \
+		$(BIN)/python train_caption.py $$flags --resume auto || exit 1; done
 	@echo "== a bridge on the pretrained 124M LM, encoding the images on the fly; one on Karpathy's train split"
 	$(BIN)/python train_caption.py $(CAPTION_SMOKE) --bridge linear --lm $(SMOKE)/lm/ckpt_000002.pt \
 		--encoder $(WORLD)/clip-vit-large-patch14 --out-dir $(SMOKE)/caption/on-the-fly --max-steps 1
