@@ -200,15 +200,21 @@ def check(results_path, world, bands_path):
 
 
 def machine_name():
-    """The CPU model and core count, as `lscpu` names them (or what the platform module knows)."""
+    """The CPU as `lscpu` names it (model name, family and model, native bf16 or not) and its core count."""
     import platform
-    model = None
+    info = {}
     try:
         with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return f"{model or platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    name = info.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in info:  # one marketing name covers several generations (an AMD EPYC: Zen 3 or Zen 4)
+        bf16 = "avx512_bf16" if "avx512_bf16" in info.get("flags", "").split() else "no avx512_bf16"
+        name += f" (family {info['cpu family']} model {info.get('model', '?')}, {bf16})"
+    return f"{name}, {os.cpu_count()} cores"
 
 
 if __name__ == "__main__":
