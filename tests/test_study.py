@@ -76,3 +76,15 @@ def test_check_without_bands_or_for_another_world_says_so(finished_study, capsys
     assert "not on world 7" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="make study"):
         study.report(str(tmp_path / "empty"), str(tmp_path / "out"), bands_path, "a test CPU")
+
+
+def test_committed_bands_cover_every_bridge_on_both_worlds():
+    # make demo checks its run against these: a new bridge, or a changed recipe, needs `make study` again
+    from bridges import BRIDGES
+    with open(study.BANDS) as f:
+        bands = json.load(f)
+    assert set(bands["worlds"]) >= {"0", "1"} and bands["machine"]
+    for world in bands["worlds"].values():
+        assert set(world) == set(BRIDGES) | {"blind"}
+        for measures in world.values():
+            assert set(measures) == set(study.BAND_FLOOR) and all(m["n"] >= 5 for m in measures.values())
