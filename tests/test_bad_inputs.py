@@ -546,3 +546,42 @@ def test_24_make_refuses_paths_with_spaces_by_name(tmp_path, variable):
     run = subprocess.run(["make", "-C", ROOT, "-n", "demo", f"{variable}={tmp_path}/a b"], capture_output=True,
                          text=True)
     assert run.returncode != 0 and f"{variable}='{tmp_path}/a b' has a space in it" in run.stderr
+
+# -----------------------------------------------------------------------------
+# 25. A finished demo asked for with other settings (make used to reuse it as it was: `make demo CLIP_STEPS=1200` on
+#     a demo made with 600 printed the old table, rc 0)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_25_make_refuses_a_finished_stage_asked_for_with_other_settings(tmp_path):
+    world = str(tmp_path / "shapes")
+    shapes.generate(world, train=12, val=4, corpus_docs=4, seed=0)
+    demo = tmp_path / "demo"
+    settings = [f"BIN={os.path.dirname(sys.executable)}", f"SHAPES={world}", f"DEMO={demo}", "TRAIN_IMAGES=12",
+                "VAL_IMAGES=4", "CORPUS_DOCS=4"]
+    shards = demo / "lm_shards" / "manifest.json"  # the cheapest stage; every stage runs through the same macro
+
+    def make(*more):
+        return subprocess.run(["make", "-C", ROOT, "-o", ".venv/.installed", str(shards), *settings, *more],
+                              capture_output=True, text=True)
+
+    first = make()
+    assert first.returncode == 0 and "shards: done" in first.stdout, first.stdout + first.stderr
+    made = shards.stat().st_mtime_ns
+    assert make().returncode == 0 and "started" not in make().stdout  # the same settings: reused
+    other = make("SHARD_SIZE=5000")
+    assert other.returncode != 0 and "its stage shards finished with other settings" in other.stderr
+    assert "then: data/fineweb.py" in other.stderr and "--shard-size 200000" in other.stderr
+    assert "now:  data/fineweb.py" in other.stderr and "--shard-size 5000" in other.stderr
+    assert "make demo-clean" in other.stderr and shards.stat().st_mtime_ns == made  # nothing touched
+    (demo / "settings" / "shards.done").unlink()  # a folder made before stages recorded their settings
+    legacy = make()
+    assert legacy.returncode != 0 and "was made before stages recorded their settings" in legacy.stderr
+
+    # every stage of the demo goes through it: each has a settings file its target depends on
+    dry = subprocess.run(["make", "-C", ROOT, "-n", "-o", ".venv/.installed", "demo-table", *settings],
+                         capture_output=True, text=True)
+    from bridges import BRIDGES
+    for stage in ["lm", "clip", "evaluate", "features-4x8-train", "features-none-val",
+                  *(f"bridge-{b}" for b in BRIDGES)]:
+        assert f"{demo}/settings/{stage}.txt" in dry.stdout, stage
