@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -585,3 +586,41 @@ def test_25_make_refuses_a_finished_stage_asked_for_with_other_settings(tmp_path
     for stage in ["lm", "clip", "evaluate", "features-4x8-train", "features-none-val",
                   *(f"bridge-{b}" for b in BRIDGES)]:
         assert f"{demo}/settings/{stage}.txt" in dry.stdout, stage
+
+# -----------------------------------------------------------------------------
+# 26. Ctrl-C in `make demo` just as a stage writes its result (make deleted the finished checkpoint, and the rerun
+#     trained the LM again)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_26_ctrl_c_as_a_stage_ends_keeps_its_finished_result(tmp_path):
+    world = str(tmp_path / "shapes")
+    shapes.generate(world, train=12, val=4, corpus_docs=4, seed=0)
+    demo = tmp_path / "demo"
+    (demo / "lm_shards").mkdir(parents=True)
+    (demo / "lm_shards" / "manifest.json").write_text("{}")  # taken as made (make -o), so the LM stage runs next
+    # a python whose train_lm.py writes its final checkpoint at once and is then slow to exit (a log, a last sample)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python").write_text(f"""#!/bin/sh
+if [ "$1" = train_lm.py ]; then
+  while [ "$1" != --out-dir ]; do shift; done; mkdir -p "$2"; echo whole > "$2/ckpt_000012.pt"; exec sleep 60
+fi
+exec {sys.executable} "$@"
+""")
+    (fake / "python").chmod(0o755)
+    lm = demo / "lm" / "ckpt_000012.pt"
+    shards = str(demo / "lm_shards" / "manifest.json")
+    make = subprocess.Popen(["make", "-C", ROOT, "-o", ".venv/.installed", "-o", shards, str(lm), f"BIN={fake}",
+                             f"SHAPES={world}", f"DEMO={demo}", "TRAIN_IMAGES=12", "VAL_IMAGES=4", "CORPUS_DOCS=4",
+                             "LM_STEPS=12"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for _ in range(300):
+        if lm.exists():
+            break
+        time.sleep(0.1)
+    assert lm.exists(), make.communicate(timeout=60)
+    os.killpg(make.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends: to make and its stage alike
+    _, err = make.communicate(timeout=60)
+    assert make.returncode != 0 and "Deleting file" not in err, err
+    assert lm.read_text() == "whole\n"
