@@ -207,9 +207,10 @@ it is what these settings make. To redo it: make demo-clean, or pass another DEM
 # and the next run would find the caches unfinished.
 .SECONDARY:
 # Ctrl-C as a stage ends must not cost its finished work: make deletes an interrupted recipe's target unless it is
-# precious. These are written last and atomically by their trainers (a target that exists is whole); the shards'
-# manifest grows shard by shard and a table is quick to redo, so those are not.
-.PRECIOUS: $(LM) $(CLIP)/config.json $(CACHE)/%/manifest.json $(RUN)/caption/%/ckpt_final.pt
+# precious. These are written last and atomically by their trainers (a target that exists is whole); a manifest of
+# shards or features is written first and completed as the work goes (make deletes it: the rerun resumes), and a
+# table is quick to redo.
+.PRECIOUS: $(LM) $(CLIP)/config.json $(RUN)/caption/%/ckpt_final.pt
 
 # `demo` installs first, then runs the stages in a second make, which can ask bridges.py for the bridge list.
 # A world already drawn is reused as it is: first check it is the one these variables ask for, and that the run
