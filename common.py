@@ -79,6 +79,35 @@ def load_checkpoint(path, what="checkpoint"):
         raise RuntimeError(f"{what} {path} is corrupt or not a torch checkpoint this code wrote "
                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
 
+
+_held_locks = {}  # folder -> its open lock file: the lock lasts as long as the process
+
+
+def lock_folder(folder, flag):
+    """
+    Hold folder/.lock for the rest of this process, or stop at once if another process holds it: two runs writing
+    one run folder (or one feature cache) would interleave their checkpoints and logs. The kernel releases the lock
+    when the process ends, however it ends (Ctrl-C, kill -9), so no stale lock is ever left behind.
+    """
+    import fcntl
+    folder = os.path.abspath(folder)
+    if folder in _held_locks:
+        return
+    os.makedirs(folder, exist_ok=True)
+    f = open(os.path.join(folder, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise UsageError(f"{flag} {folder} is in use by another process (pid {holder}): two runs in one folder would "
+                         f"mix their files. Wait for it to finish or stop it, or choose another {flag}") from None
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    _held_locks[folder] = f
+
 # -----------------------------------------------------------------------------
 # Model folders in the Hugging Face hub's layout
 

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
-from common import UsageError, atomic_open, best_device, load_checkpoint, resolve_dtype, save_checkpoint
+from common import (UsageError, atomic_open, best_device, load_checkpoint, lock_folder, resolve_dtype,
+                    save_checkpoint)
 
 # -----------------------------------------------------------------------------
 # Devices and distributed training
@@ -166,6 +167,7 @@ def find_resume(resume, out_dir, overwrite=False):
     """
     path, ckpt = None, None
     if not torch_dist.is_initialized() or torch_dist.get_rank() == 0:
+        lock_folder(out_dir, "--out-dir")  # one run at a time in a run folder
         if resume is None:
             claim_out_dir(out_dir, overwrite)
         path = latest_checkpoint(out_dir) if resume == "auto" else resume

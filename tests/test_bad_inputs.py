@@ -96,7 +96,7 @@ def test_1_a_cache_killed_while_finalizing_is_rebuilt_right(tmp_path, where):
                                      num_workers=1)
     assert len(again) == len(fresh) == 9 and list(again.image_ids) == list(fresh.image_ids)
     np.testing.assert_array_equal(np.asarray(again.features), np.asarray(fresh.features))
-    assert sorted(os.listdir(out)) == ["features.fp16", "image_ids.npy", "manifest.json", "stats.npz"]
+    assert sorted(os.listdir(out)) == [".lock", "features.fp16", "image_ids.npy", "manifest.json", "stats.npz"]
 
 # -----------------------------------------------------------------------------
 # 2. Training into a folder that already holds a run
@@ -107,7 +107,7 @@ def test_2_an_existing_run_folder_is_refused_without_resume_or_overwrite(shards,
     train_lm.main(lm_args(shards, lm_run, "--max-steps", "4", "--ckpt-every", "2"))
     usage_error(train_lm.main, lm_args(shards, lm_run, "--max-steps", "2"), capsys, "already holds a run")
     train_lm.main(lm_args(shards, lm_run, "--max-steps", "2", "--overwrite"))
-    assert sorted(os.listdir(lm_run)) == ["ckpt_000002.pt", "log.jsonl"]  # nothing of the first run is left
+    assert sorted(os.listdir(lm_run)) == [".lock", "ckpt_000002.pt", "log.jsonl"]  # nothing of the first run is left
     starts = [r for r in map(json.loads, open(lm_run / "log.jsonl")) if r.get("event") == "start"]
     assert len(starts) == 1
     caption_run = tmp_path / "caption"
@@ -624,3 +624,33 @@ exec {sys.executable} "$@"
     _, err = make.communicate(timeout=60)
     assert make.returncode != 0 and "Deleting file" not in err, err
     assert lm.read_text() == "whole\n"
+
+# -----------------------------------------------------------------------------
+# 27. Two processes writing one run folder or one feature cache (two `make demo`s at once): they interleaved their
+#     checkpoints and logs, and two cache builders died on each other's .tmp files
+
+
+def test_27_a_run_folder_or_cache_in_use_is_refused_naming_its_holder(tmp_path, shards):  # noqa: F811
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    hold = ("import sys, time, common; [common.lock_folder(d, '--out-dir') for d in sys.argv[1:]]; "
+            "print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(run), str(cache)], cwd=ROOT, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        second = subprocess.run([sys.executable, "train_lm.py", *lm_args(shards, run, "--max-steps", "2")], cwd=ROOT,
+                                capture_output=True, text=True)
+        in_use = f"is in use by another process (pid {holder.pid})"
+        assert second.returncode == 2 and f"--out-dir {run} {in_use}" in second.stderr
+        assert sorted(os.listdir(run)) == [".lock"]  # it wrote nothing
+        shapes.generate(str(tmp_path / "shapes"), train=4, val=2, corpus_docs=4, seed=0)
+        builder = subprocess.run([sys.executable, "data/coco.py", "features", "--root", str(tmp_path / "shapes"),
+                                  "--split", "val", "--encoder", "random-vit:tiny:seed0", "--out", str(cache)],
+                                 cwd=ROOT, capture_output=True, text=True)
+        assert builder.returncode != 0 and f"--out {cache} {in_use}" in builder.stderr
+    finally:
+        holder.kill()  # kill -9: no chance to clean up
+        holder.wait()
+    # the kernel released the lock with the process: the folder is free again, nothing to remove by hand
+    train_lm.main(lm_args(shards, run, "--max-steps", "2"))
+    assert os.path.exists(run / "ckpt_000002.pt")
