@@ -65,7 +65,7 @@ def add_run_flags(parser):
     """The flags every trainer takes for what launch() and the checkpoints decide."""
     parser.add_argument("--resume", default=None, help="a checkpoint to continue from, or 'auto' (the newest in --out-dir)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="delete the log and checkpoints of a run already in --out-dir")
+                        help="delete the files of a run already in --out-dir (its log, checkpoints, model)")
     parser.add_argument("--device", default=None, help="cuda / mps / cpu (default: the best present; torchrun: per rank)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile (default: on CUDA)")
@@ -158,18 +158,19 @@ def latest_checkpoint(out_dir):
     return final if os.path.exists(final) else paths[-1] if paths else None
 
 
-def find_resume(resume, out_dir, overwrite=False):
+def find_resume(resume, out_dir, overwrite=False, outputs=()):
     """
     (path, contents) of the checkpoint --resume names ('auto': the newest in out_dir), or (None, None). Rank 0
     decides and reads it, and every process gets what rank 0 found: on several machines only rank 0's disk is sure
     to hold the run's checkpoints. Without --resume, an out_dir that holds another run is refused (two runs in one
-    folder would mix their logs and checkpoints), unless --overwrite deletes that run's files first.
+    folder would mix their logs and checkpoints), unless --overwrite deletes that run's files first: its log, its
+    checkpoints and its other outputs (file names in out_dir), so that an interrupted new run leaves none of them.
     """
     path, ckpt = None, None
     if not torch_dist.is_initialized() or torch_dist.get_rank() == 0:
         lock_folder(out_dir, "--out-dir")  # one run at a time in a run folder
         if resume is None:
-            claim_out_dir(out_dir, overwrite)
+            claim_out_dir(out_dir, overwrite, outputs)
         path = latest_checkpoint(out_dir) if resume == "auto" else resume
         if resume == "auto" and path is None:
             print0(f"--resume auto: no checkpoint in {out_dir}, starting from scratch")
@@ -186,15 +187,16 @@ def from_rank0(value):
     return box[0]
 
 
-def claim_out_dir(out_dir, overwrite):
-    """Refuse an out_dir that holds a run (a log or checkpoints); with overwrite, delete those files instead."""
-    run_files = sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")) + glob.glob(os.path.join(out_dir, "log.jsonl")))
+def claim_out_dir(out_dir, overwrite, outputs=()):
+    """Refuse an out_dir that holds a run (a log, checkpoints, outputs); with overwrite, delete those files instead."""
+    run_files = sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")) + [os.path.join(out_dir, name) for name in
+                       ("log.jsonl", *outputs) if os.path.exists(os.path.join(out_dir, name))])
     if not run_files:
         return
     if not overwrite:
         raise UsageError(f"--out-dir {out_dir} already holds a run ({', '.join(map(os.path.basename, run_files[:4]))}"
                          f"{' ...' if len(run_files) > 4 else ''}): continue it with --resume auto, train into a new or "
-                         f"empty --out-dir, or pass --overwrite to delete that run's log and checkpoints first")
+                         f"empty --out-dir, or pass --overwrite to delete that run's files first")
     for path in run_files:
         os.remove(path)
     print0(f"--overwrite: deleted {len(run_files)} file(s) of the earlier run in {out_dir}")

@@ -654,3 +654,22 @@ def test_27_a_run_folder_or_cache_in_use_is_refused_naming_its_holder(tmp_path, 
     # the kernel released the lock with the process: the folder is free again, nothing to remove by hand
     train_lm.main(lm_args(shards, run, "--max-steps", "2"))
     assert os.path.exists(run / "ckpt_000002.pt")
+
+# -----------------------------------------------------------------------------
+# 28. An interrupted --overwrite (train_clip.py deleted only the old run's checkpoints and log: killed before its
+#     end, the folder held the old model's config.json and weights, which features and make took as finished)
+
+
+def test_28_an_interrupted_overwrite_leaves_no_old_model(tmp_path):
+    import train_clip
+    from tests.test_train_clip import TINY
+    world = str(tmp_path / "shapes")
+    shapes.generate(world, train=48, val=16, corpus_docs=10, seed=5)
+    out = str(tmp_path / "clip")
+    args = ["--root", world, "--out-dir", out, *TINY]
+    train_clip.main([*args, "--max-steps", "2"])
+    assert {"config.json", "model.safetensors", "quality.json"} <= set(os.listdir(out))
+    train_clip.main([*args, "--max-steps", "4", "--stop-step", "2", "--overwrite"])  # stopped, as if killed
+    assert sorted(os.listdir(out)) == [".lock", "ckpt_000002.pt", "log.jsonl"]  # the new run's only: no old model
+    with pytest.raises(FileNotFoundError):
+        load_clip(out)
