@@ -673,3 +673,20 @@ def test_28_an_interrupted_overwrite_leaves_no_old_model(tmp_path):
     assert sorted(os.listdir(out)) == [".lock", "ckpt_000002.pt", "log.jsonl"]  # the new run's only: no old model
     with pytest.raises(FileNotFoundError):
         load_clip(out)
+
+# -----------------------------------------------------------------------------
+# 29. gpt2.py --model on this project's own LM checkpoint (it said to pass a hub folder, which these files are not)
+
+
+def test_29_gpt2_cli_samples_from_the_projects_own_checkpoint(tmp_path, shards):  # noqa: F811
+    from tests.test_train_lm import WORDS
+    train_lm.main(lm_args(shards, tmp_path / "lm", "--max-steps", "2"))  # a --vocab-subset LM, as the demo's
+    ckpt = str(tmp_path / "lm" / "ckpt_000002.pt")
+    cli = [sys.executable, "gpt2.py", "--model", ckpt, "--num-samples", "2", "--max-new-tokens", "5", "--device", "cpu"]
+    for prompt, start in [(WORDS[0], WORDS[0]), ("", "<|endoftext|>")]:
+        run = subprocess.run([*cli, "--prompt", prompt], cwd=ROOT, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-2000:]
+        rows = [line for line in run.stdout.splitlines() if line.startswith("> ")]
+        assert len(rows) == 2 and all(row[2:].startswith(start) for row in rows), run.stdout
+    bad = subprocess.run([*cli, "--prompt", "Xylophones quantise zebras"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--prompt:" in bad.stderr and "vocabulary" in bad.stderr
