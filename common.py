@@ -17,6 +17,7 @@ What every script of the project shares: reading and writing files safely, and c
   the argparse types at the end of this file say what each number may be.
 """
 import argparse
+import errno
 import json
 import math
 import os
@@ -61,8 +62,30 @@ def read_json(path, what="file"):
 
 def save_checkpoint(path, state):
     """torch.save to path, atomically: a crash mid-write never leaves a half-written checkpoint at path."""
-    with atomic_open(path, "wb") as f:
-        torch.save(state, f)
+    try:
+        with atomic_open(path, "wb") as f:
+            torch.save(state, f)
+    except (OSError, RuntimeError) as e:  # a full disk: torch's zip writer says "unexpected pos ..."
+        if getattr(e, "errno", None) != errno.ENOSPC and "unexpected pos" not in str(e):
+            raise
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")  # give back what the half-written file took
+        need = sum(t.numel() * t.element_size() for t in _tensors(state))
+        raise OSError(errno.ENOSPC, f"no space left on the device for {path} (about {need / 2**20:,.0f} MiB "
+                      f"needed): it was not written, and the checkpoints written before it are intact. Free some "
+                      f"space, then continue with --resume auto") from None
+
+
+def _tensors(obj):
+    """Every tensor inside nested dicts, lists and tuples (a checkpoint's state)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
 
 
 def load_checkpoint(path, what="checkpoint"):

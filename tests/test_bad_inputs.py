@@ -690,3 +690,19 @@ def test_29_gpt2_cli_samples_from_the_projects_own_checkpoint(tmp_path, shards):
         assert len(rows) == 2 and all(row[2:].startswith(start) for row in rows), run.stdout
     bad = subprocess.run([*cli, "--prompt", "Xylophones quantise zebras"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "--prompt:" in bad.stderr and "vocabulary" in bad.stderr
+
+# -----------------------------------------------------------------------------
+# 30. A full disk while a trainer saves (torch said "[enforce fail at inline_container.cc:672] unexpected pos ...")
+
+
+def test_30_a_full_disk_at_a_checkpoint_is_named_and_loses_nothing(tmp_path, shards):  # noqa: F811
+    run = tmp_path / "lm"
+    train_lm.main(lm_args(shards, run, "--max-steps", "4", "--ckpt-every", "2", "--stop-step", "2"))
+    before = (run / "ckpt_000002.pt").read_bytes()
+    os.symlink("/dev/full", run / "ckpt_000004.pt.tmp")  # every write to it fails with ENOSPC, as on a full disk
+    with pytest.raises(OSError, match=r"no space left on the device for .*ckpt_000004.pt \(about [\d,]+ MiB needed\)"
+                                      r".*checkpoints written before it are intact.*--resume auto") as e:
+        train_lm.main(lm_args(shards, run, "--max-steps", "4", "--ckpt-every", "2", "--resume", "auto"))
+    assert e.value.errno == errno.ENOSPC
+    assert (run / "ckpt_000002.pt").read_bytes() == before and not (run / "ckpt_000004.pt").exists()
+    assert not os.path.lexists(run / "ckpt_000004.pt.tmp")
