@@ -90,6 +90,7 @@ def launch(train, args):
         args.compile = dist.device_type == "cuda"  # torch.compile pays off on GPUs; on a CPU it mostly costs time
     if args.fused is None:
         args.fused = dist.device_type == "cuda"
+    note_short_schedule(args)
     try:
         return train(args, dist)
     except UsageError as e:
@@ -135,6 +136,15 @@ def grad_scaler(device_type, dtype):
 
 # -----------------------------------------------------------------------------
 # Learning-rate schedule
+
+
+def note_short_schedule(args):
+    """A run shorter than its warmup never reaches --lr: legal (the smoke runs do it), but say so."""
+    max_steps, warmup = getattr(args, "max_steps", None), getattr(args, "warmup_steps", None)
+    if max_steps and warmup and max_steps < warmup:
+        print0(f"note: --max-steps {max_steps} ends inside the {warmup}-step warmup: the learning rate rises to "
+               f"{max_steps / warmup:.0%} of --lr {args.lr:g} and never reaches it (lower --warmup-steps if that is "
+               f"not what you want)")
 
 
 def lr_at(step, max_steps, warmup_steps, max_lr, min_lr):

@@ -706,3 +706,16 @@ def test_30_a_full_disk_at_a_checkpoint_is_named_and_loses_nothing(tmp_path, sha
     assert e.value.errno == errno.ENOSPC
     assert (run / "ckpt_000002.pt").read_bytes() == before and not (run / "ckpt_000004.pt").exists()
     assert not os.path.lexists(run / "ckpt_000004.pt.tmp")
+
+# -----------------------------------------------------------------------------
+# 31. --max-steps shorter than --warmup-steps: the whole run trains below the asked learning rate, without a word
+
+
+def test_31_a_run_shorter_than_its_warmup_says_so(tmp_path, shards, capsys):  # noqa: F811
+    train_lm.main(lm_args(shards, tmp_path / "short", "--max-steps", "2", "--warmup-steps", "8", "--lr", "1e-3"))
+    out = capsys.readouterr()
+    note = "note: --max-steps 2 ends inside the 8-step warmup: the learning rate rises to 25% of --lr 0.001"
+    assert note in out.out + out.err
+    train_lm.main(lm_args(shards, tmp_path / "long", "--max-steps", "2", "--warmup-steps", "1"))
+    out = capsys.readouterr()
+    assert "warmup" not in out.out + out.err
