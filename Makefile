@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup test bench smoke smoke-run demo demo-table demo-pictures demo-clean clip clip-run study study-world clean-venv
+.PHONY: FORCE setup test bench smoke smoke-run demo demo-table demo-pictures demo-clean clip clip-run study study-world clean-venv
 
 setup: $(VENV)/.installed
 	@$(BIN)/python -c "import torch, tiktoken, PIL" 2>/dev/null || { echo "$(VENV) is stale: its Python cannot import \
@@ -183,19 +183,42 @@ endif
 pool_of = $(or $(POOL_$(1)),$(POOL))
 POOLS = $(sort $(foreach b,$(BRIDGES),$(call pool_of,$(b))))
 
-# Run one stage, $(1) named, in run folder $(2): its output goes to $(2)/logs/$(1).log and "<name> <seconds> s" to
-# $(2)/times.txt; a failure shows the log's end. It also records the world in the folder (world.json), so that a
-# later make refuses a folder trained on another world (data/shapes.py --check --run-dir).
+# Run one stage, $(1) named, in run folder $(2): `python $(3)`, its output to $(2)/logs/$(1).log and "<name> <seconds> s"
+# to $(2)/times.txt; a failure shows the log's end. It also records the world in the folder (world.json), so that a
+# later make refuses a folder trained on another world (data/shapes.py --check --run-dir), and its settings (next).
 stage = @mkdir -p $(2)/logs; [ ! -f $(SHAPES)/info.json ] || cp $(SHAPES)/info.json $(2)/world.json; \
+	$(call check_settings,$(1),$(2)); \
 	echo "  $(1): started (log: $(2)/logs/$(1).log)"; start=$$(date +%s); \
-	if OMP_NUM_THREADS=$(THREADS) $(3) > $(2)/logs/$(1).log 2>&1; then \
+	if OMP_NUM_THREADS=$(THREADS) $(BIN)/python $(3) > $(2)/logs/$(1).log 2>&1; then \
+		cp $(2)/settings/$(1).txt $(2)/settings/$(1).done; \
 		echo "$(1) $$(( $$(date +%s) - start )) s" >> $(2)/times.txt; \
 		echo "  $(1): done in $$(( $$(date +%s) - start )) s"; \
 	else tail -n 30 $(2)/logs/$(1).log; echo "$(1) failed: the whole log is $(2)/logs/$(1).log"; exit 1; fi
 
+# Every stage's command (its arguments) is written to <run folder>/settings/<stage>.txt on every make, rewritten only
+# when it changed, and each stage's target depends on it: a stage asked for with other settings (steps, seed, sizes,
+# flags) is out of date. A stage that finished (settings/<stage>.done) under other settings, or that finished before
+# stages recorded them, is then refused by name, never reused as it is or resumed into another recipe.
+FORCE:
+settings = $(1)/settings/$(2).txt
+record = @mkdir -p $(dir $@); printf '%s\n' '$(strip $(1))' | cmp -s - $@ || printf '%s\n' '$(strip $(1))' > $@
+check_settings = done=$(2)/settings/$(1).done; \
+	if [ -f $$done ] && ! cmp -s $$done $(2)/settings/$(1).txt; then \
+		printf '%s\n' "$(2): its stage $(1) finished with other settings:" "  then: $$(cat $$done)" \
+		"  now:  $$(cat $(2)/settings/$(1).txt)" "Reused or resumed, it would not be what these settings make. To redo \
+it: make demo-clean, or pass another DEMO= (RUN= for a bridge). To reuse it: the settings it was made with." >&2; exit 1; \
+	elif [ ! -f $$done ] && [ -e $@ ]; then \
+		printf '%s\n' "$(2): its stage $(1) was made before stages recorded their settings, so make cannot tell whether \
+it is what these settings make. To redo it: make demo-clean, or pass another DEMO= (RUN= for a bridge)." >&2; exit 1; fi
+
 # Without this, make deletes the feature caches' manifest.json (pattern-rule "intermediate" files) after a run,
 # and the next run would find the caches unfinished.
 .SECONDARY:
+# Ctrl-C as a stage ends must not cost its finished work: make deletes an interrupted recipe's target unless it is
+# precious. These are written last and atomically by their trainers (a target that exists is whole); a manifest of
+# shards or features is written first and completed as the work goes (make deletes it: the rerun resumes), and a
+# table is quick to redo.
+.PRECIOUS: $(LM) $(CLIP)/config.json $(RUN)/caption/%/ckpt_final.pt
 
 # `demo` installs first, then runs the stages in a second make, which can ask bridges.py for the bridge list.
 # A world already drawn is reused as it is: first check it is the one these variables ask for, and that the run
@@ -214,47 +237,68 @@ WORLD_FLAGS := --out $(SHAPES) --train $(TRAIN_IMAGES) --val $(VAL_IMAGES) --cor
                --seed $(SHAPES_SEED)
 CHECK_WORLD := $(BIN)/python data/shapes.py $(WORLD_FLAGS) --check --run-dir $(DEMO)
 
+# the world has a check of its own (CHECK_WORLD), and may serve several run folders
 $(SHAPES)/info.json:
-	$(call stage,data,$(DEMO),$(BIN)/python data/shapes.py $(WORLD_FLAGS))
+	@mkdir -p $(DEMO)/settings; printf '%s\n' '$(WORLD_FLAGS)' > $(DEMO)/settings/data.txt
+	$(call stage,data,$(DEMO),data/shapes.py $(WORLD_FLAGS))
 
-$(DEMO)/lm_shards/manifest.json: $(SHAPES)/info.json
-	$(call stage,shards,$(DEMO),$(BIN)/python data/fineweb.py --data-files $(SHAPES)/corpus.jsonl \
-		--out-dir $(DEMO)/lm_shards --shard-size $(SHARD_SIZE) --workers 1)
+SHARDS_ARGS = data/fineweb.py --data-files $(SHAPES)/corpus.jsonl --out-dir $(DEMO)/lm_shards \
+              --shard-size $(SHARD_SIZE) --workers 1
+$(DEMO)/lm_shards/manifest.json: $(SHAPES)/info.json $(call settings,$(DEMO),shards)
+	$(call stage,shards,$(DEMO),$(SHARDS_ARGS))
+$(call settings,$(DEMO),shards): FORCE
+	$(call record,$(SHARDS_ARGS))
 
 # lr 1e-3: the LM has to learn to copy a scene's words from an earlier caption, which is what the bridges use
-$(LM): $(DEMO)/lm_shards/manifest.json
-	$(call stage,lm,$(DEMO),$(BIN)/python train_lm.py --preset mini --data-dir $(DEMO)/lm_shards --vocab-subset \
-		--out-dir $(DEMO)/lm --max-steps $(LM_STEPS) --warmup-steps 50 --lr 1e-3 -B 16 -T 128 --total-batch 2048 \
-		--val-every 500 --sample-every 500 --ckpt-every 500 --log-every 100 --seed $(LM_SEED) --resume auto)
+LM_ARGS = train_lm.py --preset mini --data-dir $(DEMO)/lm_shards --vocab-subset --out-dir $(DEMO)/lm \
+          --max-steps $(LM_STEPS) --warmup-steps 50 --lr 1e-3 -B 16 -T 128 --total-batch 2048 --val-every 500 \
+          --sample-every 500 --ckpt-every 500 --log-every 100 --seed $(LM_SEED) --resume auto
+$(LM): $(DEMO)/lm_shards/manifest.json $(call settings,$(DEMO),lm)
+	$(call stage,lm,$(DEMO),$(LM_ARGS))
+$(call settings,$(DEMO),lm): FORCE
+	$(call record,$(LM_ARGS))
 
-$(CLIP)/config.json: $(SHAPES)/info.json
-	$(call stage,clip,$(DEMO),$(BIN)/python train_clip.py --root $(SHAPES) --out-dir $(CLIP) --max-steps $(CLIP_STEPS) \
-		$(CLIP_FLAGS) --seed $(CLIP_SEED) --resume auto)
+CLIP_ARGS = train_clip.py --root $(SHAPES) --out-dir $(CLIP) --max-steps $(CLIP_STEPS) $(CLIP_FLAGS) \
+            --seed $(CLIP_SEED) --resume auto
+$(CLIP)/config.json: $(SHAPES)/info.json $(call settings,$(DEMO),clip)
+	$(call stage,clip,$(DEMO),$(CLIP_ARGS))
+$(call settings,$(DEMO),clip): FORCE
+	$(call record,$(CLIP_ARGS))
 
 # A cache $(CACHE)/<pooling>/<split>: the stem is "none/train", "4x8/val", ...
-$(CACHE)/%/manifest.json: $(SHAPES)/info.json $(ENCODER_DEP)
-	$(call stage,features-$(subst /,-,$*),$(DEMO),$(BIN)/python data/coco.py features --root $(SHAPES) \
-		--split $(notdir $*) --encoder $(ENCODER) --pool $(patsubst %/,%,$(dir $*)) --out $(CACHE)/$* --workers $(THREADS))
-
-# A bridge needs the caches of its own pooling: $$* in the prerequisites is expanded a second time, with the stem.
+# A cache $(CACHE)/<pooling>/<split>; its settings file names it <pooling>-<split> (workers: not a setting)
+features_args = data/coco.py features --root $(SHAPES) --split $(notdir $(1)) --encoder $(ENCODER) \
+                --pool $(patsubst %/,%,$(dir $(1))) --out $(CACHE)/$(1)
+# $$* in a rule's prerequisites is expanded a second time, with the stem
 .SECONDEXPANSION:
+$(CACHE)/%/manifest.json: $(SHAPES)/info.json $(ENCODER_DEP) $$(call settings,$(DEMO),features-$$(subst /,-,$$*))
+	$(call stage,features-$(subst /,-,$*),$(DEMO),$(call features_args,$*) --workers $(THREADS))
+$(DEMO)/settings/features-%.txt: FORCE
+	$(call record,$(call features_args,$(subst -,/,$*)))
+
+# A bridge needs the caches of its own pooling.
+bridge_args = train_caption.py --bridge $(1) --lm $(LM) --coco-root $(SHAPES) --features $(CACHE)/$(call pool_of,$(1))/train \
+              --val-features $(CACHE)/$(call pool_of,$(1))/val --out-dir $(RUN)/caption/$(1) $(CAPTION_FLAGS) \
+              --seed $(BRIDGE_SEED) --max-steps $(or $(STEPS_$(1)),$(BRIDGE_STEPS)) --lr $(or $(LR_$(1)),$(LR)) \
+              $(FLAGS_$(1)) --resume auto
 $(RUN)/caption/%/ckpt_final.pt: $(LM) $$(CACHE)/$$(call pool_of,$$*)/train/manifest.json \
-                                $$(CACHE)/$$(call pool_of,$$*)/val/manifest.json
-	$(call stage,bridge-$*,$(RUN),$(BIN)/python train_caption.py --bridge $* --lm $(LM) --coco-root $(SHAPES) \
-		--features $(CACHE)/$(call pool_of,$*)/train --val-features $(CACHE)/$(call pool_of,$*)/val \
-		--out-dir $(RUN)/caption/$* $(CAPTION_FLAGS) --seed $(BRIDGE_SEED) \
-		--max-steps $(or $(STEPS_$*),$(BRIDGE_STEPS)) --lr $(or $(LR_$*),$(LR)) $(FLAGS_$*) --resume auto)
+                                $$(CACHE)/$$(call pool_of,$$*)/val/manifest.json $$(call settings,$(RUN),bridge-$$*)
+	$(call stage,bridge-$*,$(RUN),$(call bridge_args,$*))
+$(RUN)/settings/bridge-%.txt: FORCE
+	$(call record,$(call bridge_args,$*))
 
 # EVAL_FLAGS: more evaluate.py flags (the tests' shortened demo: --metrics bleu cider).
 # No --features: the bridges read caches of different poolings, so evaluate.py encodes the val images once per
 # pooling with the encoder each checkpoint records.
 # The bridges train longest first (side by side, the short ones then share the other core); the table keeps BRIDGES' order.
 LONGEST_FIRST = $(filter qformer linear,$(BRIDGES)) $(filter-out qformer linear,$(BRIDGES))
-$(RUN)/results/table.md: $(foreach b,$(LONGEST_FIRST),$(RUN)/caption/$(b)/ckpt_final.pt)
+EVAL_ARGS = evaluate.py --checkpoints $(foreach b,$(BRIDGES),$(RUN)/caption/$(b)/ckpt_final.pt) --coco-root $(SHAPES) \
+            --split val --out $(RUN)/results --method greedy $(EVAL_FLAGS)
+$(RUN)/results/table.md: $(foreach b,$(LONGEST_FIRST),$(RUN)/caption/$(b)/ckpt_final.pt) $(call settings,$(RUN),evaluate)
 	$(if $(BRIDGES),,$(error no bridges: `$(BIN)/python -c "import bridges"` failed; run `make setup`))
-	$(call stage,evaluate,$(RUN),$(BIN)/python evaluate.py --checkpoints $(foreach b,$(BRIDGES),$(RUN)/caption/$(b)/ckpt_final.pt) \
-		--coco-root $(SHAPES) --split val \
-		--out $(RUN)/results --method greedy $(EVAL_FLAGS))
+	$(call stage,evaluate,$(RUN),$(EVAL_ARGS))
+$(call settings,$(RUN),evaluate): FORCE
+	$(call record,$(EVAL_ARGS))
 
 # make clip: the demo's CLIP stage alone (variables above); its retrieval and probes are in $(CLIP)/quality.json.
 clip: setup

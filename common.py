@@ -17,6 +17,7 @@ What every script of the project shares: reading and writing files safely, and c
   the argparse types at the end of this file say what each number may be.
 """
 import argparse
+import errno
 import json
 import math
 import os
@@ -61,8 +62,30 @@ def read_json(path, what="file"):
 
 def save_checkpoint(path, state):
     """torch.save to path, atomically: a crash mid-write never leaves a half-written checkpoint at path."""
-    with atomic_open(path, "wb") as f:
-        torch.save(state, f)
+    try:
+        with atomic_open(path, "wb") as f:
+            torch.save(state, f)
+    except (OSError, RuntimeError) as e:  # a full disk: torch's zip writer says "unexpected pos ..."
+        if getattr(e, "errno", None) != errno.ENOSPC and "unexpected pos" not in str(e):
+            raise
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")  # give back what the half-written file took
+        need = sum(t.numel() * t.element_size() for t in _tensors(state))
+        raise OSError(errno.ENOSPC, f"no space left on the device for {path} (about {need / 2**20:,.0f} MiB "
+                      f"needed): it was not written, and the checkpoints written before it are intact. Free some "
+                      f"space, then continue with --resume auto") from None
+
+
+def _tensors(obj):
+    """Every tensor inside nested dicts, lists and tuples (a checkpoint's state)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
 
 
 def load_checkpoint(path, what="checkpoint"):
@@ -78,6 +101,35 @@ def load_checkpoint(path, what="checkpoint"):
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:  # truncated zip, foreign format...
         raise RuntimeError(f"{what} {path} is corrupt or not a torch checkpoint this code wrote "
                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+
+
+_held_locks = {}  # folder -> its open lock file: the lock lasts as long as the process
+
+
+def lock_folder(folder, flag):
+    """
+    Hold folder/.lock for the rest of this process, or stop at once if another process holds it: two runs writing
+    one run folder (or one feature cache) would interleave their checkpoints and logs. The kernel releases the lock
+    when the process ends, however it ends (Ctrl-C, kill -9), so no stale lock is ever left behind.
+    """
+    import fcntl
+    folder = os.path.abspath(folder)
+    if folder in _held_locks:
+        return
+    os.makedirs(folder, exist_ok=True)
+    f = open(os.path.join(folder, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise UsageError(f"{flag} {folder} is in use by another process (pid {holder}): two runs in one folder would "
+                         f"mix their files. Wait for it to finish or stop it, or choose another {flag}") from None
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    _held_locks[folder] = f
 
 # -----------------------------------------------------------------------------
 # Model folders in the Hugging Face hub's layout

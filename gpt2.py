@@ -440,9 +440,9 @@ if __name__ == "__main__":
     import argparse
     from common import best_device, nonneg_float, positive_int, probability
     parser = argparse.ArgumentParser(description="Generate text with GPT-2 (OpenAI weights or random init).")
-    parser.add_argument("--model", default="gpt2", help="gpt2..gpt2-xl, a hub id, a local hub-format dir, "
-                        "or 'random:<preset>' for untrained weights (e.g. random:gpt2)")
-    parser.add_argument("--prompt", default="Hello, I'm a language model,")
+    parser.add_argument("--model", default="gpt2", help="gpt2..gpt2-xl, a hub id, a local hub-format dir, a "
+                        "train_lm.py checkpoint (.pt), or 'random:<preset>' for untrained weights (e.g. random:gpt2)")
+    parser.add_argument("--prompt", default="Hello, I'm a language model,", help="'' starts from <|endoftext|>")
     parser.add_argument("--num-samples", type=positive_int, default=4)
     parser.add_argument("--max-new-tokens", type=positive_int, default=32)
     parser.add_argument("--temperature", type=nonneg_float, default=1.0, help="0 = greedy")
@@ -455,14 +455,18 @@ if __name__ == "__main__":
     device = args.device
     if args.model.startswith("random:"):
         torch.manual_seed(args.seed)
-        model = GPT(GPTConfig(**PRESETS[args.model.split(":", 1)[1]]))
+        model, enc = GPT(GPTConfig(**PRESETS[args.model.split(":", 1)[1]])), get_tokenizer()
     else:
-        model = GPT.from_pretrained(args.model)
+        model, enc = load_lm(args.model)  # OpenAI's weights, a hub folder, or this project's own checkpoint
     model.to(device).eval()
-    enc = get_tokenizer()
-    idx = torch.tensor([enc.encode(args.prompt)] * args.num_samples, device=device)
+    try:  # a train_lm.py model may know only its corpus's tokens (a SubsetTokenizer)
+        prompt = enc.encode(args.prompt) if args.prompt else [enc.eot_token]
+    except ValueError as e:
+        parser.error(f"--prompt: {e}")
+    idx = torch.tensor([prompt] * args.num_samples, device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, generator=gen)
+                         top_p=args.top_p, eot=enc.eot_token, generator=gen, n_vocab=enc.n_vocab)
     for row in out.tolist():
-        print(">", enc.decode([t for t in row if t < enc.n_vocab]))
+        new = row[len(prompt):]  # up to its <|endoftext|>, if it wrote one
+        print(">", enc.decode(prompt + new[:new.index(enc.eot_token)] if enc.eot_token in new else prompt + new))

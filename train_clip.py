@@ -364,7 +364,9 @@ def train(args, dist):
     if args.batch_size % dist.world_size:
         raise UsageError(f"-B {args.batch_size} pairs per step cannot be split evenly over {dist.world_size} processes")
     micro = args.batch_size // dist.world_size
-    ckpt_path, ckpt = find_resume(args.resume, args.out_dir, args.overwrite)
+    # --overwrite deletes the old model too: a new run stopped early must not leave it looking finished
+    ckpt_path, ckpt = find_resume(args.resume, args.out_dir, args.overwrite,
+                                  outputs=("config.json", "model.safetensors", "quality.json"))
     if ckpt is not None and ckpt.get("kind") != "clip":
         raise UsageError(f"{ckpt_path} is not a train_clip.py checkpoint (kind {ckpt.get('kind')!r})")
 

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
-from common import UsageError, atomic_open, best_device, load_checkpoint, resolve_dtype, save_checkpoint
+from common import (UsageError, atomic_open, best_device, load_checkpoint, lock_folder, resolve_dtype,
+                    save_checkpoint)
 
 # -----------------------------------------------------------------------------
 # Devices and distributed training
@@ -64,7 +65,7 @@ def add_run_flags(parser):
     """The flags every trainer takes for what launch() and the checkpoints decide."""
     parser.add_argument("--resume", default=None, help="a checkpoint to continue from, or 'auto' (the newest in --out-dir)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="delete the log and checkpoints of a run already in --out-dir")
+                        help="delete the files of a run already in --out-dir (its log, checkpoints, model)")
     parser.add_argument("--device", default=None, help="cuda / mps / cpu (default: the best present; torchrun: per rank)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile (default: on CUDA)")
@@ -89,6 +90,7 @@ def launch(train, args):
         args.compile = dist.device_type == "cuda"  # torch.compile pays off on GPUs; on a CPU it mostly costs time
     if args.fused is None:
         args.fused = dist.device_type == "cuda"
+    note_short_schedule(args)
     try:
         return train(args, dist)
     except UsageError as e:
@@ -136,6 +138,15 @@ def grad_scaler(device_type, dtype):
 # Learning-rate schedule
 
 
+def note_short_schedule(args):
+    """A run shorter than its warmup never reaches --lr: legal (the smoke runs do it), but say so."""
+    max_steps, warmup = getattr(args, "max_steps", None), getattr(args, "warmup_steps", None)
+    if max_steps and warmup and max_steps < warmup:
+        print0(f"note: --max-steps {max_steps} ends inside the {warmup}-step warmup: the learning rate rises to "
+               f"{max_steps / warmup:.0%} of --lr {args.lr:g} and never reaches it (lower --warmup-steps if that is "
+               f"not what you want)")
+
+
 def lr_at(step, max_steps, warmup_steps, max_lr, min_lr):
     """Linear warmup over warmup_steps (step 0 gets max_lr / warmup_steps), then cosine decay to min_lr at max_steps."""
     if step < warmup_steps:
@@ -157,17 +168,19 @@ def latest_checkpoint(out_dir):
     return final if os.path.exists(final) else paths[-1] if paths else None
 
 
-def find_resume(resume, out_dir, overwrite=False):
+def find_resume(resume, out_dir, overwrite=False, outputs=()):
     """
     (path, contents) of the checkpoint --resume names ('auto': the newest in out_dir), or (None, None). Rank 0
     decides and reads it, and every process gets what rank 0 found: on several machines only rank 0's disk is sure
     to hold the run's checkpoints. Without --resume, an out_dir that holds another run is refused (two runs in one
-    folder would mix their logs and checkpoints), unless --overwrite deletes that run's files first.
+    folder would mix their logs and checkpoints), unless --overwrite deletes that run's files first: its log, its
+    checkpoints and its other outputs (file names in out_dir), so that an interrupted new run leaves none of them.
     """
     path, ckpt = None, None
     if not torch_dist.is_initialized() or torch_dist.get_rank() == 0:
+        lock_folder(out_dir, "--out-dir")  # one run at a time in a run folder
         if resume is None:
-            claim_out_dir(out_dir, overwrite)
+            claim_out_dir(out_dir, overwrite, outputs)
         path = latest_checkpoint(out_dir) if resume == "auto" else resume
         if resume == "auto" and path is None:
             print0(f"--resume auto: no checkpoint in {out_dir}, starting from scratch")
@@ -184,15 +197,16 @@ def from_rank0(value):
     return box[0]
 
 
-def claim_out_dir(out_dir, overwrite):
-    """Refuse an out_dir that holds a run (a log or checkpoints); with overwrite, delete those files instead."""
-    run_files = sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")) + glob.glob(os.path.join(out_dir, "log.jsonl")))
+def claim_out_dir(out_dir, overwrite, outputs=()):
+    """Refuse an out_dir that holds a run (a log, checkpoints, outputs); with overwrite, delete those files instead."""
+    run_files = sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")) + [os.path.join(out_dir, name) for name in
+                       ("log.jsonl", *outputs) if os.path.exists(os.path.join(out_dir, name))])
     if not run_files:
         return
     if not overwrite:
         raise UsageError(f"--out-dir {out_dir} already holds a run ({', '.join(map(os.path.basename, run_files[:4]))}"
                          f"{' ...' if len(run_files) > 4 else ''}): continue it with --resume auto, train into a new or "
-                         f"empty --out-dir, or pass --overwrite to delete that run's log and checkpoints first")
+                         f"empty --out-dir, or pass --overwrite to delete that run's files first")
     for path in run_files:
         os.remove(path)
     print0(f"--overwrite: deleted {len(run_files)} file(s) of the earlier run in {out_dir}")

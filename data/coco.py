@@ -41,7 +41,8 @@ from tqdm import tqdm
 # runnable as `python data/coco.py` from the repo root as well as `import data.coco`
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import clip_loader  # noqa: E402
-from common import atomic_open, best_device, positive_int, read_json, resolve_dtype, write_json  # noqa: E402
+from common import (atomic_open, best_device, lock_folder, positive_int, read_json, resolve_dtype,  # noqa: E402
+                    write_json)
 
 # -----------------------------------------------------------------------------
 # Download (with resume), or use a COCO folder that is already there
@@ -256,7 +257,7 @@ def build_feature_cache(records, encoder, out_dir, batch_size=64, pool_grid=(4, 
     dtype = resolve_dtype(dtype, torch.device(device).type)
     model.to(device)
     settings = dict(cache_settings(model, pool_grid, records), compute_dtype=dtype)  # compute_dtype: a record only
-    os.makedirs(out_dir, exist_ok=True)
+    lock_folder(out_dir, "--out")  # one builder at a time
     manifest_path = os.path.join(out_dir, "manifest.json")
     if os.path.exists(manifest_path):
         old = read_json(manifest_path, "feature cache manifest")

@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -95,7 +96,7 @@ def test_1_a_cache_killed_while_finalizing_is_rebuilt_right(tmp_path, where):
                                      num_workers=1)
     assert len(again) == len(fresh) == 9 and list(again.image_ids) == list(fresh.image_ids)
     np.testing.assert_array_equal(np.asarray(again.features), np.asarray(fresh.features))
-    assert sorted(os.listdir(out)) == ["features.fp16", "image_ids.npy", "manifest.json", "stats.npz"]
+    assert sorted(os.listdir(out)) == [".lock", "features.fp16", "image_ids.npy", "manifest.json", "stats.npz"]
 
 # -----------------------------------------------------------------------------
 # 2. Training into a folder that already holds a run
@@ -106,7 +107,7 @@ def test_2_an_existing_run_folder_is_refused_without_resume_or_overwrite(shards,
     train_lm.main(lm_args(shards, lm_run, "--max-steps", "4", "--ckpt-every", "2"))
     usage_error(train_lm.main, lm_args(shards, lm_run, "--max-steps", "2"), capsys, "already holds a run")
     train_lm.main(lm_args(shards, lm_run, "--max-steps", "2", "--overwrite"))
-    assert sorted(os.listdir(lm_run)) == ["ckpt_000002.pt", "log.jsonl"]  # nothing of the first run is left
+    assert sorted(os.listdir(lm_run)) == [".lock", "ckpt_000002.pt", "log.jsonl"]  # nothing of the first run is left
     starts = [r for r in map(json.loads, open(lm_run / "log.jsonl")) if r.get("event") == "start"]
     assert len(starts) == 1
     caption_run = tmp_path / "caption"
@@ -546,3 +547,175 @@ def test_24_make_refuses_paths_with_spaces_by_name(tmp_path, variable):
     run = subprocess.run(["make", "-C", ROOT, "-n", "demo", f"{variable}={tmp_path}/a b"], capture_output=True,
                          text=True)
     assert run.returncode != 0 and f"{variable}='{tmp_path}/a b' has a space in it" in run.stderr
+
+# -----------------------------------------------------------------------------
+# 25. A finished demo asked for with other settings (make used to reuse it as it was: `make demo CLIP_STEPS=1200` on
+#     a demo made with 600 printed the old table, rc 0)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_25_make_refuses_a_finished_stage_asked_for_with_other_settings(tmp_path):
+    world = str(tmp_path / "shapes")
+    shapes.generate(world, train=12, val=4, corpus_docs=4, seed=0)
+    demo = tmp_path / "demo"
+    settings = [f"BIN={os.path.dirname(sys.executable)}", f"SHAPES={world}", f"DEMO={demo}", "TRAIN_IMAGES=12",
+                "VAL_IMAGES=4", "CORPUS_DOCS=4"]
+    shards = demo / "lm_shards" / "manifest.json"  # the cheapest stage; every stage runs through the same macro
+
+    def make(*more):
+        return subprocess.run(["make", "-C", ROOT, "-o", ".venv/.installed", str(shards), *settings, *more],
+                              capture_output=True, text=True)
+
+    first = make()
+    assert first.returncode == 0 and "shards: done" in first.stdout, first.stdout + first.stderr
+    made = shards.stat().st_mtime_ns
+    assert make().returncode == 0 and "started" not in make().stdout  # the same settings: reused
+    other = make("SHARD_SIZE=5000")
+    assert other.returncode != 0 and "its stage shards finished with other settings" in other.stderr
+    assert "then: data/fineweb.py" in other.stderr and "--shard-size 200000" in other.stderr
+    assert "now:  data/fineweb.py" in other.stderr and "--shard-size 5000" in other.stderr
+    assert "make demo-clean" in other.stderr and shards.stat().st_mtime_ns == made  # nothing touched
+    (demo / "settings" / "shards.done").unlink()  # a folder made before stages recorded their settings
+    legacy = make()
+    assert legacy.returncode != 0 and "was made before stages recorded their settings" in legacy.stderr
+
+    # every stage of the demo goes through it: each has a settings file its target depends on
+    dry = subprocess.run(["make", "-C", ROOT, "-n", "-o", ".venv/.installed", "demo-table", *settings],
+                         capture_output=True, text=True)
+    from bridges import BRIDGES
+    for stage in ["lm", "clip", "evaluate", "features-4x8-train", "features-none-val",
+                  *(f"bridge-{b}" for b in BRIDGES)]:
+        assert f"{demo}/settings/{stage}.txt" in dry.stdout, stage
+
+# -----------------------------------------------------------------------------
+# 26. Ctrl-C in `make demo` just as a stage writes its result (make deleted the finished checkpoint, and the rerun
+#     trained the LM again)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_26_ctrl_c_as_a_stage_ends_keeps_its_finished_result(tmp_path):
+    world = str(tmp_path / "shapes")
+    shapes.generate(world, train=12, val=4, corpus_docs=4, seed=0)
+    demo = tmp_path / "demo"
+    (demo / "lm_shards").mkdir(parents=True)
+    (demo / "lm_shards" / "manifest.json").write_text("{}")  # taken as made (make -o), so the LM stage runs next
+    # a python whose train_lm.py writes its final checkpoint at once and is then slow to exit (a log, a last sample)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python").write_text(f"""#!/bin/sh
+if [ "$1" = train_lm.py ]; then
+  while [ "$1" != --out-dir ]; do shift; done; mkdir -p "$2"; echo whole > "$2/ckpt_000012.pt"; exec sleep 60
+fi
+exec {sys.executable} "$@"
+""")
+    (fake / "python").chmod(0o755)
+    lm = demo / "lm" / "ckpt_000012.pt"
+    shards = str(demo / "lm_shards" / "manifest.json")
+    make = subprocess.Popen(["make", "-C", ROOT, "-o", ".venv/.installed", "-o", shards, str(lm), f"BIN={fake}",
+                             f"SHAPES={world}", f"DEMO={demo}", "TRAIN_IMAGES=12", "VAL_IMAGES=4", "CORPUS_DOCS=4",
+                             "LM_STEPS=12"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for _ in range(300):
+        if lm.exists():
+            break
+        time.sleep(0.1)
+    assert lm.exists(), make.communicate(timeout=60)
+    os.killpg(make.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends: to make and its stage alike
+    _, err = make.communicate(timeout=60)
+    assert make.returncode != 0 and "Deleting file" not in err, err
+    assert lm.read_text() == "whole\n"
+
+# -----------------------------------------------------------------------------
+# 27. Two processes writing one run folder or one feature cache (two `make demo`s at once): they interleaved their
+#     checkpoints and logs, and two cache builders died on each other's .tmp files
+
+
+def test_27_a_run_folder_or_cache_in_use_is_refused_naming_its_holder(tmp_path, shards):  # noqa: F811
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    hold = ("import sys, time, common; [common.lock_folder(d, '--out-dir') for d in sys.argv[1:]]; "
+            "print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(run), str(cache)], cwd=ROOT, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        second = subprocess.run([sys.executable, "train_lm.py", *lm_args(shards, run, "--max-steps", "2")], cwd=ROOT,
+                                capture_output=True, text=True)
+        in_use = f"is in use by another process (pid {holder.pid})"
+        assert second.returncode == 2 and f"--out-dir {run} {in_use}" in second.stderr
+        assert sorted(os.listdir(run)) == [".lock"]  # it wrote nothing
+        shapes.generate(str(tmp_path / "shapes"), train=4, val=2, corpus_docs=4, seed=0)
+        builder = subprocess.run([sys.executable, "data/coco.py", "features", "--root", str(tmp_path / "shapes"),
+                                  "--split", "val", "--encoder", "random-vit:tiny:seed0", "--out", str(cache)],
+                                 cwd=ROOT, capture_output=True, text=True)
+        assert builder.returncode != 0 and f"--out {cache} {in_use}" in builder.stderr
+    finally:
+        holder.kill()  # kill -9: no chance to clean up
+        holder.wait()
+    # the kernel released the lock with the process: the folder is free again, nothing to remove by hand
+    train_lm.main(lm_args(shards, run, "--max-steps", "2"))
+    assert os.path.exists(run / "ckpt_000002.pt")
+
+# -----------------------------------------------------------------------------
+# 28. An interrupted --overwrite (train_clip.py deleted only the old run's checkpoints and log: killed before its
+#     end, the folder held the old model's config.json and weights, which features and make took as finished)
+
+
+def test_28_an_interrupted_overwrite_leaves_no_old_model(tmp_path):
+    import train_clip
+    from tests.test_train_clip import TINY
+    world = str(tmp_path / "shapes")
+    shapes.generate(world, train=48, val=16, corpus_docs=10, seed=5)
+    out = str(tmp_path / "clip")
+    args = ["--root", world, "--out-dir", out, *TINY]
+    train_clip.main([*args, "--max-steps", "2"])
+    assert {"config.json", "model.safetensors", "quality.json"} <= set(os.listdir(out))
+    train_clip.main([*args, "--max-steps", "4", "--stop-step", "2", "--overwrite"])  # stopped, as if killed
+    assert sorted(os.listdir(out)) == [".lock", "ckpt_000002.pt", "log.jsonl"]  # the new run's only: no old model
+    with pytest.raises(FileNotFoundError):
+        load_clip(out)
+
+# -----------------------------------------------------------------------------
+# 29. gpt2.py --model on this project's own LM checkpoint (it said to pass a hub folder, which these files are not)
+
+
+def test_29_gpt2_cli_samples_from_the_projects_own_checkpoint(tmp_path, shards):  # noqa: F811
+    from tests.test_train_lm import WORDS
+    train_lm.main(lm_args(shards, tmp_path / "lm", "--max-steps", "2"))  # a --vocab-subset LM, as the demo's
+    ckpt = str(tmp_path / "lm" / "ckpt_000002.pt")
+    cli = [sys.executable, "gpt2.py", "--model", ckpt, "--num-samples", "2", "--max-new-tokens", "5", "--device", "cpu"]
+    for prompt, start in [(WORDS[0], WORDS[0]), ("", "<|endoftext|>")]:
+        run = subprocess.run([*cli, "--prompt", prompt], cwd=ROOT, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-2000:]
+        rows = [line for line in run.stdout.splitlines() if line.startswith("> ")]
+        assert len(rows) == 2 and all(row[2:].startswith(start) for row in rows), run.stdout
+    bad = subprocess.run([*cli, "--prompt", "Xylophones quantise zebras"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--prompt:" in bad.stderr and "vocabulary" in bad.stderr
+
+# -----------------------------------------------------------------------------
+# 30. A full disk while a trainer saves (torch said "[enforce fail at inline_container.cc:672] unexpected pos ...")
+
+
+def test_30_a_full_disk_at_a_checkpoint_is_named_and_loses_nothing(tmp_path, shards):  # noqa: F811
+    run = tmp_path / "lm"
+    train_lm.main(lm_args(shards, run, "--max-steps", "4", "--ckpt-every", "2", "--stop-step", "2"))
+    before = (run / "ckpt_000002.pt").read_bytes()
+    os.symlink("/dev/full", run / "ckpt_000004.pt.tmp")  # every write to it fails with ENOSPC, as on a full disk
+    with pytest.raises(OSError, match=r"no space left on the device for .*ckpt_000004.pt \(about [\d,]+ MiB needed\)"
+                                      r".*checkpoints written before it are intact.*--resume auto") as e:
+        train_lm.main(lm_args(shards, run, "--max-steps", "4", "--ckpt-every", "2", "--resume", "auto"))
+    assert e.value.errno == errno.ENOSPC
+    assert (run / "ckpt_000002.pt").read_bytes() == before and not (run / "ckpt_000004.pt").exists()
+    assert not os.path.lexists(run / "ckpt_000004.pt.tmp")
+
+# -----------------------------------------------------------------------------
+# 31. --max-steps shorter than --warmup-steps: the whole run trains below the asked learning rate, without a word
+
+
+def test_31_a_run_shorter_than_its_warmup_says_so(tmp_path, shards, capsys):  # noqa: F811
+    train_lm.main(lm_args(shards, tmp_path / "short", "--max-steps", "2", "--warmup-steps", "8", "--lr", "1e-3"))
+    out = capsys.readouterr()
+    note = "note: --max-steps 2 ends inside the 8-step warmup: the learning rate rises to 25% of --lr 0.001"
+    assert note in out.out + out.err
+    train_lm.main(lm_args(shards, tmp_path / "long", "--max-steps", "2", "--warmup-steps", "1"))
+    out = capsys.readouterr()
+    assert "warmup" not in out.out + out.err

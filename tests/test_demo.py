@@ -56,8 +56,9 @@ def test_shortened_demo_runs_every_stage_and_reuses_them(tmp_path):
     # the run folder records its world, so that a later `make demo` can refuse a folder of another world
     assert json.load(open(demo / "world.json")) == json.load(open(tmp_path / "shapes" / "info.json"))
     # a second run reuses everything: make finds every target up to date
-    again = subprocess.run(["make", "-C", ROOT, "-q", target, *settings], capture_output=True, text=True)
-    assert again.returncode == 0, "a finished stage would run again"
+    # (make -q cannot say: each stage's settings file is rewritten, if it changed, on every make)
+    again = subprocess.run(["make", "-C", ROOT, target, *settings], capture_output=True, text=True)
+    assert again.returncode == 0 and "started" not in again.stdout, "a finished stage ran again:\n" + again.stdout
 
     # make study, shortened to one seed of one world and its common recipe (the own recipe is the demo's rules, run
     # above): it reuses the world's LM, CLIP and caches, and trains every bridge with that seed, into a run folder
@@ -98,7 +99,8 @@ def test_the_ablation_reads_an_untrained_vit_and_trains_no_clip(tmp_path):
     # its bridges would standardise the untrained ViT's features (uneven channels), unlike the CLIP's
     dry = subprocess.run(["make", "-C", ROOT, "-n", str(demo / "caption" / "linear" / "ckpt_final.pt"), *settings],
                          capture_output=True, text=True)
-    bridge = [line for line in dry.stdout.splitlines() if "train_caption.py" in line]
+    # the stage's command line (a dry run also shows the line that records its settings)
+    bridge = [line for line in dry.stdout.splitlines() if "python train_caption.py" in line]
     assert dry.returncode == 0 and len(bridge) == 1 and " --standardize " in bridge[0], dry.stdout[-2000:]
     # per-bridge settings: the prefix bridges train 3x and 2x as many steps and read their input out whole (12 and 16
     # slots); the linear prefix reads the 4x8-pooled tokens, the others all 64 patches, positions starting as a sin-cos

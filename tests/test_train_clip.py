@@ -98,7 +98,7 @@ def test_resume_is_exact(world, tmp_path):
     args = ["--root", world, "--max-steps", "8", "--ckpt-every", "0", *TINY]
     a = train_clip.main([*args, "--out-dir", whole])
     train_clip.main([*args, "--out-dir", halves, "--stop-step", "4"])
-    assert sorted(os.listdir(halves)) == ["ckpt_000004.pt", "log.jsonl"]  # stopped: no model folder yet
+    assert sorted(os.listdir(halves)) == [".lock", "ckpt_000004.pt", "log.jsonl"]  # stopped: no model folder yet
     b = train_clip.main([*args, "--out-dir", halves, "--resume", "auto"])
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(p, q), name
@@ -174,7 +174,7 @@ def test_clear_errors(world, trained, tmp_path, capsys):
     usage_error(train_clip.main, ["--root", world, "--out-dir", str(tmp_path / "z"), *TINY, "--text-tokens", "8"],
                 capsys, "does not fit --text-tokens 8")
     usage_error(train_clip.main, ["--root", world, "--out-dir", out, *TINY], capsys, "already holds a run")
-    assert not os.path.exists(tmp_path / "z")  # refused before anything was written
+    assert os.listdir(tmp_path / "z") == [".lock"]  # refused before anything was written (the run's lock aside)
     # flags out of range, or that do not fit each other
     for flags, match in [(["-B", "1"], "--batch-size"), (["--text-heads", "3"], "does not divide --text-width"),
                          (["--probe-pool", "3"], "--probe-pool"), (["--probe-only"], "needs --encoder"),
