@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: FORCE setup test bench smoke smoke-run demo demo-table demo-pictures demo-clean clip clip-run study study-world clean-venv
+.PHONY: FORCE setup test bench smoke smoke-run demo demo-table demo-pictures demo-clean clip clip-run study study-world \
+        clean-venv
 
 setup: $(VENV)/.installed
 	@$(BIN)/python -c "import torch, tiktoken, PIL" 2>/dev/null || { echo "$(VENV) is stale: its Python cannot import \
@@ -183,8 +184,8 @@ endif
 pool_of = $(or $(POOL_$(1)),$(POOL))
 POOLS = $(sort $(foreach b,$(BRIDGES),$(call pool_of,$(b))))
 
-# Run one stage, $(1) named, in run folder $(2): `python $(3)`, its output to $(2)/logs/$(1).log and "<name> <seconds> s"
-# to $(2)/times.txt; a failure shows the log's end. It also records the world in the folder (world.json), so that a
+# Run one stage, $(1) named, in run folder $(2): `python $(3)`, its output to $(2)/logs/$(1).log and
+# "<name> <seconds> s" to $(2)/times.txt; a failure shows the log's end. It also records the world in the folder (world.json), so that a
 # later make refuses a folder trained on another world (data/shapes.py --check --run-dir), and its settings (next).
 stage = @mkdir -p $(2)/logs; [ ! -f $(SHAPES)/info.json ] || cp $(SHAPES)/info.json $(2)/world.json; \
 	$(call check_settings,$(1),$(2)); \
@@ -205,8 +206,9 @@ record = @mkdir -p $(dir $@); printf '%s\n' '$(strip $(1))' | cmp -s - $@ || pri
 check_settings = done=$(2)/settings/$(1).done; \
 	if [ -f $$done ] && ! cmp -s $$done $(2)/settings/$(1).txt; then \
 		printf '%s\n' "$(2): its stage $(1) finished with other settings:" "  then: $$(cat $$done)" \
-		"  now:  $$(cat $(2)/settings/$(1).txt)" "Reused or resumed, it would not be what these settings make. To redo \
-it: make demo-clean, or pass another DEMO= (RUN= for a bridge). To reuse it: the settings it was made with." >&2; exit 1; \
+		"  now:  $$(cat $(2)/settings/$(1).txt)" "Reused or resumed, it would not be what these settings make. To \
+redo it: make demo-clean, or pass another DEMO= (RUN= for a bridge). To reuse it: the settings it was made with." \
+		>&2; exit 1; \
 	elif [ ! -f $$done ] && [ -e $@ ]; then \
 		printf '%s\n' "$(2): its stage $(1) was made before stages recorded their settings, so make cannot tell whether \
 it is what these settings make. To redo it: make demo-clean, or pass another DEMO= (RUN= for a bridge)." >&2; exit 1; fi
@@ -277,8 +279,8 @@ $(DEMO)/settings/features-%.txt: FORCE
 	$(call record,$(call features_args,$(subst -,/,$*)))
 
 # A bridge needs the caches of its own pooling.
-bridge_args = train_caption.py --bridge $(1) --lm $(LM) --coco-root $(SHAPES) --features $(CACHE)/$(call pool_of,$(1))/train \
-              --val-features $(CACHE)/$(call pool_of,$(1))/val --out-dir $(RUN)/caption/$(1) $(CAPTION_FLAGS) \
+bridge_args = train_caption.py --bridge $(1) --lm $(LM) --coco-root $(SHAPES) \
+              --features $(CACHE)/$(call pool_of,$(1))/train --val-features $(CACHE)/$(call pool_of,$(1))/val --out-dir $(RUN)/caption/$(1) $(CAPTION_FLAGS) \
               --seed $(BRIDGE_SEED) --max-steps $(or $(STEPS_$(1)),$(BRIDGE_STEPS)) --lr $(or $(LR_$(1)),$(LR)) \
               $(FLAGS_$(1)) --resume auto
 $(RUN)/caption/%/ckpt_final.pt: $(LM) $$(CACHE)/$$(call pool_of,$$*)/train/manifest.json \
@@ -294,7 +296,8 @@ $(RUN)/settings/bridge-%.txt: FORCE
 LONGEST_FIRST = $(filter qformer linear,$(BRIDGES)) $(filter-out qformer linear,$(BRIDGES))
 EVAL_ARGS = evaluate.py --checkpoints $(foreach b,$(BRIDGES),$(RUN)/caption/$(b)/ckpt_final.pt) --coco-root $(SHAPES) \
             --split val --out $(RUN)/results --method greedy $(EVAL_FLAGS)
-$(RUN)/results/table.md: $(foreach b,$(LONGEST_FIRST),$(RUN)/caption/$(b)/ckpt_final.pt) $(call settings,$(RUN),evaluate)
+$(RUN)/results/table.md: $(foreach b,$(LONGEST_FIRST),$(RUN)/caption/$(b)/ckpt_final.pt) \
+                         $(call settings,$(RUN),evaluate)
 	$(if $(BRIDGES),,$(error no bridges: `$(BIN)/python -c "import bridges"` failed; run `make setup`))
 	$(call stage,evaluate,$(RUN),$(EVAL_ARGS))
 $(call settings,$(RUN),evaluate): FORCE

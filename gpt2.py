@@ -468,5 +468,7 @@ if __name__ == "__main__":
     out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, eot=enc.eot_token, generator=gen, n_vocab=enc.n_vocab)
     for row in out.tolist():
-        new = row[len(prompt):]  # up to its <|endoftext|>, if it wrote one
-        print(">", enc.decode(prompt + new[:new.index(enc.eot_token)] if enc.eot_token in new else prompt + new))
+        new = row[len(prompt):]
+        if enc.eot_token in new:  # the rest is padding
+            new = new[:new.index(enc.eot_token)]
+        print(">", enc.decode(prompt + new))

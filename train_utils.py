@@ -140,7 +140,7 @@ def grad_scaler(device_type, dtype):
 
 def note_short_schedule(args):
     """A run shorter than its warmup never reaches --lr: legal (the smoke runs do it), but say so."""
-    max_steps, warmup = getattr(args, "max_steps", None), getattr(args, "warmup_steps", None)
+    max_steps, warmup = args.max_steps, args.warmup_steps  # (train_caption.py's may be None: one epoch)
     if max_steps and warmup and max_steps < warmup:
         print0(f"note: --max-steps {max_steps} ends inside the {warmup}-step warmup: the learning rate rises to "
                f"{max_steps / warmup:.0%} of --lr {args.lr:g} and never reaches it (lower --warmup-steps if that is "
@@ -199,8 +199,8 @@ def from_rank0(value):
 
 def claim_out_dir(out_dir, overwrite, outputs=()):
     """Refuse an out_dir that holds a run (a log, checkpoints, outputs); with overwrite, delete those files instead."""
-    run_files = sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")) + [os.path.join(out_dir, name) for name in
-                       ("log.jsonl", *outputs) if os.path.exists(os.path.join(out_dir, name))])
+    named = [os.path.join(out_dir, name) for name in ("log.jsonl", *outputs)]
+    run_files = sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")) + [p for p in named if os.path.exists(p)])
     if not run_files:
         return
     if not overwrite:
