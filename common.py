@@ -1,17 +1,20 @@
 """
 What every script of the project shares: reading and writing files safely, and checking command-line numbers.
 
-- Atomic writes. A run killed mid-write (Ctrl-C, a time limit, a full disk) must never leave a half-written file
-  that looks finished: we write to `<path>.tmp`, flush it to disk, then rename it over `<path>` (a rename within
-  one folder is atomic on POSIX). JSON files (manifests, results) and torch checkpoints both go this way.
-- Safe loads. A checkpoint is read with `weights_only=True`: tensors, dicts, lists and numbers only, so opening a
-  file from somewhere else never runs pickled code. A missing, truncated or foreign file is an error that names it.
+- Atomic writes. A run killed mid-write (Ctrl-C, a time limit, a full disk) must never leave a half-written
+  file that looks finished: we write to `<path>.tmp`, flush it to disk, then rename it over `<path>` (a rename
+  within one folder is atomic on POSIX). JSON files (manifests, results) and torch checkpoints both go this
+  way.
+- Safe loads. A checkpoint is read with `weights_only=True`: tensors, dicts, lists and numbers only, so
+  opening a file from somewhere else never runs pickled code. A missing, truncated or foreign file is an error
+  that names it.
 - The Hugging Face hub's model folders (config.json + model.safetensors, or an older pytorch_model.bin), for
   OpenAI's GPT-2 (gpt2.py) and CLIP (clip_loader.py) weights: a local folder is used as it is, a hub id is
   downloaded (or found in the hub's cache), and offline that fails with the command to run elsewhere.
 - Devices and precision. The best device present (CUDA, else Apple's MPS, else the CPU) unless --device says
-  otherwise, and the autocast dtype each device can use (bf16 where the GPU has it, fp16 with loss scaling on older
-  GPUs, fp32 elsewhere; --dtype bf16 on a CPU runs the GPU code path there, which is how `make smoke` tests it).
+  otherwise, and the autocast dtype each device can use (bf16 where the GPU has it, fp16 with loss scaling on
+  older GPUs, fp32 elsewhere; --dtype bf16 on a CPU runs the GPU code path there, which is how `make smoke`
+  tests it).
 - Numbers on the command line. `-B -16` or `--top-p 0` must stop the script at once with argparse's usual
   "error: argument ..." (exit status 2), not train silently on nothing or fail an assertion an hour later:
   the argparse types at the end of this file say what each number may be.
@@ -32,7 +35,9 @@ import torch
 
 @contextmanager
 def atomic_open(path, mode="w"):
-    """Open path + ".tmp" to write; when the block ends without error, flush it to disk and rename it to path."""
+    """
+    Open path + ".tmp" to write; when the block ends without error, flush it to disk and rename it to path.
+    """
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, mode) as f:
@@ -72,8 +77,8 @@ def save_checkpoint(path, state):
             os.remove(path + ".tmp")  # give back what the half-written file took
         need = sum(t.numel() * t.element_size() for t in _tensors(state))
         raise OSError(errno.ENOSPC, f"no space left on the device for {path} (about {need / 2**20:,.0f} MiB "
-                      f"needed): it was not written, and the checkpoints written before it are intact. Free some "
-                      f"space, then continue with --resume auto") from None
+                      f"needed): it was not written, and the checkpoints written before it are intact. "
+                      f"Free some space, then continue with --resume auto") from None
 
 
 def _tensors(obj):
@@ -95,10 +100,11 @@ def load_checkpoint(path, what="checkpoint"):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # torch's own message would suggest weights_only=False: never do that
-        raise RuntimeError(f"{what} {path} holds pickled Python objects besides tensors, so it was not written by "
-                           f"this project's scripts; it is refused without being unpickled (unpickling can run "
-                           f"any code). Use a checkpoint this code wrote.") from None
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:  # truncated zip, foreign format...
+        raise RuntimeError(f"{what} {path} holds pickled Python objects besides tensors, so it was not "
+                           f"written by this project's scripts; it is refused without being unpickled "
+                           f"(unpickling can run any code). Use a checkpoint this code wrote.") from None
+    # truncated zip, foreign format...
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
         raise RuntimeError(f"{what} {path} is corrupt or not a torch checkpoint this code wrote "
                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
 
@@ -108,9 +114,10 @@ _held_locks = {}  # folder -> its open lock file: the lock lasts as long as the 
 
 def lock_folder(folder, flag):
     """
-    Hold folder/.lock for the rest of this process, or stop at once if another process holds it: two runs writing
-    one run folder (or one feature cache) would interleave their checkpoints and logs. The kernel releases the lock
-    when the process ends, however it ends (Ctrl-C, kill -9), so no stale lock is ever left behind.
+    Hold folder/.lock for the rest of this process, or stop at once if another process holds it: two runs
+    writing one run folder (or one feature cache) would interleave their checkpoints and logs. The kernel
+    releases the lock when the process ends, however it ends (Ctrl-C, kill -9), so no stale lock is ever left
+    behind.
     """
     import fcntl
     folder = os.path.abspath(folder)
@@ -124,8 +131,9 @@ def lock_folder(folder, flag):
         f.seek(0)
         holder = f.read().strip() or "unknown"
         f.close()
-        raise UsageError(f"{flag} {folder} is in use by another process (pid {holder}): two runs in one folder would "
-                         f"mix their files. Wait for it to finish or stop it, or choose another {flag}") from None
+        raise UsageError(f"{flag} {folder} is in use by another process (pid {holder}): "
+                         f"two runs in one folder would mix their files. "
+                         f"Wait for it to finish or stop it, or choose another {flag}") from None
     f.truncate(0)
     f.write(str(os.getpid()))
     f.flush()
@@ -144,7 +152,8 @@ def looks_like_path(name):
 def hub_folder(name_or_dir, weights=("model.safetensors", "pytorch_model.bin")):
     """
     The folder holding a model's config.json and weights: name_or_dir itself if it is a folder, else the hub
-    repository of that id, downloaded into (or found in) the hub's cache. weights: the file names to try, in order.
+    repository of that id, downloaded into (or found in) the hub's cache.
+    weights: the file names to try, in order.
     """
     if os.path.isdir(name_or_dir):
         return name_or_dir
@@ -153,7 +162,8 @@ def hub_folder(name_or_dir, weights=("model.safetensors", "pytorch_model.bin")):
         fix = (f"pass the folder that holds it with its config.json: {folder}"
                if os.path.isfile(os.path.join(folder, "config.json"))
                else f"pass a folder holding config.json and {weights[0]}")
-        raise ValueError(f"{name_or_dir} is a file, but a model in the Hugging Face hub's layout is a folder: {fix}")
+        raise ValueError(f"{name_or_dir} is a file, "
+                         f"but a model in the Hugging Face hub's layout is a folder: {fix}")
     if looks_like_path(name_or_dir):
         raise FileNotFoundError(f"{name_or_dir} does not exist (it names a file or folder, not a hub id like "
                                 f"openai-community/gpt2); was it moved or deleted?")
@@ -172,14 +182,19 @@ def hub_folder(name_or_dir, weights=("model.safetensors", "pytorch_model.bin")):
         raise RuntimeError(
             f"could not get config.json and {weights[0]} of '{name_or_dir}' from the Hugging Face hub "
             f"({type(e).__name__}). Offline? On a machine with internet run\n"
-            f"    hf download {name_or_dir} config.json {weights[0]} --local-dir checkpoints/{name_or_dir.split('/')[-1]}\n"
+            f"    hf download {name_or_dir} config.json {weights[0]} "
+            f"--local-dir checkpoints/{name_or_dir.split('/')[-1]}\n"
             f"copy that folder here, and pass its path instead of '{name_or_dir}'.") from e
     return os.path.dirname(config)
 
 
 def read_hub_weights(folder):
-    """A hub folder's tensors: model.safetensors if present, else pytorch_model.bin (loaded without pickled code)."""
-    safetensors_path, bin_path = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
+    """
+    A hub folder's tensors: model.safetensors if present, else pytorch_model.bin
+    (loaded without pickled code).
+    """
+    safetensors_path = os.path.join(folder, "model.safetensors")
+    bin_path = os.path.join(folder, "pytorch_model.bin")
     if os.path.exists(safetensors_path):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -206,9 +221,9 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtyp
 
 def resolve_dtype(dtype, device_type):
     """
-    --dtype auto: bf16 on CUDA GPUs that have it (A100, H100, RTX 30xx and later: fp32's exponent range, so no loss
-    scaling), fp16 on older ones (T4, V100: the trainers then scale the loss), fp32 on CPUs and MPS. An explicit
-    fp32 / bf16 / fp16 is used as given, on any device.
+    --dtype auto: bf16 on CUDA GPUs that have it (A100, H100, RTX 30xx and later: fp32's exponent range, so no
+    loss scaling), fp16 on older ones (T4, V100: the trainers then scale the loss), fp32 on CPUs and MPS. An
+    explicit fp32 / bf16 / fp16 is used as given, on any device.
     """
     if dtype != "auto":
         return dtype
@@ -226,7 +241,10 @@ def autocast(device_type, dtype):
 
 
 class UsageError(ValueError):
-    """A flag that does not fit what it meets (the model's depth, an existing run folder): exit status 2 at the top."""
+    """
+    A flag that does not fit what it meets (the model's depth, an existing run folder):
+    exit status 2 at the top.
+    """
 
 
 def _number(kind, low, high=math.inf, low_open=False, what=""):

@@ -14,14 +14,15 @@ Before scoring, every caption is sanitized (control characters and line breaks b
 lower-cased, split and stripped of punctuation by the Stanford PTB tokenizer that ships with pycocoevalcap,
 for predictions and references alike: "A Dog." and "a dog" score the same.
 
-Java (any JRE >= 8) must be on PATH: METEOR and the PTB tokenizer are jars (`apt-get install default-jre-headless`).
+Java (any JRE >= 8) must be on PATH: METEOR and the PTB tokenizer are jars
+(`apt-get install default-jre-headless`).
 The METEOR jar is a JVM that takes ~15 s to start and holds 1.1-1.5 GB of memory; one per process, reused.
 
 Two things to keep in mind when reading the scores:
-- CIDEr's idf comes from the references of the images being evaluated, so a CIDEr score is only comparable with
-  one computed on the same image set (and on a single image every n-gram has idf 0: CIDEr is 0).
-- The confidence intervals are percentile bootstraps over images, with the idf held fixed for CIDEr: they say how
-  much the score would move with another sample of images, not with another training run.
+- CIDEr's idf comes from the references of the images being evaluated, so a CIDEr score is only comparable
+  with one computed on the same image set (and on a single image every n-gram has idf 0: CIDEr is 0).
+- The confidence intervals are percentile bootstraps over images, with the idf held fixed for CIDEr: they say
+  how much the score would move with another sample of images, not with another training run.
 
     >>> s = score_captions({1: "a dog runs on grass"}, {1: ["A dog running on the grass.", "a brown dog"]})
     >>> s["BLEU-1"], s["METEOR"], s["per_image"]["METEOR"]  # doctest: +SKIP
@@ -73,7 +74,8 @@ def score_captions(predictions, references, metrics=METRICS):
     image_ids = _align(predictions, references)
     for i in image_ids:
         if not isinstance(predictions[i], str):
-            raise TypeError(f"prediction for image {i!r} must be one str, got {type(predictions[i]).__name__}")
+            raise TypeError(f"prediction for image {i!r} must be one str, "
+                            f"got {type(predictions[i]).__name__}")
 
     # One tokenizer run for both sides (keys tagged "ref"/"res") saves a JVM start; sanitize() happens inside.
     t0 = time.perf_counter()
@@ -87,8 +89,8 @@ def score_captions(predictions, references, metrics=METRICS):
     # would even give an empty prediction a perfect 1.0 against it ("".split(" ") == [""] on both sides).
     empty_refs = [i for i in image_ids if "" in gts[i]]
     if empty_refs:
-        raise ValueError(f"reference captions empty after tokenization (only punctuation or spaces?) for image "
-                         f"ids {empty_refs[:10]}{' ...' if len(empty_refs) > 10 else ''}")
+        raise ValueError(f"reference captions empty after tokenization (only punctuation or spaces?) "
+                         f"for image ids {empty_refs[:10]}{' ...' if len(empty_refs) > 10 else ''}")
     out = {"image_ids": image_ids, "per_image": {}, "seconds": {"tokenize": time.perf_counter() - t0}}
 
     meteor = get_meteor() if "meteor" in metrics else None  # the JVM's start-up is not part of the timings
@@ -112,7 +114,8 @@ def score_captions(predictions, references, metrics=METRICS):
             out["ROUGE-L"] = float(corpus)
             out["per_image"]["ROUGE-L"] = np.array(per_image)
         elif metric == "cider":
-            # idf from these references; bootstrapping per-image scores keeps it fixed (see the docstring above)
+            # idf from these references; bootstrapping per-image scores keeps it fixed
+            # (see the docstring above)
             corpus, per_image = Cider().compute_score(gts, res)
             out["CIDEr"] = float(corpus)
             out["per_image"]["CIDEr"] = np.array(per_image)
@@ -129,7 +132,8 @@ def bootstrap_ci(values, n=1000, seed=0, alpha=0.05):
         raise ValueError(f"bootstrap_ci needs a non-empty 1-D array of values, got shape {values.shape}")
     rng = np.random.default_rng(seed)
     means = np.empty(n)
-    chunk = max(1, 2_000_000 // len(values))  # bounded memory: 5,000 images x 1,000 resamples is 40 MB at once
+    # bounded memory: 5,000 images x 1,000 resamples is 40 MB at once
+    chunk = max(1, 2_000_000 // len(values))
     for start in range(0, n, chunk):
         idx = rng.integers(0, len(values), size=(min(chunk, n - start), len(values)))  # (resamples, images)
         means[start:start + len(idx)] = values[idx].mean(axis=1)
@@ -138,20 +142,23 @@ def bootstrap_ci(values, n=1000, seed=0, alpha=0.05):
 
 
 def _align(predictions, references):
-    """Image ids, sorted: the order of every per-image array. Any mismatch is an error, never a silent drop."""
+    """
+    Image ids, sorted: the order of every per-image array. Any mismatch is an error, never a silent drop.
+    """
     unknown = sorted(set(predictions) - set(references), key=repr)
     missing = sorted(set(references) - set(predictions), key=repr)
     if unknown or missing:
         raise ValueError(
-            f"predictions and references must cover the same images: {len(unknown)} predictions for unknown ids "
-            f"{unknown[:10]}{' ...' if len(unknown) > 10 else ''}, {len(missing)} images without a prediction "
-            f"{missing[:10]}{' ...' if len(missing) > 10 else ''}"
+            f"predictions and references must cover the same images: {len(unknown)} predictions "
+            f"for unknown ids {unknown[:10]}{' ...' if len(unknown) > 10 else ''}, "
+            f"{len(missing)} images without a prediction {missing[:10]}{' ...' if len(missing) > 10 else ''}"
         )
     if not references:
         raise ValueError("nothing to score: no images")
     empty = [i for i, refs in references.items() if isinstance(refs, str) or len(refs) == 0]
     if empty:
-        raise ValueError(f"every image needs a non-empty list of reference captions; not so for ids {empty[:10]}")
+        raise ValueError(f"every image needs a non-empty list of reference captions; "
+                         f"not so for ids {empty[:10]}")
     try:
         return sorted(references)
     except TypeError as e:
@@ -170,21 +177,24 @@ _UNSAFE_CATEGORIES = {"Cc", "Cf", "Cs", "Zl", "Zp"}
 def sanitize(caption):
     """One line of plain text: control characters and line breaks become spaces, runs of spaces become one.
 
-    Why this matters: both jars speak a line protocol. The PTB tokenizer splits on \\n, \\r, \\x85, \\u2028 ...,
-    which silently shifts every later caption onto the wrong image; a newline sent to METEOR desynchronises
-    its replies, pycocoevalcap's wrapper then fails while holding its lock, and the process hangs at exit.
+    Why this matters: both jars speak a line protocol. The PTB tokenizer splits on \\n, \\r, \\x85,
+    \\u2028 ..., which silently shifts every later caption onto the wrong image; a newline sent to METEOR
+    desynchronises its replies, pycocoevalcap's wrapper then fails while holding its lock, and the process
+    hangs at exit.
     """
     if not isinstance(caption, str):
         raise TypeError(f"a caption must be a str, got {type(caption).__name__}: {caption!r}")
     cleaned = "".join(" " if unicodedata.category(ch) in _UNSAFE_CATEGORIES else ch for ch in caption)
-    return " ".join(cleaned.split())  # str.split() also takes care of every Unicode space (\u00a0, \u3000, ...)
+    # str.split() also takes care of every Unicode space (\u00a0, \u3000, ...)
+    return " ".join(cleaned.split())
 
 
 def check_java():
     """METEOR and the PTB tokenizer are Java programs: fail early, with the fix, when there is no `java`."""
     if shutil.which("java") is None:
         raise RuntimeError(
-            "`java` was not found on PATH; METEOR and the PTB tokenizer (pycocoevalcap) need a Java runtime >= 8. "
+            "`java` was not found on PATH; "
+            "METEOR and the PTB tokenizer (pycocoevalcap) need a Java runtime >= 8. "
             "Install one, e.g. `sudo apt-get install default-jre-headless` (Debian/Ubuntu), "
             "`brew install openjdk` (macOS) or `conda install -c conda-forge openjdk`."
         )
@@ -194,9 +204,9 @@ _checked_dirs = set()  # directories already known to be writable, so we probe e
 
 
 def _check_tokenizer_dir(dirname):
-    """pycocoevalcap's PTBTokenizer writes its input to a temp file *inside its own package directory* (next to
-    the jar) and fails with a bare PermissionError when site-packages is read-only (a system-wide install, a
-    container run as another user). We try the same operation first and explain the fix."""
+    """pycocoevalcap's PTBTokenizer writes its input to a temp file *inside its own package directory* (next
+    to the jar) and fails with a bare PermissionError when site-packages is read-only (a system-wide install,
+    a container run as another user). We try the same operation first and explain the fix."""
     if dirname in _checked_dirs:
         return
     try:
@@ -205,8 +215,9 @@ def _check_tokenizer_dir(dirname):
     except OSError as e:
         raise RuntimeError(
             f"pycocoevalcap's PTB tokenizer writes temporary files into its package directory {dirname}, "
-            f"which this user cannot write to ({e.strerror}). Install pycocoevalcap into a virtual environment "
-            f"you own (`make setup`), or make that directory writable."
+            f"which this user cannot write to ({e.strerror}). "
+            f"Install pycocoevalcap into a virtual environment you own (`make setup`), "
+            f"or make that directory writable."
         ) from e
     _checked_dirs.add(dirname)
 
@@ -215,16 +226,17 @@ _END_MARK = object()  # a key no caller can use, for the alignment check below
 
 
 def ptb_tokenize(captions):
-    """{key: [caption, ...]} -> {key: [tokenized caption, ...]}: sanitized, lower-cased, PTB-split, punctuation
-    removed, exactly as the COCO evaluation server does. One JVM start (~0.3 s) per call, whatever the size."""
+    """{key: [caption, ...]} -> {key: [tokenized caption, ...]}: sanitized, lower-cased, PTB-split,
+    punctuation removed, exactly as the COCO evaluation server does.
+    One JVM start (~0.3 s) per call, whatever the size."""
     check_java()
     _check_tokenizer_dir(os.path.dirname(os.path.abspath(ptbtokenizer.__file__)))
     cleaned = {key: [{"caption": sanitize(c)} for c in caps] for key, caps in captions.items()}
     cleaned[_END_MARK] = [{"caption": "end of captions"}]  # dicts keep insertion order: this is the last line
     tokenized = ptbtokenizer.PTBTokenizer().tokenize(cleaned)
-    # The tokenizer pairs its output lines with the captions by position (zip), so one line too many or too few
-    # moves captions onto other images without any error. sanitize() prevents it; a known last line and the
-    # counts per key make sure.
+    # The tokenizer pairs its output lines with the captions by position (zip), so one line too many or too
+    # few moves captions onto other images without any error. sanitize() prevents it; a known last line and
+    # the counts per key make sure.
     misaligned = tokenized.pop(_END_MARK, None) != ["end of captions"]
     misaligned |= any(len(tokenized.get(key, [])) != len(caps) for key, caps in captions.items())
     if misaligned:
@@ -236,8 +248,8 @@ def ptb_tokenize(captions):
 # -----------------------------------------------------------------------------
 # One METEOR process per Python process
 
-# A module-level singleton, on purpose: every Meteor() starts a JVM (~15 s, 1.1-1.5 GB), and a training run that
-# evaluates every epoch would otherwise pay that each time (or pile up JVMs until the machine swaps).
+# A module-level singleton, on purpose: every Meteor() starts a JVM (~15 s, 1.1-1.5 GB), and a training run
+# that evaluates every epoch would otherwise pay that each time (or pile up JVMs until the machine swaps).
 _meteor = None
 METEOR_TIMEOUT_S = 120.0  # a watchdog kills the jar if one call takes longer than this plus...
 METEOR_TIMEOUT_PER_IMAGE_S = 0.05  # ...this per image (>10x the ~4 ms measured by bench/bench_metrics.py)
@@ -271,9 +283,9 @@ def close_meteor():
 
 
 def _meteor_compute(meteor, gts, res):
-    """meteor.compute_score under a watchdog: if the jar stops answering, it is killed, the blocked read returns,
-    and we raise instead of hanging. After any failure the protocol state is unknown, so the JVM is stopped and
-    the next get_meteor() starts a fresh one."""
+    """meteor.compute_score under a watchdog: if the jar stops answering, it is killed, the blocked read
+    returns, and we raise instead of hanging. After any failure the protocol state is unknown, so the JVM is
+    stopped and the next get_meteor() starts a fresh one."""
     global _meteor
     timeout = METEOR_TIMEOUT_S + METEOR_TIMEOUT_PER_IMAGE_S * len(gts)
     fired = threading.Event()
@@ -290,7 +302,8 @@ def _meteor_compute(meteor, gts, res):
         if _meteor is meteor:
             _meteor = None
         _stop(meteor)
-        stderr = meteor.meteor_p.stderr.read().decode(errors="replace")[-2000:]  # the jar's last words, if any
+        # the jar's last words, if any
+        stderr = meteor.meteor_p.stderr.read().decode(errors="replace")[-2000:]
         cause = f"no answer within {timeout:.0f} s, killed" if fired.is_set() else "its reply was not a score"
         raise RuntimeError(f"the METEOR jar failed ({cause}): {e}\n{stderr}") from e
     finally:
@@ -305,6 +318,7 @@ def get_meteor():
         check_java()
         meteor = Meteor()  # Popen returns at once; the jar loads its paraphrase table before it answers
         _meteor = meteor
-        atexit.register(close_meteor)  # close_meteor is a no-op when already closed, so registering twice is fine
+        # close_meteor is a no-op when already closed, so registering twice is fine
+        atexit.register(close_meteor)
         _meteor_compute(meteor, {0: ["a dog"]}, {0: ["a dog"]})
     return _meteor

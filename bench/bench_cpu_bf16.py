@@ -1,10 +1,12 @@
 """
-Does bf16 autocast pay on this CPU, at the miniature's sizes? One training step (forward, backward, AdamW) of the
-demo's three heaviest stages, fp32 against bf16 autocast, in the same run, on random inputs:
+Does bf16 autocast pay on this CPU, at the miniature's sizes? One training step (forward, backward, AdamW)
+of the demo's three heaviest stages, fp32 against bf16 autocast, in the same run, on random inputs:
   - the LM (preset "mini": 4 layers, width 128), B 16 x T 128, as `make demo`'s lm stage;
   - the CLIP image tower ("clip-mini": 64 px, patch 8, 3 blocks of width 96), 128 images, as its clip stage;
-  - a Q-Former captioner (16 queries, width 128, whole read-out) on 65 visual tokens, B 64, as its bridge stage.
-CPUs with native bf16 (avx512_bf16, AMX) may gain; others emulate it and lose. The flags say which this one has.
+  - a Q-Former captioner (16 queries, width 128, whole read-out) on 65 visual tokens, B 64,
+    as its bridge stage.
+CPUs with native bf16 (avx512_bf16, AMX) may gain; others emulate it and lose.
+The flags say which this one has.
 
     python bench/bench_cpu_bf16.py               # torch's threads
     OMP_NUM_THREADS=1 python bench/bench_cpu_bf16.py   # as one of make demo's two side-by-side stages
@@ -69,15 +71,18 @@ def time_step(make, dtype, steps, warmup=3):
 def cpu_name():
     with open("/proc/cpuinfo") as f:
         text = f.read()
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                  if line.startswith("model name")), "?")
     flags = [f for f in ("avx512_bf16", "amx_bf16") if f" {f}" in text]
     return f"{model} ({', '.join(flags) or 'no native bf16'})"
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
-    parser.add_argument("--repeats", type=int, default=3, help="fp32/bf16 pairs, interleaved; the best of each")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="fp32/bf16 pairs, interleaved; the best of each")
     args = parser.parse_args()
     print(f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name, make in (("lm", lm_step), ("clip", clip_step), ("qformer", qformer_step)):

@@ -2,11 +2,12 @@
 Generation speed: batched KV-cache decoding (gpt2.generate) against the naive loop the reference project used
 (one sequence at a time, the whole sequence re-run for every new token), at GPT-2 124M with random weights.
 
-    python bench/bench_generate.py                 # 124M, 16 prompts, 32 new tokens, on the best device present
+    python bench/bench_generate.py                 # 124M, 16 prompts, 32 new tokens, on the best device
     python bench/bench_generate.py --preset mini   # the offline miniature's LM
 
 Both loops decode greedily from the same prompts, so they must produce the same tokens: the script checks it.
-Random weights never emit <|endoftext|>, so every sequence runs its full length (no early stop in either loop).
+Random weights never emit <|endoftext|>, so every sequence runs its full length
+(no early stop in either loop).
 """
 import argparse
 import os
@@ -44,13 +45,17 @@ def timed(fn, device):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="gpt2", choices=sorted(PRESETS), help="model size (random weights)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="gpt2", choices=sorted(PRESETS),
+                        help="model size (random weights)")
     parser.add_argument("--num-prompts", type=int, default=16, help="captions to generate (the batch)")
-    parser.add_argument("--prompt-len", type=int, default=34, help="prompt tokens (34 = <|endoftext|> + 33 image tokens)")
+    parser.add_argument("--prompt-len", type=int, default=34,
+                        help="prompt tokens (34 = <|endoftext|> + 33 image tokens)")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt")
     parser.add_argument("--device", default=best_device())
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -64,14 +69,16 @@ if __name__ == "__main__":
           f"{args.prompt_len} tokens -> {args.new_tokens} new tokens each (greedy, fp32)")
 
     model.generate(idx[:2, :4], 2, temperature=0, eot=None)  # warm-up (allocator, kernels)
-    cached, t_cached = timed(lambda: model.generate(idx, args.new_tokens, temperature=0, eot=None), args.device)
+    cached, t_cached = timed(lambda: model.generate(idx, args.new_tokens, temperature=0, eot=None),
+                             args.device)
     naive, t_naive = timed(lambda: naive_generate(model, idx, args.new_tokens), args.device)
     same = torch.equal(cached, naive)
 
     n_tokens = args.num_prompts * args.new_tokens
     print(f"naive loop  (batch 1, no cache): {t_naive:8.2f} s  {args.num_prompts / t_naive:8.2f} captions/s  "
           f"{n_tokens / t_naive:9.1f} tokens/s")
-    print(f"KV cache    (batch {args.num_prompts:>2}, cached) : {t_cached:8.2f} s  {args.num_prompts / t_cached:8.2f} captions/s  "
+    print(f"KV cache    (batch {args.num_prompts:>2}, cached) : {t_cached:8.2f} s  "
+          f"{args.num_prompts / t_cached:8.2f} captions/s  "
           f"{n_tokens / t_cached:9.1f} tokens/s")
     print(f"speed-up: {t_naive / t_cached:.1f}x   identical tokens: {same}")
     if not same:

@@ -7,7 +7,8 @@ That sentence is scored against the image's OTHER four references (CIDEr-D) and 
 accuracy): an LM that copies the scene scores like a reference, one that ignores its context scores like the
 blind baseline, printed first (nothing in context), scored against the same four references.
 
-    python bench/bench_lm_copying.py runs/demo/lm/ckpt_000500.pt runs/demo/lm/ckpt_001500.pt   # after make demo
+    python bench/bench_lm_copying.py runs/demo/lm/ckpt_000500.pt runs/demo/lm/ckpt_001500.pt
+        # after make demo
 """
 import argparse
 import os
@@ -32,7 +33,8 @@ def continue_greedy(lm, tokenizer, context, max_new_tokens=30):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs="+", help="train_lm.py checkpoints of the miniature's LM")
     parser.add_argument("--root", default="data/shapes", help="the miniature (data/shapes.py)")
     parser.add_argument("--images", type=int, default=500)
@@ -42,7 +44,8 @@ if __name__ == "__main__":
     if scenes is None:
         sys.exit(f"{args.root} has no scenes_val.json: this bench needs the miniature (data/shapes.py)")
     in_context = {r["image_id"]: r["captions"][0] for r in records}
-    references = {r["image_id"]: r["captions"][1:] for r in records}  # the one in context is not scored against
+    # the one in context is not scored against
+    references = {r["image_id"]: r["captions"][1:] for r in records}
     for path in args.checkpoints:
         lm, tokenizer = load_lm(path)
         lm.eval()
@@ -54,4 +57,5 @@ if __name__ == "__main__":
         for name, captions in rows.items():
             cider = score_captions(captions, references, ("cider",))["CIDEr"]
             accuracy = attribute_accuracy(captions, scenes)
-            print(f"  {name:28s} CIDEr-D {cider:.3f}  " + "  ".join(f"{a} {v:.2f}" for a, v in accuracy.items()))
+            print(f"  {name:28s} CIDEr-D {cider:.3f}  " +
+                  "  ".join(f"{a} {v:.2f}" for a, v in accuracy.items()))

@@ -1,8 +1,9 @@
 """
-A prefix bridge's training step at GPT-2 124M: the output layer over every position (the loss then ignoring the
-prefix and padding), against the output layer only where a target is (what gpt2.GPT.forward does with targets).
-With a 33-token image prefix and COCO-length captions, about half the positions of a sequence have no target, and
-the output layer (768 x 50,257) is the largest matmul of a 124M GPT. Same model, same batches, same run.
+A prefix bridge's training step at GPT-2 124M: the output layer over every position (the loss then ignoring
+the prefix and padding), against the output layer only where a target is (what gpt2.GPT.forward does with
+targets). With a 33-token image prefix and COCO-length captions, about half the positions of a sequence have
+no target, and the output layer (768 x 50,257) is the largest matmul of a 124M GPT. Same model, same batches,
+same run.
 
     python bench/bench_lm_head.py                  # linear bridge, 8 pairs per step (~2 min on 2 CPU cores)
     python bench/bench_lm_head.py --batch 64       # on a GPU
@@ -48,7 +49,8 @@ def time_steps(captioner, step_loss, batches, device):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="gpt2", choices=sorted(PRESETS))
     parser.add_argument("--bridge", default="linear", choices=sorted(BRIDGES))
     parser.add_argument("--batch", type=int, default=8, help="pairs per step")
@@ -66,17 +68,20 @@ if __name__ == "__main__":
     g = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(args.steps):  # COCO-like captions: 8 to 20 tokens
-        captions = [torch.randint(0, 50000, (int(torch.randint(8, 21, (1,), generator=g)),), generator=g).tolist()
+        captions = [torch.randint(0, 50000, (int(torch.randint(8, 21, (1,), generator=g)),),
+                                  generator=g).tolist()
                     for _ in range(args.batch)]
         tokens, targets = caption_batch(captions, EOT)
         batches.append((torch.randn(args.batch, 33, 1024, generator=g).to(device), tokens.to(device),
                         targets.to(device)))
     with torch.no_grad():
         L = captioner.condition(batches[0][0][:1])[0].size(1)  # <|endoftext|> + the prefix
-    positions = sum(args.batch * (L + tokens.size(1)) for _, tokens, _ in batches)  # the GPT's sequence positions
+    # the GPT's sequence positions
+    positions = sum(args.batch * (L + tokens.size(1)) for _, tokens, _ in batches)
     scored = sum(int((y != -100).sum()) for _, _, y in batches)
-    print(f"LM {args.preset} (random), {args.bridge} bridge, {args.batch} pairs per step, device {device}, {dtype}; "
-          f"{positions / len(batches):.0f} positions per step, {scored / len(batches):.0f} of them with a target")
+    print(f"LM {args.preset} (random), {args.bridge} bridge, {args.batch} pairs per step, "
+          f"device {device}, {dtype}; {positions / len(batches):.0f} positions per step, "
+          f"{scored / len(batches):.0f} of them with a target")
 
     def new(c, v, tokens, targets):
         return c(v, tokens, targets)[1]

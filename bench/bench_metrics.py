@@ -1,8 +1,8 @@
 """
 Metric speed: how long metrics.score_captions takes on a COCO-val-sized set (5,000 images x 5 references),
 per stage, with the METEOR JVM's start-up timed on its own. The captions are synthetic, drawn from a small
-vocabulary with a fixed seed; each prediction is one of its image's references with a few words changed, so the
-scores land in a realistic range rather than at 0 or 1.
+vocabulary with a fixed seed; each prediction is one of its image's references with a few words changed, so
+the scores land in a realistic range rather than at 0 or 1.
 
     python bench/bench_metrics.py                  # 5,000 images x 5 references
     python bench/bench_metrics.py --images 500     # quicker
@@ -50,7 +50,8 @@ def jvm_rss_mb(proc):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=5000, help="images to score")
     parser.add_argument("--refs", type=int, default=5, help="reference captions per image")
     parser.add_argument("--seed", type=int, default=0)
@@ -63,7 +64,8 @@ if __name__ == "__main__":
     t0 = time.perf_counter()
     meteor = metrics.get_meteor()  # starts the JVM and waits for its first answer
     jvm_s = time.perf_counter() - t0
-    print(f"METEOR JVM start: {jvm_s:.1f} s, {jvm_rss_mb(meteor.meteor_p):.0f} MB resident (once per process)")
+    print(f"METEOR JVM start: {jvm_s:.1f} s, {jvm_rss_mb(meteor.meteor_p):.0f} MB resident "
+          "(once per process)")
 
     t0 = time.perf_counter()
     scores = metrics.score_captions(predictions, references)

@@ -23,7 +23,10 @@ from train_utils import enable_speedups, estimate_mfu, gpu_peak_flops  # noqa: E
 
 
 def bench(name, config, B, T, device, steps, warmup, fast):
-    """tokens/s of full optimizer steps; fast = the GPU speed-ups train_lm.py uses (bf16, TF32, compile, fused AdamW)."""
+    """
+    tokens/s of full optimizer steps; fast = the GPU speed-ups train_lm.py uses
+    (bf16, TF32, compile, fused AdamW).
+    """
     torch.manual_seed(0)
     model = GPT(config).to(device)
     device_type = device.split(":")[0]
@@ -57,25 +60,32 @@ def bench(name, config, B, T, device, steps, warmup, fast):
     if device_type == "cuda":
         mem = f"peak {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB allocated"
         peak = gpu_peak_flops(device)  # one GPU: its tokens/s over its own peak
-        mfu = "" if peak is None else \
-            f" | mfu {estimate_mfu(model.num_params(), config.n_layer, config.n_head, config.n_embd // config.n_head, T, tps, peak):.1%}"
+        if peak is None:
+            mfu = ""
+        else:
+            utilization = estimate_mfu(model.num_params(), config.n_layer, config.n_head,
+                                       config.n_embd // config.n_head, T, tps, peak)
+            mfu = f" | mfu {utilization:.1%}"
     else:
         mem = f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:,.0f} MiB (process)"
         mfu = ""
     label = "bf16+tf32+compile+fused" if fast and device_type == "cuda" else "fp32 eager"
-    print(f"{name:>10} {model.num_params() / 1e6:7.2f}M | B={B} T={T} | {label:<24} | {dt * 1000:8.1f} ms/step "
-          f"| {tps:10,.0f} tokens/s{mfu} | {mem}")
-    del model, optimizer, step_model
+    print(f"{name:>10} {model.num_params() / 1e6:7.2f}M | B={B} T={T} | {label:<24} | "
+          f"{dt * 1000:8.1f} ms/step | {tps:10,.0f} tokens/s{mfu} | {mem}")
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default=best_device())
     parser.add_argument("-B", type=int, default=None, help="micro-batch (default: 4 on CPU, 16 on CUDA)")
-    parser.add_argument("-T", type=int, default=None, help="sequence length (default: 128 on CPU, 1024 on CUDA)")
+    parser.add_argument("-T", type=int, default=None,
+                        help="sequence length (default: 128 on CPU, 1024 on CUDA)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 5 on CPU, 20 on CUDA)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (CUDA with compile: use >= 3)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="untimed steps first (CUDA with compile: use >= 3)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

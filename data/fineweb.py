@@ -1,8 +1,8 @@
 """
 FineWeb-Edu -> GPT-2 token shards, and the loader that feeds them to train_lm.py.
 
-    python data/fineweb.py                                   # sample-10BT: ~10B tokens, 100 shards of 100M (~20 GB)
-    python data/fineweb.py --remote-name sample-100BT        # a bigger sample
+    python data/fineweb.py                             # sample-10BT: ~10B tokens, 100 shards of 100M (~20 GB)
+    python data/fineweb.py --remote-name sample-100BT  # a bigger sample
     python data/fineweb.py --data-files my.jsonl --out-dir data/fineweb_edu_local --shard-size 1000000
 
 Every document becomes [<|endoftext|>] + its GPT-2 tokens (the EOT *starts* each document, so the model
@@ -99,12 +99,16 @@ def read_manifest(out_dir):
 
 
 def prepare(out_dir, source, name="edufineweb", shard_size=100_000_000, workers=1, max_shards=None):
-    """Tokenize `source` into shards under out_dir; continue where a previous run with the same arguments stopped."""
+    """
+    Tokenize `source` into shards under out_dir;
+    continue where a previous run with the same arguments stopped.
+    """
     from tqdm import tqdm
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1 token, got {shard_size}")
     os.makedirs(out_dir, exist_ok=True)
-    settings = {"source": source, "name": name, "shard_size": shard_size, "dtype": "uint16", "tokenizer": "gpt2"}
+    settings = {"source": source, "name": name, "shard_size": shard_size, "dtype": "uint16",
+                "tokenizer": "gpt2"}
     manifest = read_manifest(out_dir)
     if manifest is not None:
         old = {k: manifest.get(k) for k in settings}
@@ -147,9 +151,11 @@ def prepare(out_dir, source, name="edufineweb", shard_size=100_000_000, workers=
 
     try:
         for doc, tokens in enumerate(docs, start=next_doc):
-            start = next_offset if doc == next_doc else 0  # the resumed document's first tokens are in the last shard
+            # the resumed document's first tokens are in the last shard
+            start = next_offset if doc == next_doc else 0
             while start < len(tokens):
-                take = min(shard_size - count, len(tokens) - start)  # a document may spill into the next shard
+                # a document may spill into the next shard
+                take = min(shard_size - count, len(tokens) - start)
                 buf[count:count + take] = tokens[start:start + take]
                 count, start = count + take, start + take
                 bar.update(take)
@@ -181,11 +187,14 @@ def check_shard(path, expected_tokens=None):
     try:
         tokens = np.load(path, mmap_mode="r")
     except (ValueError, OSError, EOFError) as e:  # bad header, or a file shorter than its header says
-        raise ValueError(f"shard {path} is truncated or not a .npy file ({e}); delete it and rerun data/fineweb.py") from e
+        raise ValueError(f"shard {path} is truncated or not a .npy file ({e}); "
+                         "delete it and rerun data/fineweb.py") from e
     if tokens.dtype != np.uint16 or tokens.ndim != 1:
-        raise ValueError(f"shard {path} holds {tokens.dtype} of shape {tokens.shape}, expected 1-D uint16 tokens")
+        raise ValueError(f"shard {path} holds {tokens.dtype} of shape {tokens.shape}, "
+                         "expected 1-D uint16 tokens")
     if expected_tokens is not None and len(tokens) != expected_tokens:
-        raise ValueError(f"shard {path} holds {len(tokens):,} tokens but {MANIFEST} says {expected_tokens:,}: "
+        raise ValueError(f"shard {path} holds {len(tokens):,} tokens "
+                         f"but {MANIFEST} says {expected_tokens:,}: "
                          f"it was changed after it was written; delete it and rerun data/fineweb.py")
     return tokens
 
@@ -193,8 +202,9 @@ def check_shard(path, expected_tokens=None):
 def list_shards(data_dir, split):
     """The sorted shard files of one split, each checked (against manifest.json when there is one)."""
     if not os.path.isdir(data_dir):
-        raise FileNotFoundError(f"data dir {data_dir} does not exist: make shards with `python data/fineweb.py "
-                                f"--out-dir {data_dir}` (or --data-files for local text)")
+        raise FileNotFoundError(f"data dir {data_dir} does not exist: make shards with "
+                                f"`python data/fineweb.py --out-dir {data_dir}` "
+                                "(or --data-files for local text)")
     paths = sorted(glob.glob(os.path.join(data_dir, f"*_{split}_*.npy")))
     if not paths:
         raise FileNotFoundError(f"no {split} shards (*_{split}_*.npy) in {data_dir}")
@@ -203,7 +213,8 @@ def list_shards(data_dir, split):
     if manifest:
         for p in paths:
             if os.path.basename(p) not in counts:
-                raise ValueError(f"shard {p} is not listed in {data_dir}/{MANIFEST}: a leftover of another run?")
+                raise ValueError(f"shard {p} is not listed in {data_dir}/{MANIFEST}: "
+                                 "a leftover of another run?")
         listed = [os.path.join(data_dir, f) for f in counts if f"_{split}_" in f]
         paths = sorted(listed)  # check_shard names any listed shard that has gone missing
     return [(p, check_shard(p, counts.get(os.path.basename(p)))) for p in paths]
@@ -233,7 +244,8 @@ class ShardLoader:
     def __init__(self, data_dir, split, B, T, rank=0, world_size=1, vocab=None, step_tokens=None):
         self.B, self.T, self.rank, self.world_size = B, T, rank, world_size
         self.step_tokens = step_tokens or B * T * world_size
-        assert self.step_tokens % (B * T * world_size) == 0, "a step is a whole number of B*T*world_size reads"
+        assert self.step_tokens % (B * T * world_size) == 0, \
+            "a step is a whole number of B*T*world_size reads"
         self.shards = list_shards(data_dir, split)
         need = self.step_tokens + 1
         for path, tokens in self.shards:
@@ -250,7 +262,9 @@ class ShardLoader:
         self.load_state({"shard": 0, "offset": 0})
 
     def state(self):
-        """The read position, the same on every rank (rank 0's offset), so any rank's checkpoint resumes all."""
+        """
+        The read position, the same on every rank (rank 0's offset), so any rank's checkpoint resumes all.
+        """
         return {"shard": self.shard, "offset": self.pos - self.B * self.T * self.rank}
 
     def load_state(self, state):
@@ -281,14 +295,19 @@ class ShardLoader:
 
 if __name__ == "__main__":
     import argparse
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--remote-name", default="sample-10BT", help="FineWeb-Edu subset: sample-10BT, sample-100BT, sample-350BT")
-    parser.add_argument("--data-files", nargs="+", default=None, help="local .jsonl/.parquet/.txt files instead of the hub")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--remote-name", default="sample-10BT",
+                        help="FineWeb-Edu subset: sample-10BT, sample-100BT, sample-350BT")
+    parser.add_argument("--data-files", nargs="+", default=None,
+                        help="local .jsonl/.parquet/.txt files instead of the hub")
     parser.add_argument("--out-dir", default="data/fineweb_edu10B")
     parser.add_argument("--name", default="edufineweb", help="shard file prefix")
     parser.add_argument("--shard-size", type=positive_int, default=100_000_000, help="tokens per shard")
-    parser.add_argument("--workers", type=positive_int, default=max(1, (os.cpu_count() or 2) // 2), help="tokenizer processes")
-    parser.add_argument("--max-shards", type=positive_int, default=None, help="stop after this many shards (rerun to continue)")
+    parser.add_argument("--workers", type=positive_int, default=max(1, (os.cpu_count() or 2) // 2),
+                        help="tokenizer processes")
+    parser.add_argument("--max-shards", type=positive_int, default=None,
+                        help="stop after this many shards (rerun to continue)")
     args = parser.parse_args()
     prepare(args.out_dir, describe_source(args.remote_name, args.data_files), args.name, args.shard_size,
             args.workers, args.max_shards)

@@ -4,7 +4,8 @@ the "Let's reproduce GPT-2 (124M)" lecture. A language model scores each ending 
 tokens given the context ("completion style", the only way a small base model can be asked), and the ending
 with the lowest average loss is its answer: that accuracy is acc_norm (normalized by ending length).
 
-    python data/hellaswag.py --model gpt2                  # OpenAI GPT-2 124M: acc_norm 0.2955 on the 10,042 val examples
+    python data/hellaswag.py --model gpt2
+        # OpenAI GPT-2 124M: acc_norm 0.2955 on the 10,042 val examples
     python data/hellaswag.py --model runs/lm/ckpt_019073.pt  # a train_lm.py checkpoint
 
 Expected acc_norm on the validation set with this script (as measured in karpathy/build-nanogpt):
@@ -41,14 +42,15 @@ def download(split="val", data_dir=DATA_DIR):
     os.makedirs(data_dir, exist_ok=True)
     try:
         with urllib.request.urlopen(URLS[split], timeout=30) as r, open(path + ".tmp", "wb") as f:
-            bar = tqdm(total=int(r.headers.get("Content-Length", 0)) or None, unit="B", unit_scale=True, desc=path)
+            bar = tqdm(total=int(r.headers.get("Content-Length", 0)) or None, unit="B", unit_scale=True,
+                       desc=path)
             while chunk := r.read(1 << 16):
                 f.write(chunk)
                 bar.update(len(chunk))
             bar.close()
     except (urllib.error.URLError, TimeoutError, OSError) as e:
-        raise RuntimeError(f"could not download {URLS[split]} ({e}). Offline? Download that file on a machine "
-                           f"with internet and put it at {path}") from e
+        raise RuntimeError(f"could not download {URLS[split]} ({e}). Offline? Download that file "
+                           f"on a machine with internet and put it at {path}") from e
     os.replace(path + ".tmp", path)  # only a whole file ever sits at `path`
     return path
 
@@ -57,7 +59,8 @@ def load_examples(split="val", data_dir=DATA_DIR, download_if_missing=True):
     path = os.path.join(data_dir, f"hellaswag_{split}.jsonl")
     if not os.path.exists(path):
         if not download_if_missing:
-            raise FileNotFoundError(f"{path} not found: run `python data/hellaswag.py --download` (needs internet)")
+            raise FileNotFoundError(f"{path} not found: "
+                                    "run `python data/hellaswag.py --download` (needs internet)")
         path = download(split, data_dir)
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -88,7 +91,9 @@ def render_example(example, tokenizer):
 
 
 def completion_losses(logits, tokens, mask):
-    """Average loss of the masked (ending) tokens of each row: logits (R, T, V), tokens/mask (R, T) -> (R,)."""
+    """
+    Average loss of the masked (ending) tokens of each row: logits (R, T, V), tokens/mask (R, T) -> (R,).
+    """
     shift_logits = logits[:, :-1, :].float()  # (R, T-1, V): position t predicts token t+1
     shift_tokens = tokens[:, 1:]              # (R, T-1)
     shift_mask = mask[:, 1:].float()          # (R, T-1)
@@ -125,7 +130,8 @@ def evaluate(model, examples, device, tokenizer=None, batch_size=8, rank=0, worl
         mask = torch.zeros_like(tokens)
         for e, (t, m, _) in enumerate(rendered):
             for j in range(4):
-                # every row ends with its ending; a row longer than the model's context keeps its last T tokens
+                # every row ends with its ending;
+                # a row longer than the model's context keeps its last T tokens
                 end = int(m[j].nonzero().max()) + 1
                 begin = max(0, end - T)
                 tokens[4 * e + j, :end - begin] = t[j, begin:end]
@@ -148,15 +154,18 @@ def evaluate(model, examples, device, tokenizer=None, batch_size=8, rank=0, worl
 
 if __name__ == "__main__":
     import argparse
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="gpt2", help="gpt2..gpt2-xl, a hub id or dir, or a train_lm.py checkpoint")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="gpt2",
+                        help="gpt2..gpt2-xl, a hub id or dir, or a train_lm.py checkpoint")
     parser.add_argument("--split", default="val", choices=["train", "val", "test"])
     parser.add_argument("--data-dir", default=DATA_DIR)
     parser.add_argument("--download", action="store_true", help="only download the data")
     parser.add_argument("--limit", type=positive_int, default=None, help="score only the first N examples")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="examples per forward pass")
     parser.add_argument("--device", default=best_device())
-    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="autocast dtype")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="autocast dtype")
     args = parser.parse_args()
     if args.download:
         print(download(args.split, args.data_dir))
@@ -164,7 +173,8 @@ if __name__ == "__main__":
     from gpt2 import SubsetTokenizer, load_lm
     model, tok = load_lm(args.model, args.device)
     if isinstance(tok, SubsetTokenizer):
-        sys.exit(f"{args.model} has a {tok.n_vocab}-token vocabulary subset: HellaSwag needs the full GPT-2 vocabulary")
+        sys.exit(f"{args.model} has a {tok.n_vocab}-token vocabulary subset: "
+                 "HellaSwag needs the full GPT-2 vocabulary")
     examples = load_examples(args.split, args.data_dir)[:args.limit]
     acc, n = evaluate(model, examples, args.device, tok, args.batch_size,
                       dtype=resolve_dtype(args.dtype, torch.device(args.device).type))

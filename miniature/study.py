@@ -1,20 +1,23 @@
 """
-The bridge comparison as a distribution over seeds: `make study` trains every bridge of the miniature with several
-seeds, on two worlds, under two recipes, and evaluates each run with evaluate.py; this file reads those results.
+The bridge comparison as a distribution over seeds: `make study` trains every bridge of the miniature with
+several seeds, on two worlds, under two recipes, and evaluates each run with evaluate.py; this file reads
+those results.
 
     python -m miniature.study report runs/study      # study.md, study.png and miniature/bands.json
-    python -m miniature.study check runs/demo/results/results.json --world 0    # is one demo run inside the bands?
+    python -m miniature.study check runs/demo/results/results.json --world 0
+        # is one demo run inside the bands?
 
 The layout `make study` writes: runs/study/w<world>/<recipe>/s<seed>/results/results.json, one evaluate.py
-comparison per (world, recipe, seed), where the recipe is "own" (each bridge's own recipe, as `make demo` trains
-it) or "common" (every bridge the same steps, features and learning rate: it compares bridges, not tuning).
+comparison per (world, recipe, seed), where the recipe is "own" (each bridge's own recipe, as `make demo`
+trains it) or "common" (every bridge the same steps, features and learning rate: it compares bridges, not
+tuning).
 
-One run of the demo is one draw from these distributions. The bands (mean +- 2 std over the study's seeds, never
-narrower than BAND_FLOOR) say where a run of `make demo` should fall on any machine; `check` says whether it does.
+One run of the demo is one draw from these distributions. The bands (mean +- 2 std over the study's seeds,
+never narrower than BAND_FLOOR) say where a run of `make demo` should fall on any machine; `check` says
+whether it does.
 """
 import argparse
 import glob
-import json
 import os
 import re
 import statistics
@@ -24,8 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from common import read_json, write_json  # noqa: E402
 
 BANDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bands.json")
-# what a band is drawn for, and the narrowest half-width it may have: a measure that never varied over the seeds
-# (every seed 1.00) still moves by a few images on another CPU
+# what a band is drawn for, and the narrowest half-width it may have: a measure that never varied over the
+# seeds (every seed 1.00) still moves by a few images on another CPU
 BAND_FLOOR = {"objects": 0.02, "scene": 0.02, "CIDEr": 0.10}
 RUN_PATH = re.compile(r"w(?P<world>[^/]+)/(?P<recipe>[^/]+)/s(?P<seed>[^/]+)/results/results\.json$")
 
@@ -41,7 +44,8 @@ def read_runs(study_dir):
         if m is None:
             continue
         result = read_json(path, "evaluation result")
-        runs.append(dict(world=m["world"], recipe=m["recipe"], seed=int(m["seed"]), rows=result["rows"], path=path))
+        runs.append(dict(world=m["world"], recipe=m["recipe"], seed=int(m["seed"]), rows=result["rows"],
+                         path=path))
     return runs
 
 
@@ -55,7 +59,9 @@ def measures(row):
 
 
 def collect(runs):
-    """{(world, recipe): {bridge: {measure: [value per seed]}, ...}} with the seeds in order; bridge "blind" too."""
+    """
+    {(world, recipe): {bridge: {measure: [value per seed]}, ...}} with the seeds in order; bridge "blind" too.
+    """
     groups = {}
     for run in sorted(runs, key=lambda r: (r["world"], r["recipe"], r["seed"])):
         group = groups.setdefault((run["world"], run["recipe"]), {})
@@ -84,15 +90,16 @@ def fmt(s, spec=".2f"):
 def report(study_dir, out_dir, bands_path, machine):
     runs = read_runs(study_dir)
     if not runs:
-        raise SystemExit(f"no finished runs under {study_dir} (expected w*/own|common/s*/results/results.json): "
-                         f"run `make study` first")
+        raise SystemExit(f"no finished runs under {study_dir} "
+                         f"(expected w*/own|common/s*/results/results.json): run `make study` first")
     groups = collect(runs)
     lines = ["# The bridge comparison over seeds", "",
              f"Made by `make study` from {len(runs)} evaluated runs under `{study_dir}` on {machine}. "
-             "Each cell: mean ± std over the seeds (min–max). *objects*: fraction of the 500 held-out images whose "
-             "caption names both objects right (size, colour, shape); *scene*: that and their relation. "
-             "*own*: each bridge's own recipe (`make demo`'s); *common*: every bridge the same steps, features and "
-             "learning rate. Query similarity: how alike the Q-Former's queries' attention maps are (1 = collapsed).",
+             "Each cell: mean ± std over the seeds (min–max). *objects*: fraction of the 500 held-out images "
+             "whose caption names both objects right (size, colour, shape); *scene*: that and their "
+             "relation. *own*: each bridge's own recipe (`make demo`'s); *common*: every bridge the same "
+             "steps, features and learning rate. Query similarity: how alike the Q-Former's queries' "
+             "attention maps are (1 = collapsed).",
              ""]
     bands = {"machine": machine, "made_by": "make study", "worlds": {}}
     for (world, recipe), bridges in sorted(groups.items()):
@@ -101,17 +108,19 @@ def report(study_dir, out_dir, bands_path, machine):
                   "|---|---|---|---|---|---|---|"]
         for bridge, entry in bridges.items():
             cells = [bridge, "—" if bridge == "blind" else f"{entry['params'] / 1e6:.2f}M",
-                     str(len(entry["seeds"])), fmt(summary(entry["CIDEr"]), ".3f"), fmt(summary(entry["objects"])),
-                     fmt(summary(entry["scene"])),
+                     str(len(entry["seeds"])), fmt(summary(entry["CIDEr"]), ".3f"),
+                     fmt(summary(entry["objects"])), fmt(summary(entry["scene"])),
                      fmt(summary(entry["query similarity"])) if "query similarity" in entry else "—"]
             lines.append("| " + " | ".join(cells) + " |")
             if recipe == "own":
                 bands["worlds"].setdefault(world, {})[bridge] = band(entry)
+        seeds = next(iter(bridges.values()))["seeds"]
         lines += ["", "Per seed (objects / scene, CIDEr-D):", "",
-                  "| bridge | " + " | ".join(f"seed {s}" for s in next(iter(bridges.values()))["seeds"]) + " |",
-                  "|---|" + "---|" * len(next(iter(bridges.values()))["seeds"])]
+                  "| bridge | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+                  "|---|" + "---|" * len(seeds)]
         for bridge, entry in bridges.items():
-            cells = [f"{o:.2f} / {s:.2f}, {c:.3f}" for o, s, c in zip(entry["objects"], entry["scene"], entry["CIDEr"])]
+            cells = [f"{o:.2f} / {s:.2f}, {c:.3f}"
+                     for o, s, c in zip(entry["objects"], entry["scene"], entry["CIDEr"])]
             lines.append(f"| {bridge} | " + " | ".join(cells) + " |")
         lines.append("")
     os.makedirs(out_dir, exist_ok=True)
@@ -124,7 +133,10 @@ def report(study_dir, out_dir, bands_path, machine):
 
 
 def band(entry):
-    """Where a run of this bridge should fall: mean +- max(2 std, floor) of each banded measure, clipped to [0, 1]."""
+    """
+    Where a run of this bridge should fall: mean +- max(2 std, floor) of each banded measure,
+    clipped to [0, 1].
+    """
     out = {}
     for name, floor in BAND_FLOOR.items():
         s = summary(entry[name])
@@ -164,19 +176,22 @@ def plot(groups, out_path):
 
 
 def check(results_path, world, bands_path):
-    """Print, per bridge, the study's band and whether this run falls inside it; return the bridges outside."""
+    """
+    Print, per bridge, the study's band and whether this run falls inside it; return the bridges outside.
+    """
     if not os.path.exists(bands_path):
         print(f"(no study bands in {bands_path}: `make study` writes them)")
         return []
     bands = read_json(bands_path, "study bands")
     known = bands["worlds"].get(str(world))
     if known is None:
-        print(f"(the study ran on worlds {', '.join(sorted(bands['worlds']))}, not on world {world}: no band to check)")
+        print(f"(the study ran on worlds {', '.join(sorted(bands['worlds']))}, "
+              f"not on world {world}: no band to check)")
         return []
     rows = read_json(results_path, "evaluation result")["rows"]
     outside = []
-    print(f"\nwhere this run should fall (make study on world {world}, {bands['machine']}: mean ± 2 std over "
-          f"{next(iter(known.values()))['objects']['n']} seeds):")
+    print(f"\nwhere this run should fall (make study on world {world}, {bands['machine']}: mean ± 2 std "
+          f"over {next(iter(known.values()))['objects']['n']} seeds):")
     for row in rows:
         bridge = "blind" if row.get("blind") else row["bridge"]
         if bridge not in known:
@@ -218,7 +233,8 @@ def machine_name():
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("report", help="study.md, study.png and the bands from the finished runs")
     p.add_argument("study_dir", nargs="?", default="runs/study")

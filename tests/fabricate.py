@@ -4,15 +4,16 @@ tests) feed to the real scripts, so that every full-scale path runs here at full
 
     python tests/fabricate.py --out runs/smoke/world        # all of it (about 2.4 GB, ~1 minute)
 
-- gpt2/: GPT-2 124M with random weights, written exactly as the hub's openai-community/gpt2 is: its config.json,
-  and a model.safetensors with unprefixed keys (h.0.attn.c_attn.weight, ...), Conv1D weights (the transpose of
-  nn.Linear's), the attn.bias / attn.masked_bias buffers, and no lm_head (it is tied to wte).
-- clip-vit-large-patch14/: a full CLIPModel checkpoint in openai/clip-vit-large-patch14's layout, random weights:
-  vision_model.*, text_model.*, visual_projection, text_projection, logit_scale, and a CLIPConfig with nested
-  vision_config / text_config.
+- gpt2/: GPT-2 124M with random weights, written exactly as the hub's openai-community/gpt2 is: its
+  config.json, and a model.safetensors with unprefixed keys (h.0.attn.c_attn.weight, ...), Conv1D weights (the
+  transpose of nn.Linear's), the attn.bias / attn.masked_bias buffers, and no lm_head (it is tied to wte).
+- clip-vit-large-patch14/: a full CLIPModel checkpoint in openai/clip-vit-large-patch14's layout, random
+  weights: vision_model.*, text_model.*, visual_projection, text_projection, logit_scale, and a CLIPConfig
+  with nested vision_config / text_config.
 - coco/: real-size JPEGs (640 x 480 and others) in COCO 2017's layout (train2017/, val2017/,
-  annotations/captions_{train,val}2017.json), and dataset_coco.json in Karpathy's format, whose paths name COCO
-  2014 files (val2014/COCO_val2014_000000391895.jpg) and one of whose test images lives in train2017/, as most do.
+  annotations/captions_{train,val}2017.json), and dataset_coco.json in Karpathy's format, whose paths name
+  COCO 2014 files (val2014/COCO_val2014_000000391895.jpg) and one of whose test images lives in train2017/,
+  as most do.
 - fineweb/: FineWeb-Edu-like parquet files in the hub dataset's layout (sample/10BT/000_00000.parquet with its
   text, id, dump, url, ... columns), and hellaswag/hellaswag_val.jsonl in the real schema.
 """
@@ -29,19 +30,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import write_json  # noqa: E402
 from gpt2 import GPT, GPTConfig  # noqa: E402
 
-WORDS = ("a man woman dog cat person sitting standing on the table with red blue green white black large small "
-         "two of in front near street plate food bus train bike horse grass water sky building").split()
+WORDS = ("a man woman dog cat person sitting standing on the table with red blue green white black large "
+         "small two of in front near street plate food bus train bike horse grass water sky building").split()
 
 # -----------------------------------------------------------------------------
 # GPT-2 124M in the hub's own layout
 
 
 GPT2_CONFIG = {  # openai-community/gpt2's config.json
-    "activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1, "bos_token_id": 50256,
-    "embd_pdrop": 0.1, "eos_token_id": 50256, "initializer_range": 0.02, "layer_norm_epsilon": 1e-05,
-    "model_type": "gpt2", "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12, "n_positions": 1024,
-    "resid_pdrop": 0.1, "summary_activation": None, "summary_first_dropout": 0.1, "summary_proj_to_labels": True,
-    "summary_type": "cls_index", "summary_use_proj": True,
+    "activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1,
+    "bos_token_id": 50256, "embd_pdrop": 0.1, "eos_token_id": 50256, "initializer_range": 0.02,
+    "layer_norm_epsilon": 1e-05, "model_type": "gpt2", "n_ctx": 1024, "n_embd": 768, "n_head": 12,
+    "n_layer": 12, "n_positions": 1024, "resid_pdrop": 0.1, "summary_activation": None,
+    "summary_first_dropout": 0.1, "summary_proj_to_labels": True, "summary_type": "cls_index",
+    "summary_use_proj": True,
     "task_specific_params": {"text-generation": {"do_sample": True, "max_length": 50}}, "vocab_size": 50257}
 
 
@@ -57,7 +59,8 @@ def gpt2_hub_folder(out, config=GPT2_CONFIG, seed=0):
     for key, tensor in model.state_dict().items():
         if key == "lm_head.weight":
             continue  # tied to wte: the hub's file does not store it
-        state[key.removeprefix("transformer.")] = (tensor.t() if key.endswith(conv1d) else tensor).contiguous()
+        state[key.removeprefix("transformer.")] = (tensor.t() if key.endswith(conv1d)
+                                                   else tensor).contiguous()
     T = config["n_positions"]
     for i in range(config["n_layer"]):  # the causal-mask buffers OpenAI's checkpoint carries
         state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(T, T)).view(1, 1, T, T)
@@ -75,9 +78,10 @@ def clip_config(vision=(1024, 24, 16, 4096, 14, 224), text=(768, 12, 12, 3072), 
     t_width, t_layers, t_heads, t_mlp = text
     return {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": projection,
             "logit_scale_init_value": 2.6592, "initializer_factor": 1.0,
-            "text_config": {"hidden_size": t_width, "intermediate_size": t_mlp, "num_attention_heads": t_heads,
-                            "num_hidden_layers": t_layers, "max_position_embeddings": 77, "vocab_size": 49408,
-                            "projection_dim": projection, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-05},
+            "text_config": {"hidden_size": t_width, "intermediate_size": t_mlp,
+                            "num_attention_heads": t_heads, "num_hidden_layers": t_layers,
+                            "max_position_embeddings": 77, "vocab_size": 49408, "projection_dim": projection,
+                            "hidden_act": "quick_gelu", "layer_norm_eps": 1e-05},
             "vision_config": {"hidden_size": width, "intermediate_size": mlp, "num_attention_heads": heads,
                               "num_hidden_layers": layers, "patch_size": patch, "image_size": size,
                               "num_channels": 3, "projection_dim": projection, "hidden_act": "quick_gelu",
@@ -111,17 +115,20 @@ def clip_hub_folder(out, config=None, seed=0):
     v, t = config["vision_config"], config["text_config"]
     grid = v["image_size"] // v["patch_size"]
     tower("vision_model", v, {"class_embedding": (v["hidden_size"],),
-                              "patch_embedding.weight": (v["hidden_size"], 3, v["patch_size"], v["patch_size"]),
+                              "patch_embedding.weight": (v["hidden_size"], 3, v["patch_size"],
+                                                         v["patch_size"]),
                               "position_embedding.weight": (1 + grid * grid, v["hidden_size"])})
     for norm in ("pre_layrnorm", "post_layernorm"):
-        state[f"vision_model.{norm}.weight"], state[f"vision_model.{norm}.bias"] = (torch.ones(v["hidden_size"]),
-                                                                                    torch.zeros(v["hidden_size"]))
+        state[f"vision_model.{norm}.weight"], state[f"vision_model.{norm}.bias"] = (
+            torch.ones(v["hidden_size"]), torch.zeros(v["hidden_size"]))
     tower("text_model", t, {"token_embedding.weight": (t["vocab_size"], t["hidden_size"]),
                             "position_embedding.weight": (t["max_position_embeddings"], t["hidden_size"])})
     state["text_model.final_layer_norm.weight"] = torch.ones(t["hidden_size"])
     state["text_model.final_layer_norm.bias"] = torch.zeros(t["hidden_size"])
-    state["visual_projection.weight"] = torch.randn(config["projection_dim"], v["hidden_size"], generator=g) * 0.02
-    state["text_projection.weight"] = torch.randn(config["projection_dim"], t["hidden_size"], generator=g) * 0.02
+    state["visual_projection.weight"] = torch.randn(config["projection_dim"], v["hidden_size"],
+                                                    generator=g) * 0.02
+    state["text_projection.weight"] = torch.randn(config["projection_dim"], t["hidden_size"],
+                                                  generator=g) * 0.02
     state["logit_scale"] = torch.tensor(config["logit_scale_init_value"])
     save_file(state, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     write_json(os.path.join(out, "config.json"), config)
@@ -146,10 +153,11 @@ def photo(rng, size):
 
 def coco_world(root, train=6, val=3, seed=0):
     """
-    train2017/ and val2017/ with real-size JPEGs and 5 captions each, COCO 2017's file names and caption files, and
-    Karpathy's dataset_coco.json over the same images: COCO 2014 paths; his test split takes the last val2017
-    image AND the first train2017 image (as ~4,400 of his 5,000 test images are in train2017), the rest is his
-    train (train2017) and val (val2017). Returns {"train": ids, "val": ids, "karpathy": {split: ids}}.
+    train2017/ and val2017/ with real-size JPEGs and 5 captions each, COCO 2017's file names and caption
+    files, and Karpathy's dataset_coco.json over the same images: COCO 2014 paths; his test split takes the
+    last val2017 image AND the first train2017 image (as ~4,400 of his 5,000 test images are in train2017),
+    the rest is his train (train2017) and val (val2017). Returns {"train": ids, "val": ids, "karpathy":
+    {split: ids}}.
     """
     rng = np.random.default_rng(seed)
     sizes = [(640, 480), (480, 640), (640, 427), (500, 375), (612, 612)]
@@ -164,11 +172,15 @@ def coco_world(root, train=6, val=3, seed=0):
             photo(rng, size).save(os.path.join(root, f"{split}2017", file_name), quality=90)
             captions = [caption(rng) for _ in range(5)]
             images.append(dict(id=image_id, file_name=file_name, width=size[0], height=size[1]))
-            annotations += [dict(id=image_id * 10 + j, image_id=image_id, caption=c) for j, c in enumerate(captions)]
+            annotations += [dict(id=image_id * 10 + j, image_id=image_id, caption=c)
+                            for j, c in enumerate(captions)]
             in_test = (split == "val" and k == len(image_ids) - 1) or (split == "train" and k == 0)
-            karpathy.append(dict(filepath="val2014", filename=f"COCO_val2014_{image_id:012d}.jpg", imgid=len(karpathy),
-                                 split="test" if in_test else "train" if split == "train" else "val", cocoid=image_id,
-                                 sentences=[dict(raw=c, tokens=c.lower().rstrip(".").split()) for c in captions]))
+            karpathy.append(dict(filepath="val2014", filename=f"COCO_val2014_{image_id:012d}.jpg",
+                                 imgid=len(karpathy),
+                                 split="test" if in_test else "train" if split == "train" else "val",
+                                 cocoid=image_id,
+                                 sentences=[dict(raw=c, tokens=c.lower().rstrip(".").split())
+                                            for c in captions]))
         write_json(os.path.join(root, "annotations", f"captions_{split}2017.json"),
                    dict(info={}, licenses=[], images=images, annotations=annotations))
     write_json(os.path.join(root, "dataset_coco.json"), dict(images=karpathy, dataset="coco"))
@@ -192,10 +204,12 @@ def fineweb_parquet(out, docs=400, files=2, seed=0):
         texts = [" ".join(" ".join(rng.choice(WORDS, size=int(rng.integers(8, 20)))) + "." for _ in
                           range(int(rng.integers(5, 60)))) for _ in range(n)]
         table = pa.table({"text": texts, "id": [f"<urn:uuid:{f}-{i}>" for i in range(n)],
-                          "dump": ["CC-MAIN-2024-10"] * n, "url": [f"https://example.org/{f}/{i}" for i in range(n)],
+                          "dump": ["CC-MAIN-2024-10"] * n,
+                          "url": [f"https://example.org/{f}/{i}" for i in range(n)],
                           "file_path": ["s3://commoncrawl/x.warc.gz"] * n, "language": ["en"] * n,
                           "language_score": rng.uniform(0.9, 1.0, n).tolist(),
-                          "token_count": [len(t.split()) for t in texts], "score": rng.uniform(3, 5, n).tolist(),
+                          "token_count": [len(t.split()) for t in texts],
+                          "score": rng.uniform(3, 5, n).tolist(),
                           "int_score": rng.integers(3, 6, n).tolist()})
         paths.append(os.path.join(folder, f"000_{f:05d}.parquet"))
         pq.write_table(table, paths[-1])
@@ -218,7 +232,8 @@ def hellaswag_jsonl(out, n=8, seed=0):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     gpt2_hub_folder(os.path.join(args.out, "gpt2"))
@@ -227,5 +242,5 @@ if __name__ == "__main__":
     fineweb_parquet(os.path.join(args.out, "fineweb"))
     hellaswag_jsonl(os.path.join(args.out, "hellaswag"))
     write_json(os.path.join(args.out, "done.json"), {"complete": True})
-    print(f"{args.out}: GPT-2 124M and CLIP ViT-L/14 (random, hub layouts), COCO + Karpathy, FineWeb-Edu parquet, "
-          f"HellaSwag", file=sys.stderr)
+    print(f"{args.out}: GPT-2 124M and CLIP ViT-L/14 (random, hub layouts), COCO + Karpathy, FineWeb-Edu "
+          f"parquet, HellaSwag", file=sys.stderr)

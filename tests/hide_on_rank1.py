@@ -34,7 +34,8 @@ if os.environ.get("RANK") == "1":
         return real_open(file, *args, **kwargs)
 
     builtins.open = blind_open
-    glob.glob = lambda pattern, *args, **kwargs: [] if is_hidden(os.path.dirname(pattern)) else real_glob(pattern, *args, **kwargs)
+    glob.glob = lambda pattern, *args, **kwargs: ([] if is_hidden(os.path.dirname(pattern))
+                                                  else real_glob(pattern, *args, **kwargs))
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
 runpy.run_path(script, run_name="__main__")

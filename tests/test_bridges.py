@@ -10,8 +10,9 @@ from gpt2 import GPT, GPTConfig
 
 KINDS = list(BRIDGES)  # every registered bridge
 # and each way of using one: the prefix bridges per token / per query (their defaults) or read out whole
-VARIANTS = [pytest.param(k, {}, id=k) for k in KINDS] + [pytest.param("linear", dict(prefix_len=6), id="linear-whole"),
-                                                         pytest.param("qformer", dict(prefix_len=6), id="qformer-whole")]
+VARIANTS = [pytest.param(k, {}, id=k) for k in KINDS] + [
+    pytest.param("linear", dict(prefix_len=6), id="linear-whole"),
+    pytest.param("qformer", dict(prefix_len=6), id="qformer-whole")]
 EOT = 0  # the tiny LM's <|endoftext|> id
 SMALL = dict(xattn_heads=2, queries=4, qformer_layers=2, qformer_width=32, qformer_heads=2)
 
@@ -117,7 +118,8 @@ def test_each_bridge_overfits_a_tiny_batch_with_the_lm_frozen(kind, variant, cop
     lm.load_state_dict(copying_lm)
     captioner = make(kind, lm=lm, vis_dim=64, vis_tokens=6, queries=6, **variant)
     params = [p for p in captioner.parameters() if p.requires_grad]
-    # the Q-Former (a deeper path, queries that start alike) needs a gentler step; at 3e-3 it stalls near loss 0.4
+    # the Q-Former (a deeper path, queries that start alike) needs a gentler step; at 3e-3 it stalls near
+    # loss 0.4
     optimizer = torch.optim.AdamW(params, lr=1e-3 if kind == "qformer" else 3e-3, weight_decay=0.0)
     torch.manual_seed(0)
     visual = torch.randn(4, 6, 64)  # four "images"
@@ -235,7 +237,8 @@ def test_mismatches_are_refused_clearly():
 
 def test_grid_position_start_is_a_2d_sincos_of_the_pooled_grid():
     from bridges import grid_sincos
-    code = grid_sincos(4, 8, 32, 33)  # (33, 32): class token + 4 x 8 patches, row-major as encode_pixels pools
+    # (33, 32): class token + 4 x 8 patches, row-major as encode_pixels pools
+    code = grid_sincos(4, 8, 32, 33)
     assert code[0].abs().sum() == 0  # the class token has no place in the grid
     patches = code[1:].view(4, 8, 32)
     rows, cols = patches[..., :16], patches[..., 16:]  # the first half codes the row, the second the column
@@ -243,9 +246,11 @@ def test_grid_position_start_is_a_2d_sincos_of_the_pooled_grid():
     assert len({tuple(p.tolist()) for p in code[1:]}) == 32  # every patch its own code
     with pytest.raises(ValueError, match="not a class token \\+ a 4x8 grid"):
         grid_sincos(4, 8, 32, 65)
-    for kind in KINDS:  # --vis-pos-grid: every bridge's visual position embedding starts there, and still learns
+    # --vis-pos-grid: every bridge's visual position embedding starts there, and still learns
+    for kind in KINDS:
         pos = make(kind, vis_tokens=5, vis_grid=(2, 2), vis_pos_grid=True).bridge
         pos = next(p for name, p in pos.named_parameters() if name.endswith("pos"))
         assert pos.requires_grad and torch.equal(pos.detach(), grid_sincos(2, 2, pos.size(1), 5)), kind
         fresh = make(kind, vis_tokens=5).bridge.state_dict()
-        assert all(v.abs().sum() == 0 for n, v in fresh.items() if n.endswith("pos")), kind  # the default: zeros
+        # the default: zeros
+        assert all(v.abs().sum() == 0 for n, v in fresh.items() if n.endswith("pos")), kind

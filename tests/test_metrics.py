@@ -18,9 +18,9 @@ import metrics
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="METEOR and the PTB tokenizer need Java")
 
-# Three images whose captions are already lower-case and unpunctuated, so the PTB tokenizer leaves them as they
-# are and the hand-written metrics below can work on the same words. The n-grams "a", "on", "a brown" ... occur
-# in the references of several images, so the idf weights of CIDEr are not all equal.
+# Three images whose captions are already lower-case and unpunctuated, so the PTB tokenizer leaves them as
+# they are and the hand-written metrics below can work on the same words. The n-grams "a", "on", "a brown" ...
+# occur in the references of several images, so the idf weights of CIDEr are not all equal.
 REFS = {
     1: ["a dog is running on the grass", "a brown dog on grass"],
     2: ["a man riding a horse", "a person on a brown horse"],
@@ -66,7 +66,8 @@ def corpus_scores(scores):
 
 
 def test_sanitize_makes_one_clean_line():
-    assert metrics.sanitize("  a dog\nruns\ton\r\nthe\u2028grass\u2029 \x85now\x00 ") == "a dog runs on the grass now"
+    assert metrics.sanitize("  a dog\nruns\ton\r\nthe\u2028grass\u2029 \x85now\x00 ") == \
+        "a dog runs on the grass now"
     assert metrics.sanitize("zero\u200bwidth\ufeff and\u00a0nbsp") == "zero width and nbsp"
     assert metrics.sanitize("lone \ud800 surrogate") == "lone surrogate"
     assert metrics.sanitize("café 🐶 ok") == "café 🐶 ok"  # ordinary non-ASCII text is kept
@@ -134,7 +135,8 @@ def test_scores_are_aligned_by_image_id_not_by_order(meteor):
 @needs_java
 def test_ptb_tokenization_on_both_sides(meteor):
     tokenized = metrics.ptb_tokenize({"x": ["A Dog, running!", "(Two) CATS..."]})
-    assert tokenized == {"x": ["a dog running", "-lrb- two -rrb- cats"]}  # pycocoevalcap keeps lower-cased brackets
+    # pycocoevalcap keeps lower-cased brackets
+    assert tokenized == {"x": ["a dog running", "-lrb- two -rrb- cats"]}
     shouting = {1: "A Dog is Running, on GRASS.", 2: "a man, rides a horse!", 3: "Two cats..."}
     shouting_refs = {i: [r.upper() + " ." for r in refs] for i, refs in REFS.items()}
     plain = run_with_timeout(lambda: metrics.score_captions(PREDS, REFS))
@@ -150,14 +152,16 @@ def test_empty_prediction_scores_zero_without_hanging(meteor):
         assert values[0] == 0 and values[2] == 0, name
         assert values[1] > 0, name
     assert all(math.isfinite(v) for v in corpus_scores(scores).values())
-    # an empty reference is a data bug, not a caption to match (ROUGE-L would give "" a perfect 1.0 against it)
+    # an empty reference is a data bug, not a caption to match (ROUGE-L would give "" a perfect 1.0 against
+    # it)
     with pytest.raises(ValueError, match=r"empty after tokenization.*\[2\]"):
         metrics.score_captions(PREDS, {**REFS, 2: ["a man riding a horse", ". . ."]})
 
 
 @needs_java
 def test_control_characters_do_not_hang_and_score_as_sanitized(meteor):
-    dirty = {1: "a dog\nruns on\r\nthe\u2028grass\x85", 2: "a man\trides\x00 a\u200bhorse", 3: "two\x1bcats\n"}
+    dirty = {1: "a dog\nruns on\r\nthe\u2028grass\x85", 2: "a man\trides\x00 a\u200bhorse",
+             3: "two\x1bcats\n"}
     dirty_refs = {**REFS, 3: ["two cats sleeping\non a bed", "cats on\u2029a bed"]}
     clean = {i: metrics.sanitize(c) for i, c in dirty.items()}
     clean_refs = {i: [metrics.sanitize(r) for r in refs] for i, refs in dirty_refs.items()}
@@ -176,9 +180,9 @@ def ngram_counts(words, n):
 
 
 def hand_bleu(preds, refs, max_n):
-    """Corpus BLEU as the COCO server computes it: clipped n-gram matches and candidate n-grams summed over all
-    images, brevity penalty from the summed lengths, each image contributing the length of its reference closest
-    in length to the candidate (the shorter one on a tie)."""
+    """Corpus BLEU as the COCO server computes it: clipped n-gram matches and candidate n-grams summed over
+    all images, brevity penalty from the summed lengths, each image contributing the length of its reference
+    closest in length to the candidate (the shorter one on a tie)."""
     matched, total = [0] * max_n, [0] * max_n
     cand_len = ref_len = 0
     for i, pred in preds.items():
@@ -192,14 +196,16 @@ def hand_bleu(preds, refs, max_n):
             matched[n - 1] += sum(min(c, max_ref[g]) for g, c in ngram_counts(cand, n).items())
             total[n - 1] += max(0, len(cand) - n + 1)
     brevity = 1.0 if cand_len >= ref_len else math.exp(1 - ref_len / cand_len)
-    return [brevity * math.prod(matched[k] / total[k] for k in range(n)) ** (1 / n) for n in range(1, max_n + 1)]
+    return [brevity * math.prod(matched[k] / total[k] for k in range(n)) ** (1 / n)
+            for n in range(1, max_n + 1)]
 
 
 def hand_cider_d(preds, refs, sigma=6.0):
     """CIDEr-D (Vedantam et al. 2015, as in pycocoevalcap): per n = 1..4, tf-idf vectors with the document
     frequency counted over the images' reference sets; the candidate's weights clipped by the reference's;
     cosine-like similarity times a gaussian penalty on the length difference; averaged over references and n,
-    times 10. (pycocoevalcap measures length in bigrams, which gives the same difference for non-empty captions.)"""
+    times 10. (pycocoevalcap measures length in bigrams, which gives the same difference for non-empty
+    captions.)"""
     num_images = len(refs)
     doc_freq = Counter()
     for ref_list in refs.values():
@@ -233,11 +239,13 @@ def hand_cider_d(preds, refs, sigma=6.0):
 def test_bleu_and_cider_match_hand_computation(meteor):
     scores = run_with_timeout(lambda: metrics.score_captions(PREDS, REFS, metrics=("bleu", "cider")))
     want_bleu = hand_bleu(PREDS, REFS, max_n=4)
-    assert hand_bleu(PREDS, REFS, 1)[0] < 1  # this example has a brevity penalty (and a tie on the closest length)
+    # this example has a brevity penalty (and a tie on the closest length)
+    assert hand_bleu(PREDS, REFS, 1)[0] < 1
     for n in range(4):
         assert scores[f"BLEU-{n + 1}"] == pytest.approx(want_bleu[n], rel=1e-6, abs=1e-9), n + 1
     want_cider = hand_cider_d(PREDS, REFS)
-    np.testing.assert_allclose(scores["per_image"]["CIDEr"], [want_cider[i] for i in (1, 2, 3)], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(scores["per_image"]["CIDEr"], [want_cider[i] for i in (1, 2, 3)],
+                               rtol=0, atol=1e-6)
     assert scores["CIDEr"] == pytest.approx(np.mean(list(want_cider.values())), abs=1e-6)
     assert scores["CIDEr"] > 0.5
 

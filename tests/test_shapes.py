@@ -61,8 +61,9 @@ def test_drawn_pixels_match_the_scene(world):
 
 @pytest.mark.parametrize("image_size", [64, 32])
 def test_objects_sit_on_the_grid_inside_the_image_apart(image_size):
-    # centres on the GRID x GRID grid (the demo CLIP's patch corners), whole shapes inside, never touching; in a
-    # tiny image two large objects may fit nowhere on the grid: such scenes are redrawn, never an endless loop
+    # centres on the GRID x GRID grid (the demo CLIP's patch corners), whole shapes inside, never touching; in
+    # a tiny image two large objects may fit nowhere on the grid: such scenes are redrawn, never an endless
+    # loop
     rng = np.random.default_rng(0)
     step = image_size / shapes.GRID
     for _ in range(2000):
@@ -70,7 +71,8 @@ def test_objects_sit_on_the_grid_inside_the_image_apart(image_size):
         a, b = scene["objects"]
         for obj in (a, b):
             assert obj["x"] % step == 0 and obj["y"] % step == 0, obj
-            assert obj["extent"] / 2 < min(obj["x"], obj["y"], image_size - obj["x"], image_size - obj["y"]), obj
+            assert obj["extent"] / 2 < min(obj["x"], obj["y"], image_size - obj["x"],
+                                           image_size - obj["y"]), obj
         assert max(abs(a["x"] - b["x"]), abs(a["y"] - b["y"])) >= (a["extent"] + b["extent"]) / 2 + 2
 
 
@@ -97,12 +99,16 @@ def test_parse_and_score_wrong_captions():
         objects=[dict(size="small", colour="red", shape="circle", position=None),
                  dict(size="large", colour="blue", shape="square", position=None)], relation="left of")
     swapped = shapes.score_caption("a small red circle to the right of a large blue square", scene)
-    assert swapped == dict(colour=1, shape=1, size=1, position=0, layout=1, relation=0)  # right layout, wrong order
-    reversed_order = shapes.score_caption("a large blue square on the right and a small red circle on the left", scene)
+    # right layout, wrong order
+    assert swapped == dict(colour=1, shape=1, size=1, position=0, layout=1, relation=0)
+    reversed_order = shapes.score_caption(
+        "a large blue square on the right and a small red circle on the left", scene)
     assert reversed_order == dict(colour=1, shape=1, size=1, position=1, layout=1, relation=1)
     half = shapes.score_caption("a small green circle above a large blue triangle", scene)
-    assert half == dict(colour=0.5, shape=0.5, size=1, position=0, layout=0, relation=0)  # stacked: wrong layout
-    assert shapes.score_caption("", scene) == dict(colour=0, shape=0, size=0, position=0, layout=0, relation=0)
+    # stacked: wrong layout
+    assert half == dict(colour=0.5, shape=0.5, size=1, position=0, layout=0, relation=0)
+    assert shapes.score_caption("", scene) == dict(colour=0, shape=0, size=0, position=0, layout=0,
+                                                   relation=0)
     acc = shapes.attribute_accuracy({1: "a small red circle left of a large blue square", "2": ""},
                                     {"1": scene, "2": scene})
     assert acc == dict(colour=0.5, shape=0.5, size=0.5, position=0.5, layout=0.5, relation=0.5, objects=0.5,
@@ -117,13 +123,15 @@ def test_corpus_repeats_scenes_and_covers_the_vocabulary(world):
         parts = doc.rstrip(".").split(". ")
         assert 3 <= len(parts) <= 5 and len(set(parts)) == len(parts)
         # several captions of the SAME scene: the same two objects in each
-        objects = [frozenset((o["size"], o["colour"], o["shape"]) for o in shapes.parse_caption(p)["objects"]) for p in parts]
+        objects = [frozenset((o["size"], o["colour"], o["shape"]) for o in shapes.parse_caption(p)["objects"])
+                   for p in parts]
         assert len(set(objects)) == 1
     words = set(" ".join(docs).replace(".", " ").replace(",", " ").split())
     assert words == set(shapes.vocabulary()) and len(words) < 40
     # the tiny LM keeps only the GPT-2 tokens its corpus uses: every caption's tokens must be among them
     enc = get_tokenizer()
-    corpus_tokens = set().union(*(enc.encode_ordinary(doc) for doc in docs))  # each document on its own, as the LM reads them
+    # each document on its own, as the LM reads them
+    corpus_tokens = set().union(*(enc.encode_ordinary(doc) for doc in docs))
     for split in ("train", "val"):
         for r in coco.load_records(world, split):
             for caption in r["captions"]:
@@ -142,7 +150,7 @@ SCENE = dict(layout="horizontal", relation="left of", background=40, objects=[
     ("a small red circle to the right of a large blue square", 1, 0),       # wrong relation
     ("a small red circle above a large blue square", 1, 0),                 # relation of the other layout
     ("a small red circle and a large blue square", 1, 0),                   # no relation at all
-    ("a small blue circle to the left of a large red square", 0, 0),        # colours swapped between the objects
+    ("a small blue circle to the left of a large red square", 0, 0),        # colours swapped between objects
     ("a small red square to the left of a large blue circle", 0, 0),        # shapes swapped
     ("a large red circle to the left of a small blue square", 0, 0),        # sizes swapped
     ("a small red circle to the left of a large green square", 0, 0),       # one colour wrong
@@ -155,7 +163,8 @@ def test_scene_level_accuracy(caption, objects, scene):
 
 
 def test_per_attribute_means_hide_what_scene_level_shows():
-    # three captions, each with one mistake of a different kind: high per-attribute means, no image entirely right
+    # three captions, each with one mistake of a different kind: high per-attribute means, no image entirely
+    # right
     captions = {1: "a small green circle to the left of a large blue square",   # one colour wrong
                 2: "a small red triangle to the left of a large blue square",   # one shape wrong
                 3: "a small red circle to the right of a large blue square"}    # relation wrong

@@ -9,8 +9,8 @@ from miniature import study
 
 
 def row(bridge, objects, scene, cider, **extra):
-    return dict(bridge=bridge, CIDEr=cider, trainable_params=1000, attributes=dict(objects=objects, scene=scene),
-                **extra)
+    return dict(bridge=bridge, CIDEr=cider, trainable_params=1000,
+                attributes=dict(objects=objects, scene=scene), **extra)
 
 
 def write_run(root, world, recipe, seed, rows):
@@ -55,10 +55,12 @@ def test_check_says_plainly_which_bridge_is_outside_its_band(finished_study, cap
     tmp_path, _ = finished_study
     bands_path = str(tmp_path / "bands.json")
     study.report(str(tmp_path / "study"), str(tmp_path / "out"), bands_path, "a test CPU")
-    inside = write_run(tmp_path / "demo", 0, "own", 0, [row("linear", 0.93, 0.83, 6.0), row("qformer", 1.0, 1.0, 7.0)])
+    inside = write_run(tmp_path / "demo", 0, "own", 0,
+                       [row("linear", 0.93, 0.83, 6.0), row("qformer", 1.0, 1.0, 7.0)])
     assert study.check(inside, "0", bands_path) == []
     assert "Every bridge is inside its band" in capsys.readouterr().out
-    outside = write_run(tmp_path / "demo", 0, "own", 1, [row("linear", 0.40, 0.30, 6.0), row("qformer", 1.0, 1.0, 7.0)])
+    outside = write_run(tmp_path / "demo", 0, "own", 1,
+                        [row("linear", 0.40, 0.30, 6.0), row("qformer", 1.0, 1.0, 7.0)])
     assert study.check(outside, "0", bands_path) == [("linear", "objects"), ("linear", "scene")]
     out = capsys.readouterr().out
     assert "objects 0.400 in [" in out and "OUTSIDE" in out and "lscpu" in out and "report" in out

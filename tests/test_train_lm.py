@@ -1,4 +1,6 @@
-"""train_lm.py on tiny models: overfitting one batch, exact resume, DDP == one process, clear errors, NaN stop."""
+"""
+train_lm.py on tiny models: overfitting one batch, exact resume, DDP == one process, clear errors, NaN stop.
+"""
 import glob
 import json
 import os
@@ -26,14 +28,15 @@ def shards(tmp_path_factory):
         for i in range(150):
             f.write(json.dumps({"text": " ".join(rng.choice(WORDS, size=int(rng.integers(5, 30))))}) + "\n")
     out = str(tmp / "shards")
-    fineweb.prepare(out, fineweb.describe_source(data_files=[str(tmp / "docs.jsonl")]), name="t", shard_size=1000)
+    fineweb.prepare(out, fineweb.describe_source(data_files=[str(tmp / "docs.jsonl")]), name="t",
+                    shard_size=1000)
     return out
 
 
 def args(shards, out_dir, *extra):
     return ["--preset", "tiny", "--data-dir", shards, "--out-dir", str(out_dir), "-B", "4", "-T", "32",
-            "--total-batch", "256", "--vocab-subset", "--device", "cpu", "--val-every", "0", "--sample-every", "0",
-            "--hellaswag-every", "0", "--log-every", "100", *map(str, extra)]
+            "--total-batch", "256", "--vocab-subset", "--device", "cpu", "--val-every", "0",
+            "--sample-every", "0", "--hellaswag-every", "0", "--log-every", "100", *map(str, extra)]
 
 
 def records(out_dir, key="loss"):
@@ -49,8 +52,8 @@ def test_overfits_a_single_batch(tmp_path):
     rng = np.random.default_rng(0)
     np.save(data / "x_val_000000.npy", rng.integers(0, 40, 4 * 32 + 1).astype(np.uint16))
     np.save(data / "x_train_000001.npy", rng.integers(0, 40, 4 * 32 + 1).astype(np.uint16))
-    train_lm.main(args(str(data), tmp_path / "run", "--total-batch", "128", "--max-steps", "150", "--warmup-steps", "10",
-                       "--lr", "1e-2", "--ckpt-every", "0", "--n-embd", "64"))
+    train_lm.main(args(str(data), tmp_path / "run", "--total-batch", "128", "--max-steps", "150",
+                       "--warmup-steps", "10", "--lr", "1e-2", "--ckpt-every", "0", "--n-embd", "64"))
     losses = [r["loss"] for r in records(tmp_path / "run")]
     assert losses[0] > 3.0 and losses[-1] < 0.1, losses[::10]
 
@@ -60,7 +63,8 @@ def test_exact_resume_is_bit_identical(shards, tmp_path):
     train_lm.main(args(shards, tmp_path / "b", "--max-steps", "8", "--stop-step", "4"))
     assert os.path.exists(tmp_path / "b" / "ckpt_000004.pt")
     train_lm.main(args(shards, tmp_path / "b", "--max-steps", "8", "--resume", "auto"))
-    a, b = load_checkpoint(str(tmp_path / "a" / "ckpt_000008.pt")), load_checkpoint(str(tmp_path / "b" / "ckpt_000008.pt"))
+    a, b = (load_checkpoint(str(tmp_path / "a" / "ckpt_000008.pt")),
+            load_checkpoint(str(tmp_path / "b" / "ckpt_000008.pt")))
     assert a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert all(torch.equal(a["optimizer"]["state"][i]["exp_avg_sq"], b["optimizer"]["state"][i]["exp_avg_sq"])
@@ -79,7 +83,8 @@ def test_resume_with_other_config_or_vocab_is_refused(shards, tmp_path):
     train_lm.main(args(shards, tmp_path, "--max-steps", "2"))
     with pytest.raises(ValueError, match=r"different config.*'n_layer': \(2, 3\)"):
         train_lm.main(args(shards, tmp_path, "--max-steps", "4", "--resume", "auto", "--n-layer", "3"))
-    no_subset = [a for a in args(shards, tmp_path, "--max-steps", "4", "--resume", "auto") if a != "--vocab-subset"]
+    no_subset = [a for a in args(shards, tmp_path, "--max-steps", "4", "--resume", "auto")
+                 if a != "--vocab-subset"]
     with pytest.raises(ValueError, match="vocabulary of .* tokens, this run has 50304"):
         train_lm.main(no_subset)
 
@@ -93,7 +98,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(shards, tmp_path, monkeyp
     forward = GPT.forward
     calls = {"n": 0}
 
-    def poisoned(self, idx, targets=None, **kw):  # from the 6th optimizer step (2 micro-steps each) the loss is NaN
+    # from the 6th optimizer step (2 micro-steps each) the loss is NaN
+    def poisoned(self, idx, targets=None, **kw):
         logits, loss = forward(self, idx, targets, **kw)
         if targets is not None and self.training:
             calls["n"] += 1
@@ -101,7 +107,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(shards, tmp_path, monkeyp
                 loss = loss * float("nan")
         return logits, loss
     monkeypatch.setattr(GPT, "forward", poisoned)
-    with pytest.raises(FloatingPointError, match=r"loss is nan at step 5; stopping; last good checkpoint: .*ckpt_000004.pt"):
+    with pytest.raises(FloatingPointError,
+                       match=r"loss is nan at step 5; stopping; last good checkpoint: .*ckpt_000004.pt"):
         train_lm.main(args(shards, tmp_path, "--max-steps", "10", "--ckpt-every", "2"))
     assert [os.path.basename(p) for p in sorted(glob.glob(str(tmp_path / "ckpt_*.pt")))] == \
         ["ckpt_000002.pt", "ckpt_000004.pt"]
@@ -119,10 +126,12 @@ def reference_run(shards, tmp_path, *extra):
     from tests.test_hellaswag import fabricate
     with open(examples / "hellaswag_val.jsonl", "w") as f:
         f.writelines(json.dumps(e) + "\n" for e in fabricate(6))
-    common = [a for a in args(shards, "", "--ckpt-every", "0", "--hellaswag-dir", examples, "--val-every", "2",
-                              "--val-steps", "2", "--n-embd", "16", *extra) if a != "--vocab-subset"]
+    common = [a for a in args(shards, "", "--ckpt-every", "0", "--hellaswag-dir", examples,
+                              "--val-every", "2", "--val-steps", "2", "--n-embd", "16", *extra)
+              if a != "--vocab-subset"]
     one, two = common.copy(), common.copy()
-    one[one.index("--out-dir") + 1], two[two.index("--out-dir") + 1] = str(tmp_path / "one"), str(tmp_path / "two")
+    one[one.index("--out-dir") + 1], two[two.index("--out-dir") + 1] = (str(tmp_path / "one"),
+                                                                        str(tmp_path / "two"))
     subprocess.run([sys.executable, "train_lm.py", *one], cwd=ROOT, env=ENV, check=True, capture_output=True)
     return two
 
@@ -137,7 +146,8 @@ def test_ddp_two_processes_match_one(shards, tmp_path):
                           "train_lm.py", *two], cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     for key in ("loss", "val_loss", "hellaswag"):
-        a, b = [r[key] for r in records(tmp_path / "one", key)], [r[key] for r in records(tmp_path / "two", key)]
+        a, b = ([r[key] for r in records(tmp_path / "one", key)],
+                [r[key] for r in records(tmp_path / "two", key)])
         assert len(a) == len(b) > 0
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
     assert [r["hellaswag_n"] for r in records(tmp_path / "two", "hellaswag")] == [6, 6]
@@ -155,10 +165,12 @@ def test_rank_0_decides_for_every_rank(shards, tmp_path):
     blind = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
              "tests/hide_on_rank1.py", os.pathsep.join([str(examples), str(tmp_path / "two")]), "train_lm.py"]
     for extra in (["--stop-step", "2"], ["--resume", "auto"]):
-        run = subprocess.run([*blind, *two, *extra], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        run = subprocess.run([*blind, *two, *extra], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                             timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]
     for key in ("loss", "val_loss", "hellaswag"):
-        a, b = [r[key] for r in records(tmp_path / "one", key)], [r[key] for r in records(tmp_path / "two", key)]
+        a, b = ([r[key] for r in records(tmp_path / "one", key)],
+                [r[key] for r in records(tmp_path / "two", key)])
         assert len(a) == len(b) > 0
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
     assert [r["hellaswag_n"] for r in records(tmp_path / "two", "hellaswag")] == [6, 6, 6]
