@@ -20,6 +20,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 # the smoke test (one long test, mostly one core) runs beside the rest; its report follows theirs
 TEST_SMOKE_LOG := runs/test-smoke.log
 test: setup
+	$(BIN)/ruff check --quiet . || { echo "make test: ruff found the problems above (ruff.toml)" >&2; exit 1; }
 	@mkdir -p $(dir $(TEST_SMOKE_LOG))
 	@$(BIN)/python -m pytest tests/test_smoke.py > $(TEST_SMOKE_LOG) 2>&1 & smoke=$$!; \
 	echo "make test: tests/test_smoke.py runs beside the others (its report: $(TEST_SMOKE_LOG), shown at the end)"; \
@@ -67,9 +68,9 @@ smoke-run: $(WORLD)/done.json
 	@echo "== HellaSwag alone, on GPT-2 in the hub's layout (read as --lm gpt2 reads OpenAI's files)"
 	$(BIN)/python data/hellaswag.py --model $(WORLD)/gpt2 --data-dir $(WORLD)/hellaswag --limit 4 --dtype bf16
 	@echo "== CLIP ViT-L/14 features (224 px, 257 tokens pooled to 33): COCO 2017 train/val, Karpathy train/test"
-	for split in train val; do $(BIN)/python data/coco.py features --root $(WORLD)/coco --split $$split \
+	for split in train val; do $(BIN)/python data/feature_cache.py --root $(WORLD)/coco --split $$split \
 		--encoder $(WORLD)/clip-vit-large-patch14 --out $(SMOKE)/features/$$split --batch-size 4 --dtype bf16 || exit 1; done
-	for split in train test; do $(BIN)/python data/coco.py features --root $(WORLD)/coco --split $$split \
+	for split in train test; do $(BIN)/python data/feature_cache.py --root $(WORLD)/coco --split $$split \
 		--karpathy-json $(WORLD)/coco/dataset_coco.json --encoder $(WORLD)/clip-vit-large-patch14 \
 		--out $(SMOKE)/features/karpathy_$$split --batch-size 4 --dtype bf16 || exit 1; done
 	@echo "== every bridge on GPT-2 124M: a step, stopped, resumed for the second (the Q-Former's first step compiled)"
@@ -99,7 +100,7 @@ $(WORLD)/done.json:
 
 # ---------------------------------------------------------------------------------------------------------------
 # make demo: the whole pipeline on the offline miniature, through the same scripts a full-scale run uses:
-# world -> LM (train_lm.py) and CLIP (train_clip.py) -> feature caches -> every bridge -> evaluate.py.
+# world -> LM (train_lm.py) and CLIP (miniature/train_clip.py) -> feature caches -> every bridge -> evaluate.py.
 # Why each setting is what it is, with the measurements and their commands: docs/miniature.md.
 # Every stage is a file target: a re-run reuses what is finished, an interrupted trainer resumes (--resume auto).
 # Stages that do not wait for each other run side by side, each writing its output to <run folder>/logs/<stage>.log.
@@ -260,7 +261,7 @@ $(LM): $(DEMO)/lm_shards/manifest.json $(call settings,$(DEMO),lm)
 $(call settings,$(DEMO),lm): FORCE
 	$(call record,$(LM_ARGS))
 
-CLIP_ARGS = train_clip.py --root $(SHAPES) --out-dir $(CLIP) --max-steps $(CLIP_STEPS) $(CLIP_FLAGS) \
+CLIP_ARGS = -m miniature.train_clip --root $(SHAPES) --out-dir $(CLIP) --max-steps $(CLIP_STEPS) $(CLIP_FLAGS) \
             --seed $(CLIP_SEED) --resume auto
 $(CLIP)/config.json: $(SHAPES)/info.json $(call settings,$(DEMO),clip)
 	$(call stage,clip,$(DEMO),$(CLIP_ARGS))
@@ -269,7 +270,7 @@ $(call settings,$(DEMO),clip): FORCE
 
 # A cache $(CACHE)/<pooling>/<split>: the stem is "none/train", "4x8/val", ...
 # A cache $(CACHE)/<pooling>/<split>; its settings file names it <pooling>-<split> (workers: not a setting)
-features_args = data/coco.py features --root $(SHAPES) --split $(notdir $(1)) --encoder $(ENCODER) \
+features_args = data/feature_cache.py --root $(SHAPES) --split $(notdir $(1)) --encoder $(ENCODER) \
                 --pool $(patsubst %/,%,$(dir $(1))) --out $(CACHE)/$(1)
 # $$* in a rule's prerequisites is expanded a second time, with the stem
 .SECONDEXPANSION:
@@ -295,7 +296,7 @@ $(RUN)/settings/bridge-%.txt: FORCE
 # The bridges train longest first (side by side, the short ones then share the other core); the table keeps BRIDGES' order.
 LONGEST_FIRST = $(filter qformer linear,$(BRIDGES)) $(filter-out qformer linear,$(BRIDGES))
 EVAL_ARGS = evaluate.py --checkpoints $(foreach b,$(BRIDGES),$(RUN)/caption/$(b)/ckpt_final.pt) --coco-root $(SHAPES) \
-            --split val --out $(RUN)/results --method greedy $(EVAL_FLAGS)
+            --split val --out $(RUN)/results --method greedy --extra-scores data.shapes $(EVAL_FLAGS)
 $(RUN)/results/table.md: $(foreach b,$(LONGEST_FIRST),$(RUN)/caption/$(b)/ckpt_final.pt) \
                          $(call settings,$(RUN),evaluate)
 	$(if $(BRIDGES),,$(error no bridges: `$(BIN)/python -c "import bridges"` failed; run `make setup`))

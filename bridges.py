@@ -1,16 +1,18 @@
 """
 Three ways to let a frozen GPT-2 see an image, side by side, and the captioner that joins one to the GPT.
 
-    LinearBridge          each visual token (or the whole image) -> prefix embeddings (ClipCap's idea, in one layer)
+    LinearBridge          each visual token (or the whole image) -> prefix embeddings
+                          (ClipCap's idea, in one layer)
     CrossAttentionBridge  gated cross-attention inserted into every k-th GPT block (Flamingo's idea)
     QFormerBridge         learnable queries read the image, their outputs become the prefix (BLIP-2's idea)
 
 The bridge contract (all a new bridge must do):
 - it is an nn.Module built from a BridgeConfig (below) and registered under a name with @register("name");
-- forward(visual) takes the frozen encoder's tokens, visual (B, S, C_vis) (CLIP's class token + 32 pooled patch
-  tokens by default), and returns (prefix, cross), what gpt2.py's one extension point accepts:
+- forward(visual) takes the frozen encoder's tokens, visual (B, S, C_vis) (CLIP's class token + 32 pooled
+  patch tokens by default), and returns (prefix, cross), what gpt2.py's one extension point accepts:
     prefix  (B, P, n_embd) embeddings placed before the caption, as if they were words, or None;
-    cross   a list of n_layer callables-or-None, cross[i] updating block i's residual stream (B, T, C), or None;
+    cross   a list of n_layer callables-or-None, cross[i] updating block i's residual stream (B, T, C),
+            or None;
 - optionally attention_maps(visual) -> (B, heads, Q, S) weights over the visual tokens: evaluate.py then draws
   where the bridge looks.
 The GPT itself is never copied or edited: the bridge is the only trainable part. BRIDGES is the one list of
@@ -32,45 +34,11 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from common import UsageError, load_checkpoint
-from gpt2 import GPTConfig, MLP, load_lm
+from common import load_checkpoint
+from gpt2 import MLP, load_lm
 
 # -----------------------------------------------------------------------------
-# The bridges' configuration: one dataclass for all of them, stored in every checkpoint
-
-
-def flag(default, help, minimum=None):
-    """A BridgeConfig field that train_caption.py offers as a command-line flag (--field-name)."""
-    return field(default=default, metadata=dict(help=help, minimum=minimum))
-
-
-@dataclass
-class BridgeConfig:
-    # what the data and the LM decide (filled in by build_captioner)
-    kind: str = "qformer"       # a name in BRIDGES
-    vis_dim: int = 1024         # width of the encoder's tokens (CLIP ViT-L/14: 1024)
-    vis_tokens: int = 33        # visual tokens per image (CLS + 32 pooled patches)
-    vis_grid: tuple = (4, 8)    # rows x columns of the pooled patches (the pooling grid)
-    n_embd: int = 768           # the GPT's width
-    n_layer: int = 12           # the GPT's depth
-    # the bridges' own hyper-parameters, each a flag of train_caption.py
-    vis_pos: bool = flag(True, "learned position embedding of the visual tokens inside the bridge")
-    vis_pos_grid: bool = flag(False, "start that embedding as a fixed 2-D sin-cos of the patch grid, not at zero")
-    prefix_len: int = flag(0, "linear: map the whole image (all visual tokens at once) to this many prefix "
-                              "embeddings (0: one embedding per visual token); Q-Former: map all the queries' "
-                              "outputs at once to this many (0: one embedding per query)", minimum=0)
-    xattn_every: int = flag(1, "cross-attention: a gated layer in every k-th GPT block", minimum=1)
-    xattn_heads: int = flag(0, "cross-attention heads (0: as many as the GPT has)", minimum=0)
-    queries: int = flag(32, "Q-Former: learnable queries (= prefix length)", minimum=1)
-    qformer_layers: int = flag(2, "Q-Former: layers", minimum=1)  # sizes of Laurent, Lenain and Mebille's Q-Former
-    qformer_width: int = flag(768, "Q-Former: width", minimum=1)
-    qformer_heads: int = flag(12, "Q-Former: attention heads (must divide --qformer-width)", minimum=1)
-
-    def __post_init__(self):
-        if self.xattn_heads and self.n_embd % self.xattn_heads:
-            raise UsageError(f"--xattn-heads {self.xattn_heads} does not divide the GPT's width {self.n_embd}")
-        if self.qformer_width % self.qformer_heads:
-            raise UsageError(f"--qformer-heads {self.qformer_heads} does not divide --qformer-width {self.qformer_width}")
+# The registry: every bridge, by name
 
 
 BRIDGES = {}  # name -> bridge class, filled by @register below
@@ -83,92 +51,6 @@ def register(name):
         return cls
     return add
 
-
-def count_params(module):
-    """(total, trainable) parameter counts of a module."""
-    total = sum(p.numel() for p in module.parameters())
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    return total, trainable
-
-# -----------------------------------------------------------------------------
-# Building blocks: attention from queries to a context (no causal mask: every query may see every token)
-
-
-class Attention(nn.Module):
-
-    def __init__(self, dim, n_head, context_dim=None):
-        super().__init__()
-        assert dim % n_head == 0
-        self.n_head = n_head
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(context_dim or dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def keys_values(self, context):
-        """Keys and values of a context (B, S, C_ctx) -> 2 x (B, nh, S, hs). An image's are computed once."""
-        B, S, _ = context.shape
-        k, v = self.kv(context).chunk(2, dim=-1)  # 2 x (B, S, C)
-        return [t.view(B, S, self.n_head, -1).transpose(1, 2) for t in (k, v)]  # 2 x (B, nh, S, hs)
-
-    def forward(self, x, context=None, kv=None, return_weights=False):
-        B, T, C = x.shape
-        k, v = kv if kv is not None else self.keys_values(context)
-        q = self.q(x).view(B, T, self.n_head, -1).transpose(1, 2)  # (B, nh, T, hs)
-        if return_weights:
-            # the explicit softmax, for pictures of where each query looks (same result as the fused kernel)
-            w = (q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))).softmax(dim=-1)  # (B, nh, T, S)
-            y = w @ v  # (B, nh, T, hs)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, T, hs)
-        y = self.proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
-        return (y, w) if return_weights else y
-
-
-class VisualInput(nn.Module):
-    """Normalise the encoder's tokens (config: a BridgeConfig), map them to width dim, tell them apart by position."""
-
-    def __init__(self, config, dim):
-        super().__init__()
-        self.ln = nn.LayerNorm(config.vis_dim)  # CLIP's hidden states have a few very large channels; tame them
-        self.proj = nn.Linear(config.vis_dim, dim)
-        # Pooling keeps the grid order but attention is blind to order: without a position embedding the
-        # bridge cannot tell "left" from "right". It starts at zero, or (--vis-pos-grid) at a 2-D sin-cos of the
-        # grid, so that where a token sits is a direction from the first step instead of being learned token by token.
-        S = config.vis_tokens
-        start = grid_sincos(*config.vis_grid, dim, S) if config.vis_pos_grid else torch.zeros(S, dim)
-        self.pos = nn.Parameter(start) if config.vis_pos else None
-
-    def forward(self, visual):
-        check_tokens(visual, None if self.pos is None else self.pos.size(0))
-        x = self.proj(self.ln(visual))  # (B, S, dim)
-        if self.pos is not None:
-            x = x + self.pos
-        return x
-
-
-def check_tokens(visual, expected):
-    """Refuse visual (B, S, C_vis) unless S is the number of tokens a bridge has weights for (None: any)."""
-    if expected is not None and visual.size(1) != expected:
-        raise ValueError(f"bridge was built for {expected} visual tokens, got {visual.size(1)} "
-                         "(a feature cache with another pooling?)")
-
-
-def grid_sincos(rows, cols, dim, tokens):
-    """
-    (tokens, dim): token 0 (the class token) zeros, token 1 + r * cols + c the 2-D sin-cos code of patch (r, c):
-    sin and cos of r and of c at dim / 4 frequencies each (MAE's fixed position embedding, on the pooled grid).
-    """
-    if tokens != 1 + rows * cols:
-        raise ValueError(f"{tokens} visual tokens are not a class token + a {rows}x{cols} grid")
-    d = dim // 4
-    omega = 1.0 / 100 ** (torch.arange(d) / d)  # (d,) from 1 (neighbours differ) to ~1/100 (nearly linear)
-    r, c = torch.meshgrid(torch.arange(rows, dtype=torch.float32), torch.arange(cols, dtype=torch.float32),
-                          indexing="ij")
-    r, c = r.flatten()[:, None] * omega, c.flatten()[:, None] * omega  # (rows * cols, d)
-    out = torch.zeros(tokens, dim)
-    out[1:, :4 * d] = torch.cat([r.sin(), r.cos(), c.sin(), c.cos()], 1)
-    return out
-
 # -----------------------------------------------------------------------------
 # Bridge 1: a linear map of each visual token into the GPT's embedding space, used as a prefix
 
@@ -178,11 +60,13 @@ class LinearBridge(nn.Module):
     """
     One Linear layer, used one of two ways:
     - per token (the default, the reference project's): each visual token -> one prefix embedding, S in all;
-    - whole image (--prefix-len k, ClipCap's mapping in one layer): all S tokens at once -> k prefix embeddings.
+    - whole image (--prefix-len k, ClipCap's mapping in one layer): all S tokens at once -> k prefix
+      embeddings.
     Per token, a prefix slot only ever sees its own patch; a tiny LM then has to assemble "a small red circle"
     from slots that each hold a piece of a shape. Whole image, every slot is a linear read-out of the entire
     image, so slot j can become "the colour of the first object" wherever that object is; the price is
-    S * C_vis * k * n_embd weights (4.9M in the miniature's demo, far too many for ViT-L/14's 33 x 1024 tokens).
+    S * C_vis * k * n_embd weights (4.9M in the miniature's demo, far too many for ViT-L/14's 33 x 1024
+    tokens).
     """
 
     def __init__(self, config):
@@ -193,7 +77,7 @@ class LinearBridge(nn.Module):
             self.proj = nn.Linear(config.vis_tokens * config.vis_dim, self.k * config.n_embd)
             self.tokens = config.vis_tokens
         else:
-            # LayerNorm + one Linear (+ a learned per-slot offset with vis_pos): nothing but a linear projection
+            # LayerNorm + one Linear (+ a learned per-slot offset with vis_pos): just a linear projection
             self.input = VisualInput(config, config.n_embd)
 
     def forward(self, visual):
@@ -221,7 +105,7 @@ class GatedCrossAttention(nn.Module):
         self.attn = Attention(n_embd, n_head)
         self.attn_gate = nn.Parameter(torch.zeros(1))
         self.ln_2 = nn.LayerNorm(n_embd)
-        self.mlp = MLP(GPTConfig(n_embd=n_embd))  # the same MLP shape as a GPT-2 block, new weights
+        self.mlp = MLP(n_embd)  # the same MLP shape as a GPT-2 block, new weights
         self.mlp_gate = nn.Parameter(torch.zeros(1))
 
     def forward(self, x, kv):
@@ -235,7 +119,10 @@ class CrossAttentionBridge(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.visual = VisualInput(config, config.n_embd)
+        if config.n_embd % config.xattn_heads:
+            raise ValueError(f"xattn_heads {config.xattn_heads} does not divide the GPT's width "
+                             f"{config.n_embd}")
+        self.input = VisualInput(config, config.n_embd)
         self.every = config.xattn_every
         # one layer per chosen GPT block (blocks every-1, 2*every-1, ..., so the last block always has one)
         self.layers = nn.ModuleDict({str(i): GatedCrossAttention(config.n_embd, config.xattn_heads)
@@ -243,7 +130,7 @@ class CrossAttentionBridge(nn.Module):
         self.n_layer = config.n_layer
 
     def forward(self, visual):
-        context = self.visual(visual)  # (B, S, C)
+        context = self.input(visual)  # (B, S, C)
         # Keys and values of the image are computed here, once per image, not once per generated token.
         cross = [None] * self.n_layer
         for i, layer in self.layers.items():
@@ -251,7 +138,7 @@ class CrossAttentionBridge(nn.Module):
         return None, cross
 
 # -----------------------------------------------------------------------------
-# Bridge 3: a Q-Former (BLIP-2): learnable queries attend to each other and to the image, then become the prefix
+# Bridge 3: a Q-Former (BLIP-2): learnable queries attend to each other and the image, then become the prefix
 
 
 class QFormerLayer(nn.Module):
@@ -263,16 +150,20 @@ class QFormerLayer(nn.Module):
         self.ln_2 = nn.LayerNorm(width)
         self.cross_attn = Attention(width, n_head)  # queries read the image
         self.ln_3 = nn.LayerNorm(width)
-        self.mlp = MLP(GPTConfig(n_embd=width))
+        self.mlp = MLP(width)
 
-    def forward(self, q, context, return_weights=False):
+    def forward(self, q, context):
         h = self.ln_1(q)
         q = q + self.self_attn(h, context=h)  # (B, Q, W)
-        a = self.cross_attn(self.ln_2(q), context=context, return_weights=return_weights)
-        a, weights = a if return_weights else (a, None)
-        q = q + a
+        q = q + self.cross_attn(self.ln_2(q), context=context)
         q = q + self.mlp(self.ln_3(q))
-        return q, weights
+        return q
+
+    def read_weights(self, q, context):
+        """Where this layer's queries look in the image: the cross-attention weights (B, nh, Q, S)."""
+        h = self.ln_1(q)
+        q = q + self.self_attn(h, context=h)
+        return self.cross_attn.weights(self.ln_2(q), context)
 
 
 @register("qformer")
@@ -281,32 +172,125 @@ class QFormerBridge(nn.Module):
     def __init__(self, config):
         super().__init__()
         W = config.qformer_width
-        self.visual = VisualInput(config, W)
+        if W % config.qformer_heads:
+            raise ValueError(f"qformer_heads {config.qformer_heads} does not divide qformer_width {W}")
+        self.input = VisualInput(config, W)
         self.queries = nn.Parameter(torch.randn(config.queries, W) * 0.02)  # (Q, W)
-        self.layers = nn.ModuleList([QFormerLayer(W, config.qformer_heads) for _ in range(config.qformer_layers)])
+        self.layers = nn.ModuleList([QFormerLayer(W, config.qformer_heads)
+                                     for _ in range(config.qformer_layers)])
         self.ln_f = nn.LayerNorm(W)
-        # The read-out into the GPT. Per query (BLIP-2's): query i -> prefix slot i through one shared Linear, so
-        # the LM can only tell the queries apart if they have specialised. Whole (--prefix-len k): every slot reads
-        # every query's output, so a slot can be "the first object's colour" however the queries split the work.
+        # The read-out into the GPT. Per query (BLIP-2's): query i -> prefix slot i through one shared Linear,
+        # so the LM can only tell the queries apart if they have specialised. Whole (--prefix-len k): every
+        # slot reads every query's output, so a slot can be "the first object's colour" however the queries
+        # split the work.
         self.k = config.prefix_len
-        self.proj = nn.Linear(config.queries * W, self.k * config.n_embd) if self.k else nn.Linear(W, config.n_embd)
+        self.proj = (nn.Linear(config.queries * W, self.k * config.n_embd) if self.k
+                     else nn.Linear(W, config.n_embd))
 
-    def forward(self, visual, return_weights=False):
-        context = self.visual(visual)  # (B, S, W)
+    def forward(self, visual):
+        context = self.input(visual)  # (B, S, W)
         q = self.queries.expand(visual.size(0), -1, -1)  # (B, Q, W)
         for layer in self.layers:
-            q, weights = layer(q, context, return_weights)
+            q = layer(q, context)
         q = self.ln_f(q)
         if self.k:
             prefix = self.proj(q.flatten(1)).view(q.size(0), self.k, -1)  # (B, k, C)
         else:
             prefix = self.proj(q)  # (B, Q, C): Q word-like embeddings, whatever the number of patches
-        return (prefix, None, weights) if return_weights else (prefix, None)
+        return prefix, None
 
     def attention_maps(self, visual):
         """The last layer's cross-attention weights (B, nh, Q, S): where each query looks in the image."""
-        return self(visual, return_weights=True)[2]
+        context = self.input(visual)
+        q = self.queries.expand(visual.size(0), -1, -1)
+        for layer in self.layers[:-1]:
+            q = layer(q, context)
+        return self.layers[-1].read_weights(q, context)
 
+
+# -----------------------------------------------------------------------------
+# Building blocks: attention from queries to a context (no causal mask: every query may see every token)
+
+
+class Attention(nn.Module):
+
+    def __init__(self, dim, n_head, context_dim=None):
+        super().__init__()
+        assert dim % n_head == 0
+        self.n_head = n_head
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(context_dim or dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def keys_values(self, context):
+        """Keys and values of a context (B, S, C_ctx) -> 2 x (B, nh, S, hs). An image's are computed once."""
+        B, S, _ = context.shape
+        k, v = self.kv(context).chunk(2, dim=-1)  # 2 x (B, S, C)
+        return [t.view(B, S, self.n_head, -1).transpose(1, 2) for t in (k, v)]  # 2 x (B, nh, S, hs)
+
+    def forward(self, x, context=None, kv=None):
+        B, T, C = x.shape
+        k, v = kv if kv is not None else self.keys_values(context)
+        q = self.q(x).view(B, T, self.n_head, -1).transpose(1, 2)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, T, hs)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+
+    def weights(self, x, context):
+        """The attention weights (B, nh, T, S), written out: for pictures of where each query looks."""
+        B, T, _ = x.shape
+        k, _ = self.keys_values(context)
+        q = self.q(x).view(B, T, self.n_head, -1).transpose(1, 2)  # (B, nh, T, hs)
+        return (q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))).softmax(dim=-1)  # (B, nh, T, S)
+
+
+class VisualInput(nn.Module):
+    """Normalise the encoder's tokens (config: a BridgeConfig), map them to width dim, tell them apart by
+    position."""
+
+    def __init__(self, config, dim):
+        super().__init__()
+        # CLIP's hidden states have a few very large channels; tame them
+        self.ln = nn.LayerNorm(config.vis_dim)
+        self.proj = nn.Linear(config.vis_dim, dim)
+        # Pooling keeps the grid order but attention is blind to order: without a position embedding the
+        # bridge cannot tell "left" from "right". It starts at zero, or (--vis-pos-grid) at a 2-D sin-cos of
+        # the grid, so that where a token sits is a direction from the first step instead of being learned
+        # token by token.
+        S = config.vis_tokens
+        start = grid_sincos(*config.vis_grid, dim, S) if config.vis_pos_grid else torch.zeros(S, dim)
+        self.pos = nn.Parameter(start) if config.vis_pos else None
+
+    def forward(self, visual):
+        check_tokens(visual, None if self.pos is None else self.pos.size(0))
+        x = self.proj(self.ln(visual))  # (B, S, dim)
+        if self.pos is not None:
+            x = x + self.pos
+        return x
+
+
+def check_tokens(visual, expected):
+    """Refuse visual (B, S, C_vis) unless S is the number of tokens a bridge has weights for (None: any)."""
+    if expected is not None and visual.size(1) != expected:
+        raise ValueError(f"bridge was built for {expected} visual tokens, got {visual.size(1)} "
+                         "(a feature cache with another pooling?)")
+
+
+def grid_sincos(rows, cols, dim, tokens):
+    """
+    (tokens, dim): token 0 (the class token) zeros, token 1 + r * cols + c the 2-D sin-cos code of patch
+    (r, c): sin and cos of r and of c at dim / 4 frequencies each (MAE's fixed position embedding, on the
+    pooled grid).
+    """
+    if tokens != 1 + rows * cols:
+        raise ValueError(f"{tokens} visual tokens are not a class token + a {rows}x{cols} grid")
+    d = dim // 4
+    omega = 1.0 / 100 ** (torch.arange(d) / d)  # (d,) from 1 (neighbours differ) to ~1/100 (nearly linear)
+    r, c = torch.meshgrid(torch.arange(rows, dtype=torch.float32), torch.arange(cols, dtype=torch.float32),
+                          indexing="ij")
+    r, c = r.flatten()[:, None] * omega, c.flatten()[:, None] * omega  # (rows * cols, d)
+    out = torch.zeros(tokens, dim)
+    out[1:, :4 * d] = torch.cat([r.sin(), r.cos(), c.sin(), c.cos()], 1)
+    return out
 
 # -----------------------------------------------------------------------------
 # The captioner: a bridge joined to a frozen GPT
@@ -337,9 +321,11 @@ class Captioner(nn.Module):
         self.lm = lm
         self.bridge = bridge
         self.eot = eot
-        self.n_vocab = n_vocab  # the tokenizer's size: captions never hold ids of a padded vocabulary's extra rows
-        # Optional per-(token, channel) standardisation of the encoder's tokens with the TRAINING set's mean and
-        # std (a random ViT's features have very uneven scales); kept here so that every caller applies the same.
+        # the tokenizer's size: captions never hold ids of a padded vocabulary's extra rows
+        self.n_vocab = n_vocab
+        # Optional per-(token, channel) standardisation of the encoder's tokens with the TRAINING set's mean
+        # and std (a random ViT's features have very uneven scales); kept here so that every caller applies
+        # the same.
         if visual_stats is not None:
             self.register_buffer("visual_mean", torch.as_tensor(visual_stats["mean"], dtype=torch.float32))
             self.register_buffer("visual_std", torch.as_tensor(visual_stats["std"], dtype=torch.float32))
@@ -348,7 +334,7 @@ class Captioner(nn.Module):
         # `unfreeze_last` blocks when asked (progressive unfreezing).
         blocks = lm.transformer.h
         if not 0 <= unfreeze_last <= len(blocks):
-            raise UsageError(f"--unfreeze-last {unfreeze_last}: the LM has {len(blocks)} blocks")
+            raise ValueError(f"unfreeze_last {unfreeze_last}: the LM has {len(blocks)} blocks")
         for p in lm.parameters():
             p.requires_grad_(False)
         for block in blocks[len(blocks) - unfreeze_last:] if unfreeze_last else []:
@@ -379,7 +365,8 @@ class Captioner(nn.Module):
     def forward(self, visual, tokens, targets=None):
         """
         visual (B, S, C_vis); tokens, targets (B, T) from caption_batch.
-        With targets: (None, the mean loss over caption tokens); the LM computes logits only where a target is.
+        With targets: (None, the mean loss over caption tokens); the LM computes logits only where a
+        target is.
         Without: (logits over the text positions (B, T, V), None), row t predicting tokens[:, t].
         """
         prefix, cross = self.condition(visual)
@@ -396,7 +383,9 @@ class Captioner(nn.Module):
 
     @torch.no_grad()
     def generate(self, visual, max_new_tokens=30, temperature=0.0, top_k=None, top_p=None, generator=None):
-        """Caption token lists for a batch of images, through the GPT's KV-cache generate (greedy by default)."""
+        """
+        Caption token lists for a batch of images, through the GPT's KV-cache generate (greedy by default).
+        """
         prefix, cross = self.condition(visual)  # once per image
         empty = torch.zeros(visual.size(0), 0, dtype=torch.long, device=visual.device)  # (B, 0): no text yet
         out = self.lm.generate(empty, max_new_tokens, temperature, top_k, top_p, prefix=prefix, cross=cross,
@@ -425,15 +414,52 @@ class Captioner(nn.Module):
         for i, block_state in state.get("lm_blocks", {}).items():
             self.lm.transformer.h[int(i)].load_state_dict(block_state)
 
+# -----------------------------------------------------------------------------
+# The bridges' configuration: one dataclass for all of them, stored in every checkpoint
 
-def build_captioner(lm, eot, kind, vis_dim, vis_tokens, unfreeze_last=0, visual_stats=None, vis_grid=(4, 8),
+
+def flag(default, help, minimum=None):
+    """A BridgeConfig field that train_caption.py offers as a command-line flag (--field-name)."""
+    return field(default=default, metadata=dict(help=help, minimum=minimum))
+
+
+@dataclass
+class BridgeConfig:
+    # what the data and the LM decide (filled in by build_captioner)
+    kind: str = "qformer"       # a name in BRIDGES
+    vis_dim: int = 1024         # width of the encoder's tokens (CLIP ViT-L/14: 1024)
+    vis_tokens: int = 33        # visual tokens per image (CLS + 32 pooled patches)
+    vis_grid: tuple = None      # (rows, cols) of the patch tokens (clip_loader.VisualFeatures.grid)
+    n_embd: int = 768           # the GPT's width
+    n_layer: int = 12           # the GPT's depth
+    # the bridges' own hyper-parameters, each a flag of train_caption.py
+    vis_pos: bool = flag(True, "learned position embedding of the visual tokens inside the bridge")
+    vis_pos_grid: bool = flag(False, "start that embedding as a fixed 2-D sin-cos of the patch grid, "
+                                     "not at zero")
+    prefix_len: int = flag(0, "linear: map the whole image (all visual tokens at once) to this many prefix "
+                              "embeddings (0: one embedding per visual token); Q-Former: map all the "
+                              "queries' outputs at once to this many (0: one embedding per query)", minimum=0)
+    xattn_every: int = flag(1, "cross-attention: a gated layer in every k-th GPT block", minimum=1)
+    xattn_heads: int = flag(0, "cross-attention heads (0: as many as the GPT has)", minimum=0)
+    queries: int = flag(32, "Q-Former: learnable queries (= prefix length)", minimum=1)
+    # sizes of Laurent, Lenain and Mebille's Q-Former
+    qformer_layers: int = flag(2, "Q-Former: layers", minimum=1)
+    qformer_width: int = flag(768, "Q-Former: width", minimum=1)
+    qformer_heads: int = flag(12, "Q-Former: attention heads (must divide --qformer-width)", minimum=1)
+
+# -----------------------------------------------------------------------------
+# Building a captioner: from flags, from a checkpoint
+
+
+def build_captioner(lm, eot, kind, vis_dim, vis_tokens, unfreeze_last=0, visual_stats=None, vis_grid=None,
                     **overrides):
-    """A captioner with a fresh bridge of the given kind, sized to the LM and the visual tokens (a class token +
-    a vis_grid of pooled patches)."""
+    """A captioner with a fresh bridge of the given kind, sized to the LM and the visual tokens (a class
+    token + a vis_grid of pooled patches)."""
     if kind not in BRIDGES:
         raise ValueError(f"unknown bridge {kind!r}; choose one of {sorted(BRIDGES)}")
-    config = BridgeConfig(kind=kind, vis_dim=vis_dim, vis_tokens=vis_tokens, vis_grid=tuple(vis_grid),
-                          n_embd=lm.config.n_embd, n_layer=lm.config.n_layer, **overrides)
+    config = BridgeConfig(kind=kind, vis_dim=vis_dim, vis_tokens=vis_tokens,
+                          vis_grid=vis_grid and tuple(vis_grid), n_embd=lm.config.n_embd,
+                          n_layer=lm.config.n_layer, **overrides)
     if not config.xattn_heads:  # 0: as many heads as the GPT's own attention
         config = dataclasses.replace(config, xattn_heads=lm.config.n_head)
     return Captioner(lm, BRIDGES[kind](config), eot, unfreeze_last, visual_stats), config
@@ -462,19 +488,27 @@ def load_captioner(path, lm=None, device="cpu"):
         raise ValueError(f"{path} is not a train_caption.py checkpoint")
     model, tokenizer = load_lm(lm or ckpt["lm"]["name"])
     if lm_fingerprint(model) != ckpt["lm"]["fingerprint"]:
-        raise ValueError(f"{path}: the LM {lm or ckpt['lm']['name']!r} is not the one this bridge was trained on "
-                         f"(its weights differ); pass --lm with the right checkpoint")
-    captioner, _ = captioner_from_config(model, tokenizer.eot_token, ckpt["bridge_config"], ckpt["unfreeze_last"],
-                                         ckpt.get("visual_stats"), tokenizer.n_vocab)
+        raise ValueError(f"{path}: the LM {lm or ckpt['lm']['name']!r} is not the one this bridge was "
+                         "trained on (its weights differ); pass --lm with the right checkpoint")
+    captioner, _ = captioner_from_config(model, tokenizer.eot_token, ckpt["bridge_config"],
+                                         ckpt["unfreeze_last"], ckpt.get("visual_stats"), tokenizer.n_vocab)
     captioner.load_trainable_state(ckpt["trainable"])
     return captioner.to(device).eval(), tokenizer, ckpt
 
 
 def lm_fingerprint(lm):
-    """sha256 of the LM's weights, as stored: a bridge only makes sense on top of the exact LM it was trained on."""
+    """sha256 of the LM's weights, as stored: a bridge only makes sense on top of the exact LM it was
+    trained on."""
     h = hashlib.sha256()
     for name, tensor in sorted(lm.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
+
+
+def count_params(module):
+    """(total, trainable) parameter counts of a module."""
+    total = sum(p.numel() for p in module.parameters())
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return total, trainable

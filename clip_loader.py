@@ -16,15 +16,15 @@ CLIP's post-LayerNorm is applied only to the class token on its way to the image
 `last_hidden_state` for the last layer and `hidden_states[layer]` for any other (LLaVA uses the penultimate).
 
 Also here: CLIP's image preprocessing (bit-exact with transformers' CLIPImageProcessor, batched), pooling the
-patch grid to a few tokens (257 -> 33, as Laurent, Lenain and Mebille's gpt2-vision-language, the project whose
-table we reproduce, pools them), and a small *untrained* ViT with the same layout
-for the offline miniature. No `transformers` at run time: the tests check parity against it.
+patch grid to a few tokens (257 -> 33, as Laurent, Lenain and Mebille's gpt2-vision-language, the project
+whose table we reproduce, pools them), and a small *untrained* ViT with the same layout for the offline
+miniature. No `transformers` at run time: the tests check parity against it.
 
     python clip_loader.py --encoder openai/clip-vit-large-patch14 some.jpg other.png
 """
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ from common import autocast, hub_folder, read_hub_weights, read_json
 @dataclass
 class CLIPVisionConfig:
     image_size: int = 224            # side of the square input, pixels
-    patch_size: int = 14             # side of a square patch: the grid is (image_size // patch_size)^2 patches
+    patch_size: int = 14             # side of a square patch: (image_size // patch_size)^2 patches per image
     width: int = 1024                # channels of every token (the hub's hidden_size)
     layers: int = 24                 # residual attention blocks
     heads: int = 16                  # attention heads per block
@@ -65,13 +65,13 @@ CLIP_PRESETS = {
     "openai/clip-vit-large-patch14-336": CLIPVisionConfig(336, 14, 1024, 24, 16, 4096),  # 577 tokens x 1024
     # The offline miniature's encoder: never trained, only randomly initialised (see build_random_clip).
     # 64 px images in patches of 4 give 257 tokens of width 128, the token count L/14 gives at 224 px.
-    # With patches of 8 a linear probe on the random features could not tell the shapes apart; with patches of 4
-    # a probe on one pooled token reads colour 100%, size 95%, shape 50% (chance 33%). More random blocks add
-    # nothing a probe can read (1 block and 4 score the same), so two keep feature extraction cheap.
+    # With patches of 8 a linear probe on the random features could not tell the shapes apart; with patches
+    # of 4 a probe on one pooled token reads colour 100%, size 95%, shape 50% (chance 33%). More random blocks
+    # add nothing a probe can read (1 block and 4 score the same), so two keep feature extraction cheap.
     "mini": CLIPVisionConfig(64, 4, 128, 2, 4, 512),
-    # The miniature's PRETRAINED encoder (train_clip.py trains it on the miniature's images and captions): patches
-    # of 8 give 65 tokens, a quarter of "mini"'s, and 3 blocks of width 96 keep a training step of 128 images near
-    # a quarter of a second on 2 CPU cores.
+    # The miniature's PRETRAINED encoder (miniature/train_clip.py trains it on the miniature's images and
+    # captions): patches of 8 give 65 tokens, a quarter of "mini"'s, and 3 blocks of width 96 keep a training
+    # step of 128 images near a quarter of a second on 2 CPU cores.
     "clip-mini": CLIPVisionConfig(64, 8, 96, 3, 4, 384),
     "tiny": CLIPVisionConfig(32, 8, 32, 2, 4, 64),  # unit tests: 17 tokens x 32
 }
@@ -141,9 +141,9 @@ class VisionTransformer(nn.Module):
     """
     CLIP's image tower. `layer` picks whose hidden states forward() returns, indexed like transformers'
     `hidden_states`: 0 is the embedding after pre-LayerNorm, k the output of block k, -1 the last block,
-    -2 the penultimate one. Blocks after the chosen layer are kept (so checkpoints load strictly) but never run.
-    The model is frozen here, once: no parameter wants a gradient and it never leaves eval mode. Only
-    train_clip.py, which pretrains a small tower, builds one with frozen=False.
+    -2 the penultimate one. Blocks after the chosen layer are kept (so checkpoints load strictly) but never
+    run. The model is frozen here, once: no parameter wants a gradient and it never leaves eval mode. Only
+    miniature/train_clip.py, which pretrains a small tower, builds one with frozen=False.
     """
 
     def __init__(self, config, layer=-1, frozen=True):
@@ -153,9 +153,11 @@ class VisionTransformer(nn.Module):
                              f"(use 0..{config.layers}, or -1 for the last, -2 for the penultimate)")
         self.config = config
         self.layer = layer
-        self.encoder_id = "custom"  # load_clip() records the name it was built from (the feature cache checks it)
+        # load_clip() records the name it was built from (the feature cache checks it)
+        self.encoder_id = "custom"
         self.n_run = layer % (config.layers + 1)  # how many blocks forward() runs
-        self.patch_embedding = nn.Conv2d(3, config.width, config.patch_size, stride=config.patch_size, bias=False)
+        self.patch_embedding = nn.Conv2d(3, config.width, config.patch_size, stride=config.patch_size,
+                                         bias=False)
         self.class_embedding = nn.Parameter(torch.zeros(config.width))
         self.position_embedding = nn.Parameter(torch.zeros(config.tokens, config.width))
         self.pre_layrnorm = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
@@ -173,7 +175,7 @@ class VisionTransformer(nn.Module):
 
     def forward(self, pixels):
         # a frozen tower never records an autograd graph, even for pixels that want a gradient; one being
-        # pretrained (train_clip.py) follows the caller's grad mode like any module
+        # pretrained (miniature/train_clip.py) follows the caller's grad mode like any module
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             B = pixels.shape[0]
             x = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype))  # (B, C, g, g)
@@ -187,7 +189,10 @@ class VisionTransformer(nn.Module):
             return x  # (B, 1 + N, C)
 
     def pooled(self, tokens):
-        """CLIP's pooled image state (transformers' pooler_output): post-LayerNorm of the last layer's class token."""
+        """
+        CLIP's pooled image state (transformers' pooler_output):
+        post-LayerNorm of the last layer's class token.
+        """
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             return self.post_layernorm(tokens[:, 0])  # (B, C)
 
@@ -198,10 +203,11 @@ class VisionTransformer(nn.Module):
 
 def build_random_clip(config, seed=0, layer=-1, frozen=True):
     """
-    A randomly initialised, UNTRAINED ViT with CLIP's layout and CLIP's init scheme, reproducible from the seed.
-    Its features carry no learned semantics, only what random projections of the pixels keep (colour, size,
-    position, and shape once patches are small enough); the offline miniature uses it so that the whole
-    pipeline runs without downloading anything. train_clip.py starts its training from it (frozen=False).
+    A randomly initialised, UNTRAINED ViT with CLIP's layout and CLIP's init scheme, reproducible from the
+    seed. Its features carry no learned semantics, only what random projections of the pixels keep (colour,
+    size, position, and shape once patches are small enough); the offline miniature uses it so that the whole
+    pipeline runs without downloading anything. miniature/train_clip.py starts its training from it
+    (frozen=False).
     """
     model = VisionTransformer(config, layer, frozen)
     g = torch.Generator().manual_seed(seed)
@@ -220,7 +226,8 @@ def build_random_clip(config, seed=0, layer=-1, frozen=True):
             for linear in (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj,
                            block.self_attn.out_proj, block.mlp.fc1, block.mlp.fc2):
                 linear.bias.zero_()
-        for ln in [model.pre_layrnorm, model.post_layernorm] + [m for b in model.blocks for m in (b.layer_norm1, b.layer_norm2)]:
+        for ln in ([model.pre_layrnorm, model.post_layernorm] +
+                   [m for b in model.blocks for m in (b.layer_norm1, b.layer_norm2)]):
             ln.weight.fill_(1.0)
             ln.bias.zero_()
     return model
@@ -245,8 +252,10 @@ def config_from_hub(hub):
         raise ValueError(f"only RGB CLIP towers are supported, this one takes {v['num_channels']} channels")
     return CLIPVisionConfig(image_size=v.get("image_size", 224), patch_size=v.get("patch_size", 32),
                             width=v.get("hidden_size", 768), layers=v.get("num_hidden_layers", 12),
-                            heads=v.get("num_attention_heads", 12), mlp_width=v.get("intermediate_size", 3072),
-                            layer_norm_eps=v.get("layer_norm_eps", 1e-5), act=v.get("hidden_act", "quick_gelu"))
+                            heads=v.get("num_attention_heads", 12),
+                            mlp_width=v.get("intermediate_size", 3072),
+                            layer_norm_eps=v.get("layer_norm_eps", 1e-5),
+                            act=v.get("hidden_act", "quick_gelu"))
 
 
 def hub_to_ours(state):
@@ -259,7 +268,8 @@ def hub_to_ours(state):
     ignored = ("text_model.", "text_projection.", "visual_projection.", "logit_scale")
     ours = {}
     for key, tensor in state.items():
-        if key.startswith(ignored) or key.endswith("position_ids"):  # position_ids: an index buffer, not a weight
+        # position_ids: an index buffer, not a weight
+        if key.startswith(ignored) or key.endswith("position_ids"):
             continue
         key = key.removeprefix("vision_model.")
         key = key.replace("encoder.layers.", "blocks.").removeprefix("embeddings.")
@@ -272,8 +282,9 @@ def hub_to_ours(state):
 def ours_to_hub(state):
     """
     The inverse of hub_to_ours: our image tower's state dict under transformers' CLIPModel key names
-    ("vision_model.embeddings.patch_embedding.weight", "vision_model.encoder.layers.0.self_attn.q_proj.weight", ...),
-    for saving a tower we trained (train_clip.py) so that it loads exactly like OpenAI's.
+    ("vision_model.embeddings.patch_embedding.weight",
+    "vision_model.encoder.layers.0.self_attn.q_proj.weight", ...), for saving a tower we trained
+    (miniature/train_clip.py) so that it loads exactly like OpenAI's.
     """
     hub = {}
     for key, tensor in state.items():
@@ -285,7 +296,9 @@ def ours_to_hub(state):
 
 
 def config_to_hub(config):
-    """The inverse of config_from_hub: a CLIPVisionConfig's fields under the hub's names (a "vision_config")."""
+    """
+    The inverse of config_from_hub: a CLIPVisionConfig's fields under the hub's names (a "vision_config").
+    """
     return dict(hidden_size=config.width, intermediate_size=config.mlp_width, num_hidden_layers=config.layers,
                 num_attention_heads=config.heads, num_channels=3, image_size=config.image_size,
                 patch_size=config.patch_size, hidden_act=config.act, layer_norm_eps=config.layer_norm_eps)
@@ -294,9 +307,10 @@ def config_to_hub(config):
 def load_clip(name_or_dir="openai/clip-vit-large-patch14", layer=-1):
     """
     A frozen CLIP image tower (eval mode, no gradients) whose forward returns layer `layer`'s hidden states.
-    name_or_dir: a hub id (openai/clip-vit-large-patch14, ...), a local folder in the hub's layout (config.json +
-    model.safetensors or pytorch_model.bin, from CLIPModel, CLIPVisionModel or CLIPVisionModelWithProjection),
-    or "random-vit:<preset>:seed<k>" for the untrained miniature encoder. `model.encoder_id` records the name.
+    name_or_dir: a hub id (openai/clip-vit-large-patch14, ...), a local folder in the hub's layout
+    (config.json + model.safetensors or pytorch_model.bin, from CLIPModel, CLIPVisionModel or
+    CLIPVisionModelWithProjection), or "random-vit:<preset>:seed<k>" for the untrained miniature encoder.
+    `model.encoder_id` records the name.
     """
     if name_or_dir.startswith(RANDOM_PREFIX):
         preset, _, seed = name_or_dir.removeprefix(RANDOM_PREFIX).partition(":seed")
@@ -351,9 +365,10 @@ MAX_RESIZED_PIXELS = 2 ** 25  # 33.5M pixels (100 MB as RGB): far above any real
 def resize_crop(image, size=224):
     """
     One image as a (size, size, 3) uint8 array: shortest side resized to `size` with bicubic, the long side to
-    int(size * long / short) (truncated, as CLIPImageProcessor does: rounding moves pixels by up to 2.6 levels),
-    then the centre crop starting at (long - size) // 2. A needle-thin image (a 1 x 5000 PNG of 100 bytes) would
-    become gigapixels before the crop: beyond MAX_RESIZED_PIXELS it is refused with a ValueError instead.
+    int(size * long / short) (truncated, as CLIPImageProcessor does: rounding moves pixels by up to 2.6
+    levels), then the centre crop starting at (long - size) // 2. A needle-thin image (a 1 x 5000 PNG of 100
+    bytes) would become gigapixels before the crop: beyond MAX_RESIZED_PIXELS it is refused with a ValueError
+    instead.
     """
     w, h = image.size
     if w <= h:
@@ -362,7 +377,8 @@ def resize_crop(image, size=224):
         new_w, new_h = int(size * w / h), size
     if new_w * new_h > MAX_RESIZED_PIXELS:
         raise ValueError(f"a {w}x{h} image (aspect ratio 1:{max(w, h) / min(w, h):.0f}) would be resized to "
-                         f"{new_w}x{new_h} pixels before the crop; refusing images beyond {MAX_RESIZED_PIXELS:,} pixels")
+                         f"{new_w}x{new_h} pixels before the crop; "
+                         f"refusing images beyond {MAX_RESIZED_PIXELS:,} pixels")
     image = to_rgb(image).resize((new_w, new_h), Image.Resampling.BICUBIC)
     left, top = (new_w - size) // 2, (new_h - size) // 2
     return np.asarray(image.crop((left, top, left + size, top + size)))  # (size, size, 3)
@@ -382,25 +398,7 @@ def preprocess(images, size=224):
 
 
 # -----------------------------------------------------------------------------
-# Pooling the patch grid: 257 tokens -> 33
-
-
-def pool_tokens(tokens, grid=(4, 8)):
-    """
-    Keep the class token and average the patch grid down to grid = (rows, cols) tokens: (B, 1 + N, C) ->
-    (B, 1 + rows * cols, C); grid=None keeps every token. A bridge attending over 33 tokens instead of 257
-    is about 8x cheaper, and averaging neighbouring patches keeps their layout (which token is where).
-    """
-    if grid is None:
-        return tokens
-    B, S, C = tokens.shape
-    side = math.isqrt(S - 1)
-    if side * side != S - 1:
-        raise ValueError(f"{S - 1} patch tokens do not form a square grid")
-    patches = tokens[:, 1:].transpose(1, 2).reshape(B, C, side, side)  # (B, C, g, g)
-    pooled = F.adaptive_avg_pool2d(patches, grid)  # (B, C, rows, cols)
-    pooled = pooled.flatten(2).transpose(1, 2)  # (B, rows * cols, C)
-    return torch.cat([tokens[:, :1], pooled], dim=1)  # (B, 1 + rows * cols, C)
+# Pooling the patch grid: 257 tokens -> 33, and what a bridge's visual tokens are
 
 
 def parse_grid(text):
@@ -413,14 +411,81 @@ def parse_grid(text):
     return int(rows), int(cols)
 
 
-@torch.no_grad()
-def encode_pixels(model, pixels, grid=(4, 8), dtype="fp32"):
+# the default pooling grid of every script's --pool (the reference project's): 1 + 4 x 8 = 33 tokens
+POOL_FLAG = "4x8"
+POOL = parse_grid(POOL_FLAG)
+
+
+def pool_tokens(tokens, grid=POOL):
     """
-    The one way images become visual tokens, everywhere in the project (feature caching, on-the-fly encoding in
-    training and evaluation): (B, H, W, 3) uint8 pixels, already resized and cropped (resize_crop, or
-    data.coco.load_pixels) -> the frozen encoder's tokens, pooled: (B, 1 + rows * cols, C), float32 on the CPU.
-    The model may sit on any device; the pixels follow it. dtype: the autocast dtype ("bf16" on a GPU runs a
-    ViT-L/14 at several times its fp32 speed, and the tokens are stored in fp16 anyway).
+    Keep the class token and average the patch grid down to grid = (rows, cols) tokens: (B, 1 + N, C) ->
+    (B, 1 + rows * cols, C); grid=None (or the ViT's own grid) keeps every token. A bridge attending over 33
+    tokens instead of 257 is about 8x cheaper, and averaging neighbouring patches keeps their layout.
+    """
+    B, S, C = tokens.shape
+    side = math.isqrt(S - 1)
+    if grid is None or tuple(grid) == (side, side):
+        return tokens
+    if side * side != S - 1:
+        raise ValueError(f"{S - 1} patch tokens do not form a square grid")
+    patches = tokens[:, 1:].transpose(1, 2).reshape(B, C, side, side)  # (B, C, g, g)
+    pooled = F.adaptive_avg_pool2d(patches, grid)  # (B, C, rows, cols)
+    pooled = pooled.flatten(2).transpose(1, 2)  # (B, rows * cols, C)
+    return torch.cat([tokens[:, :1], pooled], dim=1)  # (B, 1 + rows * cols, C)
+
+
+@dataclass(frozen=True)
+class VisualFeatures:
+    """
+    What a bridge's visual tokens are, in one place: a feature cache's manifest and a caption checkpoint
+    record it, and the cache or encoder a checkpoint is later given must be == to it. The tokens of an image
+    are the class token, then the grid of (pooled) patch tokens, row by row.
+    """
+    encoder: str     # what load_clip loads: a hub id, a hub-format folder, or random-vit:<preset>:seed<k>
+    layer: int       # the block whose output is read (-1: the last; -2: the one before it, LLaVA's choice)
+    grid: tuple      # (rows, cols) of patch tokens: the pooling grid, or the ViT's own grid when not pooled
+    image_size: int  # pixels per side the encoder reads
+    width: int       # channels of every token
+
+    @property
+    def tokens(self):
+        return 1 + self.grid[0] * self.grid[1]
+
+    @classmethod
+    def of(cls, model, grid):
+        """The features a loaded encoder gives, pooled to grid (None: not pooled)."""
+        c = model.config
+        grid = tuple(grid) if grid else (c.grid, c.grid)
+        return cls(model.encoder_id, model.layer, grid, c.image_size, c.width)
+
+    def as_dict(self):
+        """For JSON and checkpoints (plain types only)."""
+        return dict(asdict(self), grid=list(self.grid))
+
+    @classmethod
+    def from_dict(cls, d, where):
+        """Back from as_dict(); a ValueError naming `where` (a file) for a record of another form."""
+        names = [f.name for f in fields(cls)]
+        if not isinstance(d, dict) or sorted(d) != sorted(names):
+            raise ValueError(f"{where} records its visual features as {d!r}, not as this version of the code "
+                             f"does ({', '.join(names)}): it was made by an earlier version; make it again")
+        return cls(**dict(d, grid=tuple(d["grid"])))
+
+    def differences(self, other, mine="have"):
+        """'field: have X, expected Y' for every field in which other differs."""
+        return [f"{f.name}: {mine} {getattr(self, f.name)!r}, expected {getattr(other, f.name)!r}"
+                for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+
+
+@torch.no_grad()
+def encode_pixels(model, pixels, grid=POOL, dtype="fp32"):
+    """
+    The one way images become visual tokens, everywhere in the project (feature caching, on-the-fly encoding
+    in training and evaluation): (B, H, W, 3) uint8 pixels, already resized and cropped (resize_crop, or
+    data.feature_cache.load_pixels) -> the frozen encoder's tokens, pooled: (B, 1 + rows * cols, C),
+    float32 on the CPU. The model may sit on any device; the pixels follow it. dtype: the autocast dtype
+    ("bf16" on a GPU runs a ViT-L/14 at several times its fp32 speed, and the tokens are stored in fp16
+    anyway).
     """
     device = model.patch_embedding.weight.device
     x = normalize_pixels(torch.as_tensor(np.stack(pixels)).to(device, non_blocking=True))  # (B, 3, H, W)
@@ -429,15 +494,18 @@ def encode_pixels(model, pixels, grid=(4, 8), dtype="fp32"):
     return pool_tokens(tokens.float(), grid).cpu()  # (B, S, C)
 
 
-def encode_images(model, images, grid=(4, 8)):
-    """PIL images (any mode, any size) -> pooled tokens (B, S, C), preprocessed at the model's own input size."""
+def encode_images(model, images, grid=POOL):
+    """
+    PIL images (any mode, any size) -> pooled tokens (B, S, C), preprocessed at the model's own input size.
+    """
     return encode_pixels(model, [resize_crop(im, model.config.image_size) for im in images], grid)
 
 
 def encoder_param_counts(name_or_dir):
     """
-    {"total", "trainable": 0} of the frozen encoder an id names, without loading its weights (a model on the meta
-    device has shapes but no storage); None for a hub id this machine cannot size offline (left out, not guessed).
+    {"total", "trainable": 0} of the frozen encoder an id names, without loading its weights (a model on the
+    meta device has shapes but no storage); None for a hub id this machine cannot size offline (left out, not
+    guessed).
     """
     if name_or_dir.startswith(RANDOM_PREFIX):
         config = CLIP_PRESETS[name_or_dir.removeprefix(RANDOM_PREFIX).split(":")[0]]
@@ -453,7 +521,9 @@ def encoder_param_counts(name_or_dir):
 
 
 def is_untrained(model):
-    """True for the miniature's random encoder: its features mean nothing beyond random projections of pixels."""
+    """
+    True for the miniature's random encoder: its features mean nothing beyond random projections of pixels.
+    """
     return model.encoder_id.startswith(RANDOM_PREFIX)
 
 
@@ -463,20 +533,23 @@ def describe(model):
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     untrained = " (UNTRAINED, random init)" if is_untrained(model) else ""
-    return (f"{model.encoder_id}{untrained}: {c.image_size}px, patch {c.patch_size}, {c.tokens} tokens x {c.width}, "
-            f"{c.layers} blocks, layer {model.layer}; {total / 1e6:.2f}M params, {trainable} trainable")
+    return (f"{model.encoder_id}{untrained}: {c.image_size}px, patch {c.patch_size}, "
+            f"{c.tokens} tokens x {c.width}, {c.layers} blocks, layer {model.layer}; "
+            f"{total / 1e6:.2f}M params, {trainable} trainable")
 
 
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
     import argparse
-    parser = argparse.ArgumentParser(description="Encode images with a frozen CLIP ViT and print the token shapes.")
+    parser = argparse.ArgumentParser(
+        description="Encode images with a frozen CLIP ViT and print the token shapes.")
     parser.add_argument("images", nargs="*", help="image files (none: one random-noise image)")
     parser.add_argument("--encoder", default="openai/clip-vit-large-patch14",
-                        help="hub id, local hub-format folder, or random-vit:<preset>:seed<k> (e.g. random-vit:mini:seed0)")
+                        help="hub id, local hub-format folder, or random-vit:<preset>:seed<k> "
+                             "(e.g. random-vit:mini:seed0)")
     parser.add_argument("--layer", type=int, default=-1, help="-1 = last block, -2 = penultimate (LLaVA)")
-    parser.add_argument("--pool", default="4x8", help="ROWSxCOLS grid for the patch tokens, or none")
+    parser.add_argument("--pool", default=POOL_FLAG, help="ROWSxCOLS grid for the patch tokens, or none")
     args = parser.parse_args()
 
     model = load_clip(args.encoder, layer=args.layer)

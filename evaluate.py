@@ -1,21 +1,25 @@
 """
 Evaluate captioners: decode captions for a set of images, score them, compare bridges in one table.
 
-    python evaluate.py --checkpoints runs/caption/linear/ckpt_final.pt runs/caption/xattn/ckpt_final.pt \
-        runs/caption/qformer/ckpt_final.pt --coco-root data/shapes --split val --features data/cache/shapes_val \
-        --out results/      # table.md, results.json, captions_*.json, val_loss.png, grid_*.png, attention_*.png
+    # table.md, results.json, captions_*.json, val_loss.png, grid_*.png, attention_*.png
+    python evaluate.py --checkpoints runs/caption/linear/ckpt_final.pt \
+        runs/caption/xattn/ckpt_final.pt runs/caption/qformer/ckpt_final.pt \
+        --coco-root data/shapes --split val --features data/cache/shapes_val \
+        --extra-scores data.shapes --out results/
     python evaluate.py --images my_photos/ --checkpoint runs/caption/qformer/ckpt_final.pt   # your own images
 
-Decoding comes first in this file: greedy, sampling and beam search, batched over images through the GPT's KV
-cache. Then where the visual tokens come from, the blind baseline, the comparison, and captioning a folder.
-The metrics (BLEU, METEOR, ROUGE-L, CIDEr-D through pycocoevalcap) are in metrics.py, the pictures in plots.py.
+In this file: decoding a set of images (the methods, greedy, sampling and beam search, are decoding.py's),
+where the visual tokens come from, the blind baseline, the comparison, and captioning a folder. The metrics
+(BLEU, METEOR, ROUGE-L, CIDEr-D through pycocoevalcap) are metrics.py's, the pictures plots.py's. A data set
+may add score columns of its own (--extra-scores; the miniature's check each caption against the scene it
+drew).
 
-The table carries a blind baseline: the first checkpoint's frozen LM with no image at all, decoded the same way
-(its first sentence after <|endoftext|>): the LM's caption prior. A bridge that does not beat it clearly has not
-learned to use the image.
+The table carries a blind baseline: the first checkpoint's frozen LM with no image at all, decoded the same
+way (its first sentence after <|endoftext|>): the LM's caption prior. A bridge that does not beat it clearly
+has not learned to use the image.
 """
 import argparse
-import math
+import importlib
 import os
 import sys
 import time
@@ -27,124 +31,14 @@ from tqdm import tqdm
 import clip_loader
 import plots
 from bridges import Captioner, load_captioner
-from common import (autocast, best_device, finite_float, nonneg_float, positive_int, probability, resolve_dtype,
-                    write_json)
-from data import coco
-from data.shapes import attribute_accuracy, read_scenes
+from common import (autocast, best_device, finite_float, nonneg_float, positive_int, probability,
+                    resolve_dtype, write_json)
+from data import coco, feature_cache
+from decoding import decode_batch
 from metrics import METRICS, score_captions
 
 # -----------------------------------------------------------------------------
-# Decoding: greedy, beam search and sampling, batched over images, through the GPT's KV cache
-#
-# Every method conditions on the image once (captioner.condition: the prefix and the cross-attention keys and
-# values), then feeds one token per step to the LM, which keeps the keys and values of everything before.
-
-
-@torch.no_grad()
-def decode_batch(captioner, visual, method="beam", beam=3, max_new_tokens=30, length_penalty=1.0, temperature=1.0,
-                 top_p=None, generator=None):
-    """One batch of images (B, S, C_vis) -> B token lists, by greedy, beam search (beam 1 = greedy) or sampling."""
-    if method == "greedy" or (method == "beam" and beam == 1):
-        return captioner.generate(visual, max_new_tokens, temperature=0.0)
-    if method == "beam":
-        return beam_search(captioner, visual, beam, max_new_tokens, length_penalty)
-    if method == "sample":
-        return captioner.generate(visual, max_new_tokens, temperature=temperature, top_p=top_p, generator=generator)
-    raise ValueError(f"unknown decoding method {method!r}: choose greedy, beam or sample")
-
-
-@torch.no_grad()
-def beam_search(captioner, visual, beam=3, max_new_tokens=30, length_penalty=1.0):
-    """
-    Beam search for a batch of images: visual (B, S, C_vis) -> B captions (lists of token ids, without the
-    final <|endoftext|>). All B * beam hypotheses advance together, one LM call per step.
-
-    A hypothesis ends when it emits <|endoftext|>; it is then scored by
-        sum of its tokens' log-probabilities / length ** length_penalty      (length counts the <|endoftext|>)
-    so length_penalty=0 ranks by total log-probability and 1 by the mean per token (longer captions are not
-    punished for having more terms to sum). A hypothesis still running after max_new_tokens is scored the same
-    way over its max_new_tokens tokens.
-
-    Which ends count, and when to stop, follow the usual rule (Hugging Face's early_stopping=False): at each step
-    the 2 * beam best continuations are ranked; an <|endoftext|> among the first `beam` of them is a finished
-    hypothesis, and the best `beam` others are the next beams. An image is done when it holds `beam` finished
-    hypotheses and none of its live beams scores better at its current length. With length_penalty=0 that is
-    exact (a live beam's total can only fall); beam=1 is exactly greedy decoding.
-    """
-    lm, eot, K, n_vocab = captioner.lm, captioner.eot, beam, captioner.n_vocab
-    B = visual.size(0)
-    # All K beams of an image start from the same prefix: prefill it once per image, then give each beam a copy
-    # of its image's keys and values. Rows b*K .. b*K+K-1 are then image b's beams, and the cross-attention
-    # callables are made for that layout too (beams are only ever reshuffled within an image, never across).
-    prefix, cross = captioner.condition(visual)  # (B, L, C)
-    cache = lm.new_cache(B, prefix.size(1) + max_new_tokens)
-    empty = torch.zeros(B, 0, dtype=torch.long, device=visual.device)  # (B, 0): no text yet
-    logits, _ = lm(empty, prefix=prefix, cross=cross, cache=cache, last_only=True)  # (B, 1, V)
-    per_beam = torch.arange(B, device=visual.device).repeat_interleave(K)  # (B*K,) the image of each beam
-    cache.reorder(per_beam)
-    cache.shared = cache.pos  # from here on beams are reshuffled within an image only: their prefixes stay put
-    if cross is not None:
-        _, cross = captioner.condition(visual[per_beam])  # (B*K rows) the image's keys and values for every beam
-    logprobs = F.log_softmax(logits[per_beam, -1, :n_vocab].float(), dim=-1)  # (B*K, V)
-    V = logprobs.size(-1)
-
-    # At the start all K beams of an image are the same empty caption: keep only the first alive, or the
-    # first step would pick the same token K times.
-    scores = torch.full((B, K), float("-inf"), device=visual.device)  # (B, K) total log-probability per beam
-    scores[:, 0] = 0.0
-    tokens = torch.zeros(B * K, 0, dtype=torch.long, device=visual.device)  # (B*K, t) each beam's caption so far
-    finished = [[] for _ in range(B)]  # per image: (score, token list), best first, at most K
-    done = [False] * B
-    rows = torch.arange(B, device=visual.device)[:, None] * K  # (B, 1) first row of each image's beams
-
-    def normalized(total, length):
-        return total / length ** length_penalty
-
-    for t in range(max_new_tokens):
-        length = t + 1  # tokens in a hypothesis that ends (or stops) at this step
-        candidates = (scores[:, :, None] + logprobs.view(B, K, V)).view(B, K * V)  # (B, K*V)
-        top_scores, top_index = candidates.topk(2 * K, dim=-1)  # (B, 2K), best first
-        top_beam, top_token = top_index // V, top_index % V  # (B, 2K) which beam it extends, with which token
-        is_eot = top_token == eot
-
-        # finished hypotheses: <|endoftext|> among the first K candidates. Their scores and captions come to the
-        # host in one transfer per step, not one per hypothesis (each is a GPU sync).
-        hits = (is_eot[:, :K] & torch.isfinite(top_scores[:, :K])).nonzero()  # (E, 2): (image, rank)
-        if len(hits):
-            ended_rows = rows[hits[:, 0], 0] + top_beam[hits[:, 0], hits[:, 1]]  # (E,)
-            ended = zip(hits[:, 0].tolist(), top_scores[hits[:, 0], hits[:, 1]].tolist(), tokens[ended_rows].tolist())
-            for b, score, caption in ended:
-                if not done[b]:
-                    finished[b] = sorted(finished[b] + [(normalized(score, length), caption)],
-                                         key=lambda h: h[0], reverse=True)[:K]
-
-        # the next beams: the best K candidates that do not end (a stable sort keeps their rank order; there are
-        # always at least K, since each beam contributes at most one <|endoftext|> to the 2K)
-        keep = torch.argsort(is_eot.to(torch.int8), dim=-1, stable=True)[:, :K]  # (B, K) positions in the 2K
-        scores = top_scores.gather(1, keep)  # (B, K)
-        source = (rows + top_beam.gather(1, keep)).view(-1)  # (B*K,) the row each new beam continues
-        new_tokens = top_token.gather(1, keep).view(-1)  # (B*K,)
-        tokens = torch.cat([tokens[source], new_tokens[:, None]], dim=1)  # (B*K, t + 1)
-
-        best_alive = scores[:, 0].tolist()  # scores are sorted: beam 0 is each image's best
-        for b in range(B):
-            if not done[b] and len(finished[b]) == K:
-                done[b] = normalized(best_alive[b], length) <= finished[b][-1][0]
-        if all(done) or t == max_new_tokens - 1:
-            break
-        cache.reorder(source)  # only when another step will read the cache
-        logits, _ = lm(new_tokens[:, None], cross=cross, cache=cache)  # (B*K, 1, V): one position per beam
-        logprobs = F.log_softmax(logits[:, -1, :n_vocab].float(), dim=-1)  # (B*K, V)
-
-    # images still running at max_new_tokens: their live beams compete as they are
-    captions, live_scores, live_tokens = [], scores.tolist(), tokens.tolist()
-    for b in range(B):
-        hypotheses = list(finished[b])
-        if not done[b]:
-            hypotheses += [(normalized(live_scores[b][k], len(live_tokens[b * K + k])), live_tokens[b * K + k])
-                           for k in range(K) if math.isfinite(live_scores[b][k])]
-        captions.append(max(hypotheses, key=lambda h: h[0])[1])
-    return captions
+# Decoding every image of a set (the methods themselves: decoding.py), timed
 
 
 def decode(captioner, tokenizer, batches, method="beam", beam=3, max_new_tokens=30, length_penalty=1.0,
@@ -153,7 +47,8 @@ def decode(captioner, tokenizer, batches, method="beam", beam=3, max_new_tokens=
     Caption every image of `batches`, an iterable of (image_ids, visual (B, S, C_vis)) (see batches() below).
     Returns ({image_id: caption text}, captions per second).
     Captions/s times the decoding only (conditioning included), not the reading or encoding of the images.
-    Sampling draws from one generator seeded with `seed`: the same seed, batches and device give the same captions.
+    Sampling draws from one generator seeded with `seed`: the same seed, batches and device give the same
+    captions.
     dtype: the autocast dtype ("bf16" on a GPU; the KV cache then holds bf16 too).
     """
     device = next(captioner.parameters()).device
@@ -162,19 +57,21 @@ def decode(captioner, tokenizer, batches, method="beam", beam=3, max_new_tokens=
     for image_ids, visual in tqdm(batches, desc=desc, unit="batch", leave=False):
         visual = visual.to(device)
         with autocast(device.type, dtype):
-            if not warm:  # one untimed short run first: allocator, kernels and caches warm up outside the timing
+            # one untimed short run first: allocator, kernels and caches warm up outside the timing
+            if not warm:
                 decode_batch(captioner, visual[:1], method, beam, 2, length_penalty, temperature, top_p,
                              torch.Generator(device=device).manual_seed(seed))
                 warm = True
             _sync(device)
             t0 = time.perf_counter()
-            token_lists = decode_batch(captioner, visual, method, beam, max_new_tokens, length_penalty, temperature,
-                                       top_p, generator)
+            token_lists = decode_batch(captioner, visual, method, beam, max_new_tokens, length_penalty,
+                                       temperature, top_p, generator)
             _sync(device)
         seconds += time.perf_counter() - t0
         for image_id, caption_tokens in zip(image_ids, token_lists):
-            # ids past the tokenizer's (a vocabulary padded to 50,304) are never generated; never decoded either
-            captions[image_id] = tokenizer.decode([t for t in caption_tokens if t < tokenizer.n_vocab]).strip()
+            # ids past the tokenizer's (vocabulary padded to 50,304) are never generated; never decoded either
+            captions[image_id] = tokenizer.decode([t for t in caption_tokens
+                                                   if t < tokenizer.n_vocab]).strip()
     return captions, len(captions) / max(seconds, 1e-9)
 
 
@@ -186,25 +83,24 @@ def _sync(device):
 # Where the visual tokens come from: a feature cache of the images, or the checkpoint's own encoder
 
 
-def check_features(cache, ckpt, ckpt_path):
-    """ValueError unless the feature cache was made the way the checkpoint's training features were."""
-    trained = ckpt.get("features") or {}
-    expected = {k: trained[k] for k in coco.FEATURE_FIELDS if k in trained}
-    if not expected:
-        raise ValueError(f"{ckpt_path} records no feature settings ('features'): cannot check the cache against it")
-    try:
-        cache.check_compatible(expected)
-    except ValueError as e:
-        raise ValueError(f"{ckpt_path} was trained on other features than the cache holds: {e}. "
-                         f"Build a cache with the checkpoint's settings (python data/coco.py features "
-                         f"--encoder {trained.get('encoder')} --pool {trained.get('pooling')} ...), or drop "
-                         f"--features to encode the images on the fly.") from e
+def check_features(cache, spec, ckpt_path):
+    """ValueError unless the feature cache holds the features (spec) the checkpoint was trained on."""
+    if cache.spec != spec:
+        raise ValueError(f"{ckpt_path} was trained on other features than the cache {cache.out_dir} holds: "
+                         f"{'; '.join(cache.spec.differences(spec, 'cache has'))}. Build a cache of the "
+                         f"checkpoint's features (python data/feature_cache.py --encoder {spec.encoder} "
+                         f"--layer {spec.layer} --pool {spec.grid[0]}x{spec.grid[1]} ...), or "
+                         f"drop --features to encode the images on the fly.")
 
 
-def encoded_images(features, records, device, dtype="fp32"):
-    """The visual source a checkpoint's 'features' settings describe: its encoder, pooled as it was trained."""
-    encoder = clip_loader.load_clip(features["encoder"], layer=features.get("layer", -1))
-    return coco.EncodedImages(encoder, clip_loader.parse_grid(features.get("pooling", "4x8")), records, device, dtype)
+def encoded_images(spec, records, device, dtype="fp32"):
+    """The visual source a checkpoint's features describe: its encoder, pooled as it was trained."""
+    images = feature_cache.EncodedImages(clip_loader.load_clip(spec.encoder, layer=spec.layer), spec.grid,
+                                         records, device, dtype)
+    if images.spec != spec:  # the encoder's folder now holds another model
+        raise ValueError(f"the encoder {spec.encoder} no longer makes the features it was trained on: "
+                         f"{'; '.join(images.spec.differences(spec))}")
+    return images
 
 
 def batches(source, image_ids, batch_size):
@@ -248,10 +144,6 @@ def blind_captions(captioner, tokenizer, image_ids, batch_size, decoding, dtype)
 # The comparison: several bridge checkpoints on the same images, one table
 
 
-# the miniature's per-attribute accuracies, then the scene-level ones (data/shapes.py: scene_level)
-ATTRIBUTES = ("colour", "shape", "size", "position", "layout", "relation", "objects", "scene")
-
-
 def run_name(path, taken):
     """A short, unique name for a checkpoint: its run folder (runs/caption/<name>/ckpt_final.pt)."""
     name = os.path.basename(os.path.dirname(os.path.abspath(path))) or "ckpt"
@@ -263,7 +155,9 @@ def run_name(path, taken):
 
 
 def evaluation_set(args):
-    """The records to caption: ([{"image_id", "path", "captions"}, ...], split, a description of the split)."""
+    """
+    The records to caption: ([{"image_id", "path", "captions"}, ...], split, a description of the split).
+    """
     split = args.split or ("test" if args.karpathy_json else "val")
     records = coco.load_records(args.coco_root, split, args.karpathy_json)
     records = [r for r in records if r["captions"]]  # an image without references cannot be scored
@@ -277,16 +171,18 @@ def evaluation_set(args):
 
 def in_cache(records, cache, path, where):
     """
-    The records whose image the feature cache holds. Images it skipped as unreadable when it was built are left
-    out (and said so); any other image missing means a cache of another split: an error, never a silent shrink
-    (a Karpathy-test row scored on the 600 of its 5,000 images that happen to be in val2017 would be a lie).
+    The records whose image the feature cache holds. Images it skipped as unreadable when it was built are
+    left out (and said so); any other image missing means a cache of another split: an error, never a silent
+    shrink (a Karpathy-test row scored on the 600 of its 5,000 images that happen to be in val2017 would be a
+    lie).
     """
     missing = [r for r in records if r["image_id"] not in cache]
     absent = [r for r in missing if r["image_id"] not in cache.unreadable]
     if absent:
-        raise ValueError(f"{len(absent)} of the {len(records)} images of {where} are not in the feature cache {path} "
-                         f"(e.g. {absent[0]['path']}): it was built from another split. Build one from these images: "
-                         f"python data/coco.py features --split ... (with the same --karpathy-json), or drop --features")
+        raise ValueError(f"{len(absent)} of the {len(records)} images of {where} are not in the feature "
+                         f"cache {path} (e.g. {absent[0]['path']}): it was built from another split. Build "
+                         f"one from these images: python data/feature_cache.py --split ... (with the same "
+                         f"--karpathy-json), or drop --features")
     if missing:
         print(f"{len(missing)} image(s) unreadable when the cache was built, left out: "
               f"{[r['path'] for r in missing[:5]]}", file=sys.stderr)
@@ -305,59 +201,73 @@ def check_unseen(ckpt, records, path, where):
     if overlap:
         raise ValueError(
             f"{path} was trained on {len(overlap)} of the {len(records)} images of {where} (e.g. COCO id "
-            f"{overlap[0]}): scores on them measure memory, not captioning. Karpathy's val and test images come from "
-            f"COCO 2014 val, and most of those are in train2017: for Karpathy-test numbers, cache features and train "
-            f"with --karpathy-json (his train split); to evaluate a model trained on all of train2017, use COCO 2017 "
-            f"val (no --karpathy-json).")
+            f"{overlap[0]}): scores on them measure memory, not captioning. Karpathy's val and test images "
+            f"come from COCO 2014 val, and most of those are in train2017: for Karpathy-test numbers, cache "
+            f"features and train with --karpathy-json (his train split); to evaluate a model trained on all "
+            f"of train2017, use COCO 2017 val (no --karpathy-json).")
 
 
-def score_row(name, captions, references, metrics, scenes):
-    """Metrics of one set of captions, as a table row."""
+def extra_scorer(module, root, split):
+    """
+    A data set's own score columns, beyond the reference captions (the miniature checks every caption against
+    the scene it drew), or None. --extra-scores names a module whose extra_scores(root, split) returns None or
+    (column names, score, about): score({image_id: caption}) -> {column: value}; about, a sentence for the
+    table.
+    """
+    return importlib.import_module(module).extra_scores(root, split) if module else None
+
+
+def score_row(name, captions, references, metrics, extra):
+    """Metrics of one set of captions (and the data set's extra scores), as a table row."""
     scores = score_captions(captions, {i: references[i] for i in captions}, metrics)
     row = dict(bridge=name, images=len(captions))
     for key in ("BLEU-4", "METEOR", "METEOR_mean", "METEOR_std", "METEOR_ci", "ROUGE-L", "CIDEr", "CIDEr_ci"):
         if key in scores:
             row[key] = list(scores[key]) if isinstance(scores[key], tuple) else scores[key]
-    if scenes is not None:
-        row["attributes"] = attribute_accuracy(captions, scenes)
+    if extra is not None:
+        row["attributes"] = extra[1](captions)
     return row
 
 
 def compare(args):
-    """Evaluate every checkpoint (and the blind baseline) on one image set; write args.out (see the docstring)."""
+    """
+    Evaluate every checkpoint (and the blind baseline) on one image set; write args.out (see the docstring).
+    """
     os.makedirs(args.out, exist_ok=True)
     records, split, where = evaluation_set(args)
-    cache = coco.FeatureCache(args.features) if args.features else None
+    cache = feature_cache.FeatureCache(args.features) if args.features else None
     if cache is not None:
         records = in_cache(records, cache, args.features, where)
     references = {r["image_id"]: r["captions"] for r in records}
-    scenes = None if args.karpathy_json else read_scenes(args.coco_root, split)
+    extra = extra_scorer(args.extra_scores, args.coco_root, split)
     decoding = dict(method=args.method, beam=args.beam, max_new_tokens=args.max_new_tokens,
-                    length_penalty=args.length_penalty, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    print(f"evaluating {len(args.checkpoints)} checkpoint(s) on {len(records)} images of {where}; decoding {decoding}",
-          file=sys.stderr)
+                    length_penalty=args.length_penalty, temperature=args.temperature, top_p=args.top_p,
+                    seed=args.seed)
+    print(f"evaluating {len(args.checkpoints)} checkpoint(s) on {len(records)} images of {where}; "
+          f"decoding {decoding}", file=sys.stderr)
 
-    # Decode every checkpoint first, then score: captions/s then times decoding with nothing else running in the
-    # process (the METEOR JVM, started by the first scoring, would otherwise compete for the cores).
+    # Decode every checkpoint first, then score: captions/s then times decoding with nothing else running in
+    # the process (the METEOR JVM, started by the first scoring, would otherwise compete for the cores).
     runs, sources, names = [], {}, set()
     for path in args.checkpoints:
         captioner, tokenizer, ckpt = load_captioner(path, lm=args.lm, device=args.device)
         check_unseen(ckpt, records, path, where)
+        spec = clip_loader.VisualFeatures.from_dict(ckpt["features"], path)
         if cache is not None:
-            check_features(cache, ckpt, path)
+            check_features(cache, spec, path)
             source = cache
-        else:  # one encoder per distinct feature setting, shared by the checkpoints that use it
-            key = tuple(str(ckpt["features"].get(k)) for k in coco.FEATURE_FIELDS)
-            source = sources[key] = sources.get(key) or encoded_images(ckpt["features"], records, args.device,
-                                                                       args.dtype)
+        else:  # one encoder per distinct kind of features, shared by the checkpoints that read them
+            source = sources[spec] = sources.get(spec) or encoded_images(spec, records, args.device,
+                                                                         args.dtype)
         name = run_name(path, names)
-        captions, captions_per_s = decode(captioner, tokenizer, batches(source, list(references), args.batch_size),
+        captions, captions_per_s = decode(captioner, tokenizer,
+                                          batches(source, list(references), args.batch_size),
                                           desc=name, dtype=args.dtype, **decoding)
-        runs.append(dict(name=name, path=path, captioner=captioner, tokenizer=tokenizer, ckpt=ckpt, captions=captions,
-                         source=source, captions_per_s=captions_per_s))
+        runs.append(dict(name=name, path=path, captioner=captioner, tokenizer=tokenizer, ckpt=ckpt,
+                         captions=captions, source=source, captions_per_s=captions_per_s))
         print(f"{name}: {captions_per_s:.1f} captions/s", file=sys.stderr)
-    # The blind baseline: if a bridge's scores are not clearly above this row, the bridge has not learned to use
-    # the image: everything it gets right, the LM guesses on its own.
+    # The blind baseline: if a bridge's scores are not clearly above this row, the bridge has not learned to
+    # use the image: everything it gets right, the LM guesses on its own.
     first = runs[0]
     blind, blind_per_s = blind_captions(first["captioner"], first["tokenizer"], list(first["captions"]),
                                         args.batch_size, decoding, args.dtype)
@@ -365,20 +275,21 @@ def compare(args):
     rows = []
     for run in runs:
         captioner, ckpt, captions = run["captioner"], run["ckpt"], run["captions"]
-        row = score_row(run["name"], captions, references, args.metrics, scenes)
+        row = score_row(run["name"], captions, references, args.metrics, extra)
         params = ckpt.get("params") or captioner.param_counts()
-        row.update(kind=ckpt["bridge_config"]["kind"], checkpoint=run["path"], step=ckpt.get("step"), params=params,
-                   trainable_params=sum(p["trainable"] for p in params.values() if p),
+        row.update(kind=ckpt["bridge_config"]["kind"], checkpoint=run["path"], step=ckpt.get("step"),
+                   params=params, trainable_params=sum(p["trainable"] for p in params.values() if p),
                    total_params=sum(p["total"] for p in params.values() if p),
                    train_seconds=ckpt.get("train_seconds"), captions_per_s=run["captions_per_s"],
                    val_loss=final_val_loss(ckpt, run["path"]), seed=ckpt.get("args", {}).get("seed"))
         if hasattr(captioner.bridge, "attention_maps"):
-            row["query_similarity"] = query_similarity(captioner, run["source"], list(captions)[:100], args.device)
+            row["query_similarity"] = query_similarity(captioner, run["source"], list(captions)[:100],
+                                                       args.device)
         rows.append(row)
         write_json(os.path.join(args.out, f"captions_{run['name']}.json"),
                    {str(i): dict(caption=c, references=references[i]) for i, c in captions.items()})
         print(f"{run['name']}: CIDEr {row.get('CIDEr', float('nan')):.3f}", file=sys.stderr)
-    row = score_row(f"blind (frozen LM of {first['name']}, no image)", blind, references, args.metrics, scenes)
+    row = score_row(f"blind (frozen LM of {first['name']}, no image)", blind, references, args.metrics, extra)
     row.update(kind="blind", checkpoint=first["path"], captions_per_s=blind_per_s, blind=True)
     rows.append(row)
     write_json(os.path.join(args.out, "captions_blind.json"),
@@ -391,7 +302,7 @@ def compare(args):
                   metrics=list(args.metrics), features=args.features, device=str(args.device), rows=rows,
                   pictures=[p for p in pictures if p])
     write_json(os.path.join(args.out, "results.json"), result)
-    table = markdown_table(rows, decoding, where, scored, scenes is not None)
+    table = markdown_table(rows, decoding, where, scored, extra)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table)
     print(table)
@@ -401,9 +312,10 @@ def compare(args):
 @torch.no_grad()
 def query_similarity(captioner, source, image_ids, device):
     """
-    How alike the queries' attention maps are: the mean cosine similarity over pairs of queries of their last-layer
-    attention over the visual tokens (heads averaged), over the images. 1.0: every query reads the same tokens
-    (collapsed queries, or uniform attention); lower as they specialise. A number, so a collapse shows in the table.
+    How alike the queries' attention maps are: the mean cosine similarity over pairs of queries of their
+    last-layer attention over the visual tokens (heads averaged), over the images. 1.0: every query reads the
+    same tokens (collapsed queries, or uniform attention); lower as they specialise. A number, so a collapse
+    shows in the table.
     """
     _, visual = source.tokens(image_ids)
     weights = captioner.bridge.attention_maps(captioner.standardized(visual.to(device))).mean(1)  # (B, Q, S)
@@ -420,13 +332,14 @@ def draw_pictures(args, runs, records):
     by_id = {r["image_id"]: r for r in records}
     for run in runs:
         shown = [by_id[i] for i in list(run["captions"])[:9]]
-        pictures.append(plots.plot_grid(shown, run["captions"], os.path.join(args.out, f"grid_{run['name']}.png"),
-                                        run["name"]))
+        pictures.append(plots.plot_grid(shown, run["captions"],
+                                        os.path.join(args.out, f"grid_{run['name']}.png"), run["name"]))
         if hasattr(run["captioner"].bridge, "attention_maps"):
             shown = shown[:3]
             _, visual = run["source"].tokens([r["image_id"] for r in shown])
-            pictures.append(plots.plot_attention(run["captioner"], visual, shown, run["ckpt"]["features"],
-                                                 os.path.join(args.out, f"attention_{run['name']}.png"), run["name"]))
+            pictures.append(plots.plot_attention(run["captioner"], visual, shown, run["source"].spec.grid,
+                                                 os.path.join(args.out, f"attention_{run['name']}.png"),
+                                                 run["name"]))
     return pictures
 
 
@@ -434,7 +347,8 @@ def final_val_loss(ckpt, path):
     """The checkpoint's own val loss, else the last one in the log beside it."""
     if ckpt.get("val_loss") is not None:
         return float(ckpt["val_loss"])
-    losses = [r["val_loss"] for r in plots.read_log(os.path.join(os.path.dirname(path), "log.jsonl")) if "val_loss" in r]
+    losses = [r["val_loss"] for r in plots.read_log(os.path.join(os.path.dirname(path), "log.jsonl"))
+              if "val_loss" in r]
     return float(losses[-1]) if losses else None
 
 
@@ -446,38 +360,39 @@ def _fmt(x, spec=".3f"):
     return "—" if x is None else format(x, spec)
 
 
-def markdown_table(rows, decoding, where, images, with_attributes):
+def markdown_table(rows, decoding, where, images, extra=None):
     """The comparison as a markdown table, with what was measured and how written above it."""
     method = decoding["method"]
-    how = {"greedy": "greedy", "beam": f"beam {decoding['beam']} (length penalty {decoding['length_penalty']})",
-           "sample": f"sampling (temperature {decoding['temperature']}, top-p {decoding['top_p']}, seed {decoding['seed']})"}
+    how = {"greedy": "greedy",
+           "beam": f"beam {decoding['beam']} (length penalty {decoding['length_penalty']})",
+           "sample": f"sampling (temperature {decoding['temperature']}, top-p {decoding['top_p']}, "
+                     f"seed {decoding['seed']})"}
     lines = [f"{images} images of {where}, {how[method]}, at most {decoding['max_new_tokens']} tokens.",
-             "Params: trainable / total (encoder + bridge + LM). METEOR: corpus score, then per-image mean ± std. "
-             "CIDEr (CIDEr-D) with its 95% bootstrap interval over images.",
-             "The blind row is the first checkpoint's frozen LM with no image at all (its first sentence after "
-             "<|endoftext|>): what the LM guesses without looking. Captions/s: decoding alone, nothing else running. "
-             "Query similarity (bridges with queries): mean cosine similarity of the queries' attention maps, 1.0 = "
-             "every query reads the same tokens."]
-    if with_attributes:
-        lines.append("Against the drawn scenes: per-attribute accuracy (colour ... relation; layout = side by side "
-                     "or one above the other, as drawn, whatever the order); objects = fraction of "
-                     "images whose caption names both objects with the right size, colour and shape; scene = "
-                     "that, and their relation right too.")
+             "Params: trainable / total (encoder + bridge + LM). METEOR: corpus score, then "
+             "per-image mean ± std. CIDEr (CIDEr-D) with its 95% bootstrap interval over images.",
+             "The blind row is the first checkpoint's frozen LM with no image at all (its first sentence "
+             "after <|endoftext|>): what the LM guesses without looking. Captions/s: decoding alone, "
+             "nothing else running. Query similarity (bridges with queries): mean cosine similarity of the "
+             "queries' attention maps, 1.0 = every query reads the same tokens."]
+    columns = extra[0] if extra else ()
+    if extra:
+        lines.append(extra[2])
     lines.append("")
-    header = ["bridge", "trainable / total params", "train time", "val loss", "BLEU-4", "METEOR", "METEOR mean ± std",
-              "CIDEr [95% CI]", "captions/s", "query similarity"] + [a for a in ATTRIBUTES if with_attributes]
+    header = ["bridge", "trainable / total params", "train time", "val loss", "BLEU-4", "METEOR",
+              "METEOR mean ± std", "CIDEr [95% CI]", "captions/s", "query similarity", *columns]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         seconds = row.get("train_seconds")
         cells = [row["bridge"],
-                 "—" if row.get("blind") else f"{_fmt_params(row['trainable_params'])} / {_fmt_params(row['total_params'])}",
+                 "—" if row.get("blind") else (f"{_fmt_params(row['trainable_params'])} / "
+                                               f"{_fmt_params(row['total_params'])}"),
                  "—" if seconds is None else f"{seconds / 60:.1f} min",
                  _fmt(row.get("val_loss")), _fmt(row.get("BLEU-4")), _fmt(row.get("METEOR")),
                  "—" if "METEOR_mean" not in row else f"{row['METEOR_mean']:.3f} ± {row['METEOR_std']:.3f}",
-                 "—" if "CIDEr" not in row else f"{row['CIDEr']:.3f} [{row['CIDEr_ci'][0]:.3f}, {row['CIDEr_ci'][1]:.3f}]",
+                 "—" if "CIDEr" not in row else (f"{row['CIDEr']:.3f} "
+                                                 f"[{row['CIDEr_ci'][0]:.3f}, {row['CIDEr_ci'][1]:.3f}]"),
                  f"{row['captions_per_s']:.1f}", _fmt(row.get("query_similarity"), ".2f")]
-        if with_attributes:
-            cells += [f"{row['attributes'].get(a, 0.0):.2f}" for a in ATTRIBUTES]
+        cells += [f"{row['attributes'].get(a, 0.0):.2f}" for a in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -494,11 +409,13 @@ def caption_folder(args):
                    if n.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(args.images, n)))
     if not paths:
         raise FileNotFoundError(f"no {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} files in {args.images}")
-    source = encoded_images(ckpt["features"], [dict(image_id=p, path=p) for p in paths], args.device, args.dtype)
+    spec = clip_loader.VisualFeatures.from_dict(ckpt["features"], args.checkpoint)
+    source = encoded_images(spec, [dict(image_id=p, path=p) for p in paths], args.device, args.dtype)
     decoding = dict(method=args.method, beam=args.beam, max_new_tokens=args.max_new_tokens,
-                    length_penalty=args.length_penalty, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    captions, captions_per_s = decode(captioner, tokenizer, batches(source, paths, args.batch_size), dtype=args.dtype,
-                                      **decoding)
+                    length_penalty=args.length_penalty, temperature=args.temperature, top_p=args.top_p,
+                    seed=args.seed)
+    captions, captions_per_s = decode(captioner, tokenizer, batches(source, paths, args.batch_size),
+                                      dtype=args.dtype, **decoding)
     for path, caption in captions.items():
         print(f"{path}\t{caption}")
     skipped = source.skipped
@@ -517,35 +434,49 @@ def caption_folder(args):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        description="Compare bridge checkpoints (table, JSON, plots), or caption a folder of your own images.",
+        description="Compare bridge checkpoints (table, JSON, plots), "
+                    "or caption a folder of your own images.",
         epilog="examples:\n"
                "  python evaluate.py --checkpoints runs/caption/{linear,xattn,qformer}/ckpt_final.pt "
                "--coco-root data/shapes --features data/cache/shapes_val --out results/\n"
                "  python evaluate.py --images my_photos/ --checkpoint runs/caption/qformer/ckpt_final.pt",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoints", nargs="+", help="compare mode: bridge checkpoints (train_caption.py)")
-    parser.add_argument("--images", default=None, help="folder mode: caption the jpg/png/webp/bmp files in DIR")
+    parser.add_argument("--checkpoints", nargs="+",
+                        help="compare mode: bridge checkpoints (train_caption.py)")
+    parser.add_argument("--images", default=None,
+                        help="folder mode: caption the jpg/png/webp/bmp files in DIR")
     parser.add_argument("--checkpoint", default=None, help="folder mode: the checkpoint to caption with")
-    parser.add_argument("--coco-root", default="data/coco", help="a COCO-format root (COCO itself, or data/shapes)")
-    parser.add_argument("--split", default=None, help="val (default) or, with --karpathy-json, test (default)/val")
-    parser.add_argument("--karpathy-json", default=None, help="dataset_coco.json: evaluate on Karpathy's split")
-    parser.add_argument("--features", default=None, help="a feature cache of the split (else: encode on the fly)")
+    parser.add_argument("--coco-root", default="data/coco",
+                        help="a COCO-format root (COCO itself, or data/shapes)")
+    parser.add_argument("--split", default=None,
+                        help="val (default) or, with --karpathy-json, test (default)/val")
+    parser.add_argument("--karpathy-json", default=None,
+                        help="dataset_coco.json: evaluate on Karpathy's split")
+    parser.add_argument("--features", default=None,
+                        help="a feature cache of the split (else: encode on the fly)")
     parser.add_argument("--max-images", type=positive_int, default=None, help="only the first N images")
     parser.add_argument("--lm", default=None, help="path of the frozen LM, if it moved since training")
     parser.add_argument("--out", default="results")
     parser.add_argument("--metrics", nargs="+", default=list(METRICS), choices=METRICS)
+    parser.add_argument("--extra-scores", default=None, metavar="MODULE",
+                        help="a module offering the data set's own score columns (the miniature: "
+                             "data.shapes, which checks each caption against the scene it drew)")
     # decoding
     parser.add_argument("--method", default="beam", choices=["greedy", "beam", "sample"])
     parser.add_argument("--beam", type=positive_int, default=3, help="beam width (1 = greedy)")
-    parser.add_argument("--length-penalty", type=finite_float, default=1.0, help="beam score = logprob / length**this")
+    parser.add_argument("--length-penalty", type=finite_float, default=1.0,
+                        help="beam score = logprob / length**this")
     parser.add_argument("--max-new-tokens", type=positive_int, default=30)
     parser.add_argument("--temperature", type=nonneg_float, default=1.0, help="sampling only (0: greedy)")
-    parser.add_argument("--top-p", type=probability, default=None, help="sampling only: nucleus size, e.g. 0.9")
+    parser.add_argument("--top-p", type=probability, default=None,
+                        help="sampling only: nucleus size, e.g. 0.9")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=positive_int, default=64)
-    parser.add_argument("--device", default=best_device(), help="cuda / mps / cpu (default: the best present)")
+    parser.add_argument("--device", default=best_device(),
+                        help="cuda / mps / cpu (default: the best present)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                        help="autocast dtype for encoding and decoding (auto: bf16 on GPUs that have it, else fp32)")
+                        help="autocast dtype for encoding and decoding "
+                             "(auto: bf16 on GPUs that have it, else fp32)")
     args = parser.parse_args(argv)
     if args.images is None and not args.checkpoints:
         parser.error("give --checkpoints (compare mode) or --images DIR --checkpoint CKPT (folder mode)")

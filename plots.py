@@ -4,7 +4,6 @@ per bridge, a caption grid per bridge, and where a bridge's queries look in the 
 attention_maps(visual), see bridges.py). evaluate.py calls them; each returns the PNG's path.
 """
 import json
-import math
 import os
 import sys
 import textwrap
@@ -31,7 +30,8 @@ def plot_val_loss(checkpoints, names, out_path):
     fig, ax = plt.subplots(figsize=(6, 4))
     plotted = 0
     for path, name in zip(checkpoints, names):
-        points = [(r["step"], r["val_loss"]) for r in read_log(os.path.join(os.path.dirname(path), "log.jsonl"))
+        points = [(r["step"], r["val_loss"])
+                  for r in read_log(os.path.join(os.path.dirname(path), "log.jsonl"))
                   if "val_loss" in r and "step" in r]
         if points:
             steps, losses = zip(*points)
@@ -78,23 +78,14 @@ def plot_grid(records, captions, out_path, title):
     return out_path
 
 
-def token_layout(features):
-    """(rows, cols) of the patch grid behind tokens 1..S-1 (token 0 is CLS), from a features manifest."""
-    grid = clip_loader.parse_grid(features.get("pooling", "4x8"))
-    if grid is None:
-        side = math.isqrt(features["tokens"] - 1)
-        grid = (side, side)
-    return grid
-
-
 @torch.no_grad()
-def plot_attention(captioner, visual, records, features, out_path, title, n_queries=4):
+def plot_attention(captioner, visual, records, grid, out_path, title, n_queries=4):
     """
-    Where a bridge's queries look (for the Q-Former: the last layer's cross-attention), mean over heads, for a few
-    queries: the patch
-    part drawn over the image (each pooled token covers its cell of the rows x cols grid), the weight on the
-    class token written above. The queries shown are the most focused ones (lowest entropy over the images).
-    One colour scale for every panel (0 to the largest weight shown): uniform attention looks uniform.
+    Where a bridge's queries look (for the Q-Former: the last layer's cross-attention), mean over heads, for a
+    few queries: the patch part drawn over the image (each pooled token covers its cell of the rows x cols
+    grid), the weight on the class token written above. The queries shown are the most focused ones (lowest
+    entropy over the images). One colour scale for every panel (0 to the largest weight shown): uniform
+    attention looks uniform.
     """
     plt = _pyplot()
     device = next(captioner.parameters()).device
@@ -102,7 +93,7 @@ def plot_attention(captioner, visual, records, features, out_path, title, n_quer
     weights = weights.mean(dim=1).float().cpu()  # (B, Q, S)
     entropy = -(weights * weights.clamp_min(1e-12).log()).sum(-1).mean(0)  # (Q,)
     queries = entropy.argsort()[:n_queries].tolist()
-    rows, cols = token_layout(features)
+    rows, cols = grid  # the patch grid behind tokens 1..S-1 (token 0 is the class token)
     vmax = float(weights[:, queries, 1:].max())
     B = len(records)
     fig, axes = plt.subplots(B, len(queries) + 1, figsize=(2.6 * (len(queries) + 1), 2.8 * B), squeeze=False)
@@ -112,10 +103,10 @@ def plot_attention(captioner, visual, records, features, out_path, title, n_quer
         axes[b, 0].set_title("image", fontsize=8)
         for j, q in enumerate(queries):
             ax = axes[b, j + 1]
-            grid = weights[b, q, 1:].view(rows, cols).numpy()  # (rows, cols): attention on each pooled cell
+            cells = weights[b, q, 1:].view(rows, cols).numpy()  # (rows, cols): attention on each pooled cell
             ax.imshow(image)
-            heat = ax.imshow(grid, cmap="inferno", alpha=0.6, extent=(0, 224, 224, 0), interpolation="nearest",
-                             vmin=0.0, vmax=vmax)
+            heat = ax.imshow(cells, cmap="inferno", alpha=0.6, extent=(0, 224, 224, 0),
+                             interpolation="nearest", vmin=0.0, vmax=vmax)
             ax.set_title(f"query {q}, CLS {weights[b, q, 0]:.2f}", fontsize=8)
         for ax in axes[b]:
             ax.axis("off")
@@ -129,8 +120,8 @@ def plot_attention(captioner, visual, records, features, out_path, title, n_quer
 
 
 def read_log(path):
-    """The JSONL training log next to a checkpoint -> list of records ([] if there is none). A last line cut off
-    by a run still writing it is ignored."""
+    """The JSONL training log next to a checkpoint -> list of records ([] if there is none). A last line
+    cut off by a run still writing it is ignored."""
     if not os.path.exists(path):
         return []
     records = []

@@ -1,6 +1,6 @@
 """
-Feature extraction speed: our hand-written CLIP ViT against transformers' CLIPVisionModel with the same config,
-the same random weights and the same batch, in the same run; then read throughput of a feature cache.
+Feature extraction speed: our hand-written CLIP ViT against transformers' CLIPVisionModel with the same
+config, the same random weights and the same batch, in the same run; then read throughput of a feature cache.
 
     python bench/bench_features.py                              # the miniature's encoder (random-vit:mini)
     python bench/bench_features.py --preset openai/clip-vit-large-patch14 --batch-size 32 --steps 3
@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import best_device  # noqa: E402
 import clip_loader  # noqa: E402
-from data import coco  # noqa: E402
+from data import feature_cache  # noqa: E402
 
 
 def images_per_second(model, pixels, steps):
@@ -42,8 +42,9 @@ if __name__ == "__main__":
     parser.add_argument("--preset", default="mini", help=f"one of {list(clip_loader.CLIP_PRESETS)}")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--cache-images", type=int, default=20000, help="rows in the synthetic cache read back")
-    parser.add_argument("--pool", default="4x8")
+    parser.add_argument("--cache-images", type=int, default=20000,
+                        help="rows in the synthetic cache read back")
+    parser.add_argument("--pool", default=clip_loader.POOL_FLAG)
     args = parser.parse_args()
     device = best_device()
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
@@ -53,7 +54,8 @@ if __name__ == "__main__":
     config = clip_loader.CLIP_PRESETS[args.preset]
     ours = clip_loader.build_random_clip(config, seed=0).to(device)
     pixels = torch.randn(args.batch_size, 3, config.image_size, config.image_size, device=device)
-    print(f"{args.preset}: {config.tokens} tokens x {config.width}, {config.layers} blocks, batch {args.batch_size}")
+    print(f"{args.preset}: {config.tokens} tokens x {config.width}, {config.layers} blocks, "
+          f"batch {args.batch_size}")
     ours_ips = images_per_second(ours, pixels, args.steps)
     print(f"ours (clip_loader)          {ours_ips:8.1f} images/s")
     try:
@@ -75,23 +77,29 @@ if __name__ == "__main__":
         hf_ips = images_per_second(lambda x: hf(pixel_values=x), pixels, args.steps)
         ours_ips = images_per_second(ours, pixels, args.steps)
         print(f"ours, again (same weights)  {ours_ips:8.1f} images/s   max |ours - theirs| = {diff:.1e}")
-        print(f"transformers CLIPVisionModel{hf_ips:8.1f} images/s   ours / theirs = {ours_ips / hf_ips:.2f}x")
+        print(f"transformers CLIPVisionModel{hf_ips:8.1f} images/s   "
+              f"ours / theirs = {ours_ips / hf_ips:.2f}x")
 
     # -------------------------------------------------------------------------
     # 2. reading the feature cache: random mini-batches of rows, as a training loop does
-    grid = clip_loader.parse_grid(args.pool)
-    S = config.tokens if grid is None else 1 + grid[0] * grid[1]
+    grid = clip_loader.parse_grid(args.pool) or (config.grid, config.grid)
+    spec = clip_loader.VisualFeatures("bench", -1, grid, config.image_size, config.width)
+    S = spec.tokens
     with tempfile.TemporaryDirectory() as d:
         N, C = args.cache_images, config.width
         features = np.memmap(os.path.join(d, "features.fp16"), dtype=np.float16, mode="w+", shape=(N, S, C))
         for i in range(0, N, 4096):
-            features[i:i + 4096] = np.random.default_rng(i).standard_normal((min(4096, N - i), S, C)).astype(np.float16)
+            features[i:i + 4096] = np.random.default_rng(i).standard_normal(
+                (min(4096, N - i), S, C)).astype(np.float16)
         features.flush()
         del features
         np.save(os.path.join(d, "image_ids.npy"), np.arange(N))
+        np.savez(os.path.join(d, "stats.npz"), mean=np.zeros((S, C), np.float32),
+                 std=np.ones((S, C), np.float32))
         with open(os.path.join(d, "manifest.json"), "w") as f:
-            json.dump(dict(complete=True, count=N, tokens=S, width=C), f)
-        cache = coco.FeatureCache(d)
+            json.dump(dict(format=feature_cache.FORMAT, complete=True, count=N, features=spec.as_dict()),
+                      f)
+        cache = feature_cache.FeatureCache(d)
         rng = np.random.default_rng(0)
         batch, reads = 64, 0
         t0 = time.time()

@@ -2,8 +2,8 @@
 The offline miniature world: a synthetic captioning data set in exactly COCO's format, made from a seed.
 
 Every image holds two filled shapes on a grey background, side by side or one above the other, centred on the
-corners of an 8 x 8 grid (GRID, below: why). A caption has to name each shape's size, colour and kind, and where
-they are relative to each other, the left (or top) one first (FRAMES, below: why):
+corners of an 8 x 8 grid (GRID, below: why). A caption has to name each shape's size, colour and kind, and
+where they are relative to each other, the left (or top) one first (FRAMES, below: why):
 
     a small red circle to the left of a large blue square
     a small red circle on the left and a large blue square on the right
@@ -52,14 +52,17 @@ COLOURS = {  # far apart in RGB, and all bright against the dark grey background
     "yellow": (235, 215, 40),
     "purple": (160, 60, 210),
 }
-SHAPES = ("circle", "square", "triangle")  # filled, very different silhouettes (a random ViT must tell them apart)
+# filled, very different silhouettes (a random ViT must tell them apart)
+SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": (0.16, 0.21), "large": (0.36, 0.44)}  # the shape's extent, as a fraction of the image side
 RELATIONS = {"horizontal": ("left of", "right of"), "vertical": ("above", "below")}  # first object vs second
-REGIONS = {"horizontal": ("left", "right"), "vertical": ("top", "bottom")}  # where the first / second object is
-# Object centres lie on the corners of a GRID x GRID grid over the image, the patch grid of the demo's CLIP (64 px,
-# 8-px patches), so a patch always holds the same part of a shape wherever the object is. Anywhere on the image,
-# a shape is cut into different pieces at every position; CLIP's 500 steps then read shape little better than
-# chance (linear probe 0.43 against 0.68 on the grid, seed 0), and no bridge can name what its encoder misses.
+# where the first / second object is
+REGIONS = {"horizontal": ("left", "right"), "vertical": ("top", "bottom")}
+# Object centres lie on the corners of a GRID x GRID grid over the image, the patch grid of the demo's CLIP
+# (64 px, 8-px patches), so a patch always holds the same part of a shape wherever the object is. Anywhere on
+# the image, a shape is cut into different pieces at every position; CLIP's 500 steps then read shape little
+# better than chance (linear probe 0.43 against 0.68 on the grid, seed 0), and no bridge can name what its
+# encoder misses.
 GRID = 8
 SUPERSAMPLE = 4  # draw at 4x and downsample: anti-aliased edges, so shape is more than a staircase of pixels
 VERSION = 3  # of the drawing code, in info.json: a world drawn by other code is not reused
@@ -81,7 +84,8 @@ def sample_scene(rng, image_size=64):
         while len(objects) < 2:
             size = ("small", "large")[rng.integers(2)]
             lo, hi = SIZES[size]
-            obj = dict(colour=list(COLOURS)[rng.integers(len(COLOURS))], shape=SHAPES[rng.integers(len(SHAPES))],
+            obj = dict(colour=list(COLOURS)[rng.integers(len(COLOURS))],
+                       shape=SHAPES[rng.integers(len(SHAPES))],
                        size=size, extent=round(float(rng.uniform(lo, hi)) * image_size, 1))
             # two identical objects would make "a red square below a red square" true both ways round
             if not objects or any(obj[a] != objects[0][a] for a in ("colour", "shape", "size")):
@@ -97,8 +101,8 @@ def sample_scene(rng, image_size=64):
 
 
 def place(objects, rng, S):
-    """(along, across) grid centres for the two objects: the first in the first half, the second in the second,
-    apart by more than their radii and by more along the axis than across it; None if nothing fits."""
+    """(along, across) grid centres for the two objects: the first in the first half, the second in the
+    second, apart by more than their radii and by more along the axis than across it; None if nothing fits."""
     r0, r1 = objects[0]["extent"] / 2, objects[1]["extent"] / 2
     grid = [k * S / GRID for k in range(1, GRID)]
     ranges = (r0 + 1, S / 2 - 1), (S / 2 + 1, S - r1 - 1), (r0 + 1, S - r0 - 1), (r1 + 1, S - r1 - 1)
@@ -158,9 +162,9 @@ FRAMES = {  # {a} is the first (left / top) object, {b} the second: always named
 # Why reading order: a caption that names an object first and places it afterwards ("a red circle on the right
 # and ...", "... to the right of ...") asks the captioner to look up where the object it has just named sits,
 # by what it looks like. The demo's cross-attention never learned that: with both orders in the captions
-# (world version 2) it named both objects right in 80% of held-out images after 1,800 steps but their relation in
-# only 56% (50% is chance once the layout is right). In reading order, where an object sits decides when it is
-# named, which attention reads directly (cross-attention on the same images, CLIP tokens and LM, 600 steps:
+# (world version 2) it named both objects right in 80% of held-out images after 1,800 steps but their relation
+# in only 56% (50% is chance once the layout is right). In reading order, where an object sits decides when it
+# is named, which attention reads directly (cross-attention on the same images, CLIP tokens and LM, 600 steps:
 # relation 0.49 -> 0.99, both objects 0.46 -> 0.76), and CLIP learns shape better from such captions.
 
 
@@ -184,7 +188,8 @@ def vocabulary():
 
 POSITION_WORDS = {"left", "right", "top", "bottom"}
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-LAYOUT_OF = {relation: layout for layout, pair in RELATIONS.items() for relation in pair}  # "above" -> "vertical"
+# "above" -> "vertical"
+LAYOUT_OF = {relation: layout for layout, pair in RELATIONS.items() for relation in pair}
 REGION_OF = {"left of": ("left", "right"), "right of": ("right", "left"), "above": ("top", "bottom"),
              "below": ("bottom", "top")}  # relation of mention 0 to mention 1 -> their regions
 
@@ -206,7 +211,8 @@ def parse_caption(text):
         elif w in COLOURS:
             pending["colour"] = w
         elif w in SHAPES:
-            objects.append(dict(size=pending.get("size"), colour=pending.get("colour"), shape=w, position=None))
+            objects.append(dict(size=pending.get("size"), colour=pending.get("colour"), shape=w,
+                                position=None))
             pending = {}
         elif w in ("left", "right") and nxt == "of":
             relation = relation or f"{w} of"
@@ -218,7 +224,9 @@ def parse_caption(text):
 
 
 def implied_regions(parsed):
-    """Where the caption puts its first two objects: explicit position words, else what the relation implies."""
+    """
+    Where the caption puts its first two objects: explicit position words, else what the relation implies.
+    """
     regions = [o["position"] for o in parsed["objects"][:2]]
     if parsed["relation"] and len(parsed["objects"]) >= 2:
         implied = REGION_OF[parsed["relation"]]
@@ -231,10 +239,11 @@ def score_caption(text, scene):
     Per-attribute correctness of one caption against the scene it describes, each in [0, 1]:
     colour, shape, size: fraction of the scene's two objects named with the right value;
     position: fraction of the two objects placed in the right region (left/right/top/bottom);
-    layout: 1 if the caption puts them side by side, or one above the other, as they are (whatever their order);
+    layout: 1 if the caption puts them side by side, or one above the other, as they are
+            (whatever their order);
     relation: 1 if the objects' spatial order is stated correctly.
-    Mentions are matched to objects in whichever order agrees on more attributes, so "a large blue square to the
-    right of a small red circle" is as right as "a small red circle to the left of a large blue square".
+    Mentions are matched to objects in whichever order agrees on more attributes, so "a large blue square to
+    the right of a small red circle" is as right as "a small red circle to the left of a large blue square".
     """
     parsed = parse_caption(text)
     mentions = parsed["objects"][:2] + [dict(size=None, colour=None, shape=None, position=None)] * 2
@@ -247,7 +256,8 @@ def score_caption(text, scene):
     layout = float(len(parsed["objects"]) >= 2 and LAYOUT_OF.get(stated) == scene["layout"])
     best = None
     for order in permutations(range(2)):  # order[k]: the mention matched to object k
-        scores = {a: sum(mentions[order[k]][a] == objects[k][a] for k in range(2)) / 2 for a in ("colour", "shape", "size")}
+        scores = {a: sum(mentions[order[k]][a] == objects[k][a] for k in range(2)) / 2
+                  for a in ("colour", "shape", "size")}
         scores["position"] = sum(regions[order[k]] == objects[k]["position"] for k in range(2)) / 2
         # the stated relation, turned into the scene's direction (object 0 to object 1)
         relation = OPPOSITE[stated] if stated is not None and order != (0, 1) else stated
@@ -261,11 +271,11 @@ def score_caption(text, scene):
 
 def scene_level(scores):
     """
-    Whole-scene correctness from one caption's score_caption() scores. Per-attribute means can be high while few
-    captions are right as a whole: one caption misses a colour, the next a shape, a third puts the right colours on
-    the wrong shapes (half right for both). So, per image:
-    objects: 1 if both objects are named with the right size, colour and shape (the matching score_caption picked
-             has all six right; the two objects always differ, so no other matching could);
+    Whole-scene correctness from one caption's score_caption() scores. Per-attribute means can be high while
+    few captions are right as a whole: one caption misses a colour, the next a shape, a third puts the right
+    colours on the wrong shapes (half right for both). So, per image:
+    objects: 1 if both objects are named with the right size, colour and shape (the matching score_caption
+             picked has all six right; the two objects always differ, so no other matching could);
     scene:   1 if, in addition, their relation (left of / right of / above / below) is right.
     """
     objects = float(all(scores[a] == 1 for a in ("colour", "shape", "size")))
@@ -284,6 +294,24 @@ def attribute_accuracy(captions, scenes):
         for attribute, value in scores.items():
             totals[attribute] = totals.get(attribute, 0.0) + value
     return {attribute: total / max(len(captions), 1) for attribute, total in totals.items()}
+
+
+# The columns evaluate.py adds to its table for this data set (evaluate.py ... --extra-scores data.shapes):
+# the per-attribute accuracies, then the scene-level ones (scene_level)
+SCORE_COLUMNS = ("colour", "shape", "size", "position", "layout", "relation", "objects", "scene")
+ABOUT_SCORES = ("Against the drawn scenes: per-attribute accuracy (colour ... relation; layout = side by "
+                "side or one above the other, as drawn, whatever the order); objects = fraction of images "
+                "whose caption names both objects with the right size, colour and shape; scene = that, and "
+                "their relation right too.")
+
+
+def extra_scores(root, split):
+    """evaluate.py's hook: (columns, score {image_id: caption} -> {column: value}, about), or None for a root
+    that is not the miniature (nothing was drawn there to check a caption against)."""
+    scenes = read_scenes(root, split)
+    if scenes is None:
+        return None
+    return SCORE_COLUMNS, lambda captions: attribute_accuracy(captions, scenes), ABOUT_SCORES
 
 # -----------------------------------------------------------------------------
 # Writing the data set
@@ -316,8 +344,8 @@ def write_split(out, split, count, seed, image_size=64):
 
 
 def read_scenes(root, split):
-    """What was drawn in a split ({image id: scene}, from scenes_{split}.json), or None for a root that is not the
-    miniature (real COCO has no scenes)."""
+    """What was drawn in a split ({image id: scene}, from scenes_{split}.json), or None for a root that is not
+    the miniature (real COCO has no scenes)."""
     path = os.path.join(root, f"scenes_{split}.json")
     return read_json(path, "scene file") if os.path.exists(path) else None
 
@@ -351,59 +379,69 @@ def generate(out, train=10000, val=500, corpus_docs=20000, seed=0, image_size=64
 
 def check_world(out, train, val, corpus_docs, seed, image_size=64):
     """
-    None if `out` holds no world yet or exactly this one, else what differs. A world already drawn is reused as it
-    is (make sees its info.json and skips the stage), so `make demo SHAPES_SEED=1 SHAPES=data/shapes` would
-    otherwise train and score on seed 0's images while the user reads the table as seed 1's.
+    None if `out` holds no world yet or exactly this one, else what differs. A world already drawn is reused
+    as it is (make sees its info.json and skips the stage), so `make demo SHAPES_SEED=1 SHAPES=data/shapes`
+    would otherwise train and score on seed 0's images while the user reads the table as seed 1's.
     """
     path = os.path.join(out, "info.json")
     if not os.path.exists(path):
         return None
     info = read_json(path, "world description")
-    asked = dict(version=VERSION, seed=seed, train=train, val=val, corpus_docs=corpus_docs, image_size=image_size)
-    found = dict(info, version=info.get("version", 1))  # worlds drawn before the version was recorded: 1
-    differ = [f"{k} {found.get(k)} (asked: {v})" for k, v in asked.items() if found.get(k) != v]
+    asked = dict(version=VERSION, seed=seed, train=train, val=val, corpus_docs=corpus_docs,
+                 image_size=image_size)
+    differ = [f"{k} {info.get(k)} (asked: {v})" for k, v in asked.items() if info.get(k) != v]
     return f"{out} holds a world drawn with other settings: " + ", ".join(differ) if differ else None
 
 def check_run_folder(run_dir, out):
     """
-    None if run_dir (make demo's DEMO) is new or was trained on the world in `out`, else why not. make reuses what
-    a run folder holds (an LM, a bridge resumed with --resume auto) whenever its file targets exist, so a folder
-    trained on another world would put that world's LM and bridges into this world's table. Every demo stage
-    records the world in run_dir/world.json (a copy of its info.json: the Makefile's stage macro).
+    None if run_dir (make demo's DEMO) is new or was trained on the world in `out`, else why not. make reuses
+    what a run folder holds (an LM, a bridge resumed with --resume auto) whenever its file targets exist, so a
+    folder trained on another world would put that world's LM and bridges into this world's table. Every demo
+    stage records the world in run_dir/world.json (a copy of its info.json: the Makefile's stage macro).
     """
     record, info = os.path.join(run_dir, "world.json"), os.path.join(out, "info.json")
     if os.path.exists(record):
-        if os.path.exists(info) and read_json(record, "run folder's world") != read_json(info, "world description"):
-            return f"{run_dir} was trained on another world than {out} holds (its world.json differs from {info})"
+        if os.path.exists(info) and \
+                read_json(record, "run folder's world") != read_json(info, "world description"):
+            return (f"{run_dir} was trained on another world than {out} holds "
+                    f"(its world.json differs from {info})")
         return None
     if os.path.isdir(run_dir) and set(os.listdir(run_dir)) - {"times.txt"}:
-        return f"{run_dir} holds runs of a world it did not record (made before run folders recorded their world)"
+        return (f"{run_dir} holds runs of a world it did not record "
+                "(made before run folders recorded their world)")
     return None
 
 # -----------------------------------------------------------------------------
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Generate the offline miniature captioning data set (COCO format).")
+    parser = argparse.ArgumentParser(
+        description="Generate the offline miniature captioning data set (COCO format).")
     parser.add_argument("--out", default="data/shapes")
     parser.add_argument("--train", type=positive_int, default=10000, help="training images")
-    parser.add_argument("--val", type=positive_int, default=500, help="validation images (the miniature's evaluation set)")
-    parser.add_argument("--corpus-docs", type=positive_int, default=20000, help="LM pretraining documents in corpus.jsonl")
-    parser.add_argument("--image-size", type=int_at_least(32), default=64, help="pixels (>= 32: two shapes must fit)")
+    parser.add_argument("--val", type=positive_int, default=500,
+                        help="validation images (the miniature's evaluation set)")
+    parser.add_argument("--corpus-docs", type=positive_int, default=20000,
+                        help="LM pretraining documents in corpus.jsonl")
+    parser.add_argument("--image-size", type=int_at_least(32), default=64,
+                        help="pixels (>= 32: two shapes must fit)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--check", action="store_true",
-                        help="draw nothing: stop with an error if --out already holds a world of other settings")
-    parser.add_argument("--run-dir", help="with --check: also stop if this run folder was trained on another world")
+                        help="draw nothing: stop with an error if --out already holds a world "
+                             "of other settings")
+    parser.add_argument("--run-dir",
+                        help="with --check: also stop if this run folder was trained on another world")
     args = parser.parse_args()
     problem = check_world(args.out, args.train, args.val, args.corpus_docs, args.seed, args.image_size)
     if problem:
-        parser.error(f"{problem}. Draw this one into another folder (the Makefile's SHAPES and DEMO; `make demo "
-                     f"SHAPES_SEED=<k>` picks data/shapes-<k> and runs/demo-<k> by itself), or delete {args.out} and "
-                     f"the runs trained on it (`make demo-clean` deletes the demo's world and run folder)")
+        parser.error(f"{problem}. Draw this one into another folder (the Makefile's SHAPES and DEMO; "
+                     f"`make demo SHAPES_SEED=<k>` picks data/shapes-<k> and runs/demo-<k> by itself), "
+                     f"or delete {args.out} and the runs trained on it "
+                     f"(`make demo-clean` deletes the demo's world and run folder)")
     problem = args.run_dir and check_run_folder(args.run_dir, args.out)
     if problem:
-        parser.error(f"{problem}. Train into another folder (`make demo DEMO=runs/<new>`), or delete {args.run_dir} "
-                     f"(`make demo-clean` deletes the demo's world and run folder)")
+        parser.error(f"{problem}. Train into another folder (`make demo DEMO=runs/<new>`), "
+                     f"or delete {args.run_dir} (`make demo-clean` deletes the demo's world and run folder)")
     if args.check:
         sys.exit(0)
     seconds = generate(args.out, args.train, args.val, args.corpus_docs, args.seed, args.image_size)

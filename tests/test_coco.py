@@ -1,5 +1,7 @@
-# data/coco.py on a tiny COCO-format folder written here: odd image modes, a corrupt, a truncated and an empty
-# file; the feature cache's contents, resume, refusal of other settings; downloads resumed with HTTP Range.
+# data/coco.py and data/feature_cache.py on a tiny COCO-format folder written here: odd image modes, a
+# corrupt, a truncated and an empty file; the feature cache's contents, resume, refusal of other settings;
+# downloads resumed with HTTP Range.
+import dataclasses
 import http.server
 import io
 import json
@@ -12,7 +14,7 @@ import torch
 from PIL import Image
 
 import clip_loader
-from data import coco
+from data import coco, feature_cache
 
 ENCODER = "random-vit:tiny:seed0"  # 32 px, 17 tokens x 32
 
@@ -39,12 +41,14 @@ def write_tiny_coco(root):
     (folder / "truncated.jpg").write_bytes(jpeg.getvalue()[:len(jpeg.getvalue()) // 2])
     (folder / "corrupt.jpg").write_bytes(b"this is not an image" * 10)
     (folder / "empty.jpg").write_bytes(b"")
-    names = list(good)[:3] + ["truncated.jpg"] + list(good)[3:5] + ["corrupt.jpg", "empty.jpg"] + list(good)[5:]
+    names = list(good)[:3] + ["truncated.jpg"] + list(good)[3:5] + ["corrupt.jpg", "empty.jpg"] + \
+        list(good)[5:]
     images = [dict(id=100 + i, file_name=n, width=70, height=50) for i, n in enumerate(names)]
     annotations = [dict(id=1000 + 5 * i + k, image_id=100 + i, caption=f" caption {k} of {n} ")
                    for i, n in enumerate(names) for k in range(5)]
     (root / "annotations").mkdir()
-    (root / "annotations" / "captions_train2017.json").write_text(json.dumps(dict(images=images, annotations=annotations)))
+    (root / "annotations" / "captions_train2017.json").write_text(json.dumps(dict(images=images,
+                                                                                  annotations=annotations)))
     return names
 
 
@@ -58,7 +62,8 @@ def test_load_records(tiny_coco):
     root, names = tiny_coco
     records = coco.load_records(root, "train")
     assert [r["image_id"] for r in records] == list(range(100, 100 + len(names)))
-    assert records[0]["path"] == os.path.join(root, "train2017", names[0]) and os.path.isfile(records[0]["path"])
+    assert records[0]["path"] == os.path.join(root, "train2017", names[0]) and \
+        os.path.isfile(records[0]["path"])
     assert records[0]["captions"] == [f"caption {k} of {names[0]}" for k in range(5)]  # stripped, all five
     with pytest.raises(FileNotFoundError, match="captions_val2017.json"):
         coco.load_records(root, "val")
@@ -71,8 +76,9 @@ def test_karpathy_split(tmp_path):
         for i in ids:
             Image.new("RGB", (8, 8)).save(root / f"{split}2017" / f"{i:012d}.jpg")
     splits = {1: "train", 2: "restval", 3: "test", 4: "val", 5: "restval"}
-    images = [dict(filepath="val2014" if i > 3 else "train2014", filename=f"COCO_x2014_{i:012d}.jpg", cocoid=i,
-                   split=s, sentences=[dict(raw=f"A caption of {i}. "), dict(raw="another")]) for i, s in splits.items()]
+    images = [dict(filepath="val2014" if i > 3 else "train2014", filename=f"COCO_x2014_{i:012d}.jpg",
+                   cocoid=i, split=s, sentences=[dict(raw=f"A caption of {i}. "), dict(raw="another")])
+              for i, s in splits.items()]
     path = tmp_path / "dataset_coco.json"
     path.write_text(json.dumps(dict(images=images)))
     train = coco.load_records(str(root), "train", karpathy_json=str(path))
@@ -96,7 +102,8 @@ def test_feature_cache_contents_and_bad_images(tiny_coco, tmp_path, capsys):
     records = coco.load_records(root, "train")
     model = clip_loader.load_clip(ENCODER)
     out = str(tmp_path / "cache")
-    cache = coco.build_feature_cache(records, model, out, batch_size=4, pool_grid=(2, 2), num_workers=2)
+    cache = feature_cache.build_feature_cache(records, model, out, batch_size=4, pool_grid=(2, 2),
+                                              num_workers=2)
     err = capsys.readouterr().err
     bad = {"truncated.jpg", "corrupt.jpg", "empty.jpg"}
     for name in bad:
@@ -105,23 +112,25 @@ def test_feature_cache_contents_and_bad_images(tiny_coco, tmp_path, capsys):
     good = [r for r in records if os.path.basename(r["path"]) not in bad]
     assert len(cache) == 7 and cache.features.shape == (7, 5, 32) and cache.features.dtype == np.float16
     assert list(cache.image_ids) == [r["image_id"] for r in good]
-    torch.testing.assert_close(torch.from_numpy(np.array(cache.features)), expected_tokens(good, model, (2, 2)),
-                               atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(torch.from_numpy(np.array(cache.features)),
+                               expected_tokens(good, model, (2, 2)), atol=2e-3, rtol=2e-3)
     row = cache.row_of(good[4]["image_id"])
     assert row == 4 and cache.batch([row]).shape == (1, 5, 32) and cache.batch([row]).dtype == torch.float32
     m = cache.manifest
-    assert m["encoder"] == ENCODER and m["layer"] == -1 and m["pooling"] == "2x2" and m["image_size"] == 32
+    assert cache.spec == clip_loader.VisualFeatures(ENCODER, -1, (2, 2), 32, 32) and cache.spec.tokens == 5
+    assert m["format"] == feature_cache.FORMAT and m["features"] == cache.spec.as_dict() and m["tokens"] == 5
     assert m["complete"] and m["count"] == 7 and m["untrained"] and len(m["skipped"]) == 3
-    assert {os.path.basename(s["path"]) for s in m["skipped"]} == bad and all(s["reason"] for s in m["skipped"])
+    assert {os.path.basename(s["path"]) for s in m["skipped"]} == bad and \
+        all(s["reason"] for s in m["skipped"])
     feats = np.asarray(cache.features, dtype=np.float64)
     np.testing.assert_allclose(cache.mean, feats.mean(0), atol=1e-4)
     np.testing.assert_allclose(cache.std, feats.std(0), atol=1e-3)
     # the sixteen-bit image was scaled, not clipped to white
     assert cache.batch([cache.row_of(records[names.index("sixteen.png")]["image_id"])]).std() > 0
     # a second run has nothing to do; re-opening with the right expectations works
-    coco.build_feature_cache(records, model, out, batch_size=4, pool_grid=(2, 2))
+    feature_cache.build_feature_cache(records, model, out, batch_size=4, pool_grid=(2, 2))
     assert "nothing to do" in capsys.readouterr().err
-    coco.FeatureCache(out, expect=coco.cache_settings(model, (2, 2), records))
+    feature_cache.FeatureCache(out, expect=clip_loader.VisualFeatures.of(model, (2, 2)))
 
 
 def test_interrupted_build_resumes_without_recomputing(tiny_coco, tmp_path):
@@ -140,20 +149,20 @@ def test_interrupted_build_resumes_without_recomputing(tiny_coco, tmp_path):
 
     model.forward = dies_on_second_batch
     with pytest.raises(KeyboardInterrupt):
-        coco.build_feature_cache(records, model, out, batch_size=3, pool_grid=(2, 2))
+        feature_cache.build_feature_cache(records, model, out, batch_size=3, pool_grid=(2, 2))
     with pytest.raises(ValueError, match="incomplete"):
-        coco.FeatureCache(out)
+        feature_cache.FeatureCache(out)
     calls.clear()
     model.forward = lambda pixels: (calls.append(len(pixels)), forward(pixels))[1]
-    cache = coco.build_feature_cache(records, model, out, batch_size=3, pool_grid=(2, 2))
-    # batch 1 (3 images) was kept; batch 2 died before it was recorded and is redone; of the 7 images left, 3 are
-    # unreadable, so the model sees exactly 4
+    cache = feature_cache.build_feature_cache(records, model, out, batch_size=3, pool_grid=(2, 2))
+    # batch 1 (3 images) was kept; batch 2 died before it was recorded and is redone; of the 7 images left, 3
+    # are unreadable, so the model sees exactly 4
     assert sum(calls) == 4
-    fresh = coco.build_feature_cache(records, clip_loader.load_clip(ENCODER), str(tmp_path / "fresh"), batch_size=5,
-                                     pool_grid=(2, 2))
+    fresh = feature_cache.build_feature_cache(records, clip_loader.load_clip(ENCODER),
+                                              str(tmp_path / "fresh"), batch_size=5, pool_grid=(2, 2))
     # the same numbers up to fp16 rounding (a batch of 3 and a batch of 5 may round a last bit differently)
-    np.testing.assert_allclose(np.asarray(cache.features, dtype=np.float32), np.asarray(fresh.features, dtype=np.float32),
-                               atol=2e-3, rtol=2e-3)
+    np.testing.assert_allclose(np.asarray(cache.features, dtype=np.float32),
+                               np.asarray(fresh.features, dtype=np.float32), atol=2e-3, rtol=2e-3)
     assert list(cache.image_ids) == list(fresh.image_ids)
 
 
@@ -161,17 +170,19 @@ def test_other_settings_are_refused(tiny_coco, tmp_path):
     root, _ = tiny_coco
     records = coco.load_records(root, "train")[:4]
     out = str(tmp_path / "cache")
-    coco.build_feature_cache(records, ENCODER, out, batch_size=4, pool_grid=(2, 2))
-    with pytest.raises(ValueError, match="pooling: cache has '2x2', expected 'none'"):
-        coco.build_feature_cache(records, ENCODER, out, batch_size=4, pool_grid=None)
+    feature_cache.build_feature_cache(records, ENCODER, out, batch_size=4, pool_grid=(2, 2))
+    with pytest.raises(ValueError, match=r"grid: cache has \[2, 2\], expected \[4, 4\]"):
+        feature_cache.build_feature_cache(records, ENCODER, out, batch_size=4, pool_grid=None)
     with pytest.raises(ValueError, match="encoder"):
-        coco.build_feature_cache(records, "random-vit:tiny:seed1", out, batch_size=4, pool_grid=(2, 2))
+        feature_cache.build_feature_cache(records, "random-vit:tiny:seed1", out, batch_size=4,
+                                          pool_grid=(2, 2))
     with pytest.raises(ValueError, match="image_list_sha256"):
-        coco.build_feature_cache(records[:3], ENCODER, out, batch_size=4, pool_grid=(2, 2))
+        feature_cache.build_feature_cache(records[:3], ENCODER, out, batch_size=4, pool_grid=(2, 2))
+    spec = feature_cache.FeatureCache(out).spec
     with pytest.raises(ValueError, match="layer: cache has -1, expected -2"):
-        coco.FeatureCache(out, expect=dict(layer=-2))
+        feature_cache.FeatureCache(out, expect=dataclasses.replace(spec, layer=-2))
     with pytest.raises(FileNotFoundError, match="no feature cache"):
-        coco.FeatureCache(str(tmp_path))
+        feature_cache.FeatureCache(str(tmp_path))
 
 # -----------------------------------------------------------------------------
 # Downloads

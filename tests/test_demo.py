@@ -12,16 +12,19 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# longest first
 STAGES = ["data", "shards", "lm", "clip", "features-4x8-train", "features-4x8-val", "bridge-linear",
-          "features-none-train", "features-none-val", "bridge-qformer", "bridge-xattn", "evaluate"]  # longest first
+          "features-none-train", "features-none-val", "bridge-qformer", "bridge-xattn", "evaluate"]
 
 
-@pytest.mark.skipif(shutil.which("make") is None or shutil.which("java") is None, reason="needs make and Java")
+@pytest.mark.skipif(shutil.which("make") is None or shutil.which("java") is None,
+                    reason="needs make and Java")
 def test_shortened_demo_runs_every_stage_and_reuses_them(tmp_path):
     demo = tmp_path / "demo"
     settings = [f"BIN={os.path.dirname(sys.executable)}", f"DEMO={demo}", f"SHAPES={tmp_path / 'shapes'}",
                 "TRAIN_IMAGES=192", "VAL_IMAGES=24", "CORPUS_DOCS=1200", "SHARD_SIZE=20000", "LM_STEPS=12",
-                "CLIP_STEPS=3", "CLIP_FLAGS=-B 64 --warmup-steps 1 --val-every 0", "BRIDGE_STEPS=6", "VAL_PAIRS=48"]
+                "CLIP_STEPS=3", "CLIP_FLAGS=-B 64 --warmup-steps 1 --val-every 0", "BRIDGE_STEPS=6",
+                "VAL_PAIRS=48"]
     target = str(demo / "results" / "table.md")  # the file target: `demo` itself would also install .venv
     run = subprocess.run(["make", "-C", ROOT, target, *settings], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -33,46 +36,53 @@ def test_shortened_demo_runs_every_stage_and_reuses_them(tmp_path):
     assert result["images"] == 24 and all("METEOR" in row and "CIDEr" in row for row in result["rows"])
     attributes = {"colour", "shape", "size", "position", "layout", "relation", "objects", "scene"}
     assert all(set(row["attributes"]) == attributes for row in result["rows"])
-    for name in ["val_loss.png", "grid_linear.png", "grid_xattn.png", "grid_qformer.png", "attention_qformer.png"]:
+    for name in ["val_loss.png", "grid_linear.png", "grid_xattn.png", "grid_qformer.png",
+                 "attention_qformer.png"]:
         assert (demo / "results" / name).stat().st_size > 1000, name
     # the per-stage time summary: every stage ran once and was timed
     times = (demo / "times.txt").read_text().split("\n")
     assert [line.split()[0] for line in times if line] == STAGES
 
-    # the bridges read the CLIP the demo trained, in the hub's layout; its caches live in the run folder, one per
-    # pooling, and stay finished (make must not delete their manifests as "intermediate" files)
+    # the bridges read the CLIP the demo trained, in the hub's layout; its caches live in the run folder, one
+    # per pooling, and stay finished (make must not delete their manifests as "intermediate" files)
     assert (demo / "clip" / "model.safetensors").exists() and (demo / "clip" / "quality.json").exists()
     for pooling in ("4x8", "none"):
         for split in ("train", "val"):
             with open(demo / "features" / pooling / split / "manifest.json") as f:
                 manifest = json.load(f)
-            assert manifest["encoder"] == str(demo / "clip") and manifest["pooling"] == pooling
-    # the CLIP's tokens are read as they are (standardising is for the untrained ViT: the Makefile's STANDARDIZE),
-    # each bridge with its own pooling (POOL_<name>)
+            grid = [4, 8] if pooling == "4x8" else [8, 8]  # none: the CLIP's own 8 x 8 patch grid
+            assert (manifest["features"]["encoder"] == str(demo / "clip")
+                    and manifest["features"]["grid"] == grid)
+    # the CLIP's tokens are read as they are (standardising is for the untrained ViT: the Makefile's
+    # STANDARDIZE), each bridge with its own pooling (POOL_<name>)
     for bridge, pooling in (("linear", "4x8"), ("xattn", "none"), ("qformer", "none")):
         ckpt = torch.load(demo / "caption" / bridge / "ckpt_final.pt", weights_only=True)
         assert ckpt["args"]["standardize"] is False and ckpt["visual_stats"] is None, bridge
-        assert ckpt["features"]["pooling"] == pooling, bridge
+        assert ckpt["features"]["grid"] == ([4, 8] if pooling == "4x8" else [8, 8]), bridge
     # the run folder records its world, so that a later `make demo` can refuse a folder of another world
     assert json.load(open(demo / "world.json")) == json.load(open(tmp_path / "shapes" / "info.json"))
     # a second run reuses everything: make finds every target up to date
     # (make -q cannot say: each stage's settings file is rewritten, if it changed, on every make)
     again = subprocess.run(["make", "-C", ROOT, target, *settings], capture_output=True, text=True)
-    assert again.returncode == 0 and "started" not in again.stdout, "a finished stage ran again:\n" + again.stdout
+    assert again.returncode == 0 and "started" not in again.stdout, \
+        "a finished stage ran again:\n" + again.stdout
 
-    # make study, shortened to one seed of one world and its common recipe (the own recipe is the demo's rules, run
-    # above): it reuses the world's LM, CLIP and caches, and trains every bridge with that seed, into a run folder
-    # per recipe and seed
+    # make study, shortened to one seed of one world and its common recipe (the own recipe is the demo's
+    # rules, run above): it reuses the world's LM, CLIP and caches, and trains every bridge with that seed,
+    # into a run folder per recipe and seed
     study, demo_times = tmp_path / "study", (demo / "times.txt").read_text()
     run = subprocess.run(["make", "-C", ROOT, "study-world", *settings, f"STUDY={study}", "STUDY_SEEDS=5",
-                          "STUDY_RECIPES=common", "EVAL_FLAGS=--metrics bleu cider"], capture_output=True, text=True)
+                          "STUDY_RECIPES=common", "EVAL_FLAGS=--metrics bleu cider"],
+                         capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert (demo / "times.txt").read_text() == demo_times  # the world's stages were reused, none ran again
+    # the world's stages were reused, none ran again
+    assert (demo / "times.txt").read_text() == demo_times
     folder = study / "w0" / "common" / "s5"
     with open(folder / "results" / "results.json") as f:
         assert [row["seed"] for row in json.load(f)["rows"][:3]] == [5, 5, 5]
     stages = sorted(line.split()[0] for line in (folder / "times.txt").read_text().split("\n") if line)
-    assert stages == ["bridge-linear", "bridge-qformer", "bridge-xattn", "evaluate"]  # (two at a time: any order)
+    # (two at a time: any order)
+    assert stages == ["bridge-linear", "bridge-qformer", "bridge-xattn", "evaluate"]
     assert all((folder / "logs" / f"{stage}.log").stat().st_size > 0 for stage in stages)
     # the common recipe: every bridge the same steps, features and learning rate
     for bridge in ("linear", "xattn", "qformer"):
@@ -85,7 +95,8 @@ def test_shortened_demo_runs_every_stage_and_reuses_them(tmp_path):
 def test_the_ablation_reads_an_untrained_vit_and_trains_no_clip(tmp_path):
     demo = tmp_path / "demo"
     settings = [f"BIN={os.path.dirname(sys.executable)}", f"DEMO={demo}", f"SHAPES={tmp_path / 'shapes'}",
-                "TRAIN_IMAGES=24", "VAL_IMAGES=8", "CORPUS_DOCS=100", "SHAPES_SEED=3", "ENCODER=random-vit:mini:seed0"]
+                "TRAIN_IMAGES=24", "VAL_IMAGES=8", "CORPUS_DOCS=100", "SHAPES_SEED=3",
+                "ENCODER=random-vit:mini:seed0"]
     target = str(demo / "features" / "none" / "train" / "manifest.json")
     run = subprocess.run(["make", "-C", ROOT, target, *settings], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -93,21 +104,22 @@ def test_the_ablation_reads_an_untrained_vit_and_trains_no_clip(tmp_path):
     assert [line.split()[0] for line in times if line] == ["data", "features-none-train"]  # no CLIP stage
     assert not (demo / "clip").exists()
     with open(demo / "features" / "none" / "train" / "manifest.json") as f:
-        assert json.load(f)["encoder"] == "random-vit:mini:seed0"
+        assert json.load(f)["features"]["encoder"] == "random-vit:mini:seed0"
     with open(tmp_path / "shapes" / "info.json") as f:
         assert json.load(f)["seed"] == 3  # the world was drawn with SHAPES_SEED
     # its bridges would standardise the untrained ViT's features (uneven channels), unlike the CLIP's
-    dry = subprocess.run(["make", "-C", ROOT, "-n", str(demo / "caption" / "linear" / "ckpt_final.pt"), *settings],
-                         capture_output=True, text=True)
+    dry = subprocess.run(["make", "-C", ROOT, "-n", str(demo / "caption" / "linear" / "ckpt_final.pt"),
+                          *settings], capture_output=True, text=True)
     # the stage's command line (a dry run also shows the line that records its settings)
     bridge = [line for line in dry.stdout.splitlines() if "python train_caption.py" in line]
     assert dry.returncode == 0 and len(bridge) == 1 and " --standardize " in bridge[0], dry.stdout[-2000:]
-    # per-bridge settings: the prefix bridges train 3x and 2x as many steps and read their input out whole (12 and 16
-    # slots); the linear prefix reads the 4x8-pooled tokens, the others all 64 patches, positions starting as a sin-cos
+    # per-bridge settings: the prefix bridges train 3x and 2x as many steps and read their input out whole (12
+    # and 16 slots); the linear prefix reads the 4x8-pooled tokens, the others all 64 patches, positions
+    # starting as a sin-cos
     for bridge, flags in [("linear", "4x8/train --val-features"), ("xattn", "none/train --val-features"),
                           ("linear", "--max-steps 1800 --lr 3e-3 --prefix-len 12"),
                           ("xattn", "--max-steps 600 --lr 3e-3 --vis-pos-grid"),
                           ("qformer", "--max-steps 1200 --lr 2e-3 --vis-pos-grid --prefix-len 16")]:
-        dry = subprocess.run(["make", "-C", ROOT, "-n", str(demo / "caption" / bridge / "ckpt_final.pt"), *settings],
-                             capture_output=True, text=True)
+        dry = subprocess.run(["make", "-C", ROOT, "-n", str(demo / "caption" / bridge / "ckpt_final.pt"),
+                              *settings], capture_output=True, text=True)
         assert flags in dry.stdout, (bridge, dry.stdout[-2000:])

@@ -13,16 +13,19 @@ import pytest
 import torch
 import torch.nn as nn
 
+import clip_loader
+import decoding
 import evaluate
 import metrics
 from bridges import BRIDGES, Captioner, build_captioner, lm_fingerprint, load_captioner
-from data import coco, shapes
+from data import coco, feature_cache, shapes
 from gpt2 import GPT, GPTConfig, SubsetTokenizer, get_tokenizer
 
 KINDS = list(BRIDGES)  # every registered bridge
 EOT = 0
 SMALL = dict(xattn_heads=2, queries=4, qformer_layers=2, qformer_width=32, qformer_heads=2)
-needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap's PTB tokenizer needs Java")
+needs_java = pytest.mark.skipif(shutil.which("java") is None,
+                                reason="pycocoevalcap's PTB tokenizer needs Java")
 
 
 def tiny_captioner(kind, seed=0, vocab=8):
@@ -53,9 +56,10 @@ def test_beam_1_is_greedy(kind):
     visual = torch.randn(8, 5, 16)
     greedy = captioner.generate(visual, max_new_tokens=12)
     for length_penalty in (0.0, 1.0):
-        assert evaluate.beam_search(captioner, visual, beam=1, max_new_tokens=12,
+        assert decoding.beam_search(captioner, visual, beam=1, max_new_tokens=12,
                                     length_penalty=length_penalty) == greedy
-    assert len({len(c) for c in greedy}) > 1  # captions of different lengths: the <|endoftext|> stop was exercised
+    # captions of different lengths: the <|endoftext|> stop was exercised
+    assert len({len(c) for c in greedy}) > 1
     assert len({tuple(c) for c in greedy}) > 1  # and they depend on the image
 
 
@@ -64,8 +68,9 @@ def test_batched_decoding_equals_one_by_one(kind):
     captioner = tiny_captioner(kind, seed=0)
     visual = torch.randn(5, 5, 16)
     for beam in (1, 3):
-        batched = evaluate.beam_search(captioner, visual, beam=beam, max_new_tokens=10)
-        single = [evaluate.beam_search(captioner, visual[i:i + 1], beam=beam, max_new_tokens=10)[0] for i in range(5)]
+        batched = decoding.beam_search(captioner, visual, beam=beam, max_new_tokens=10)
+        single = [decoding.beam_search(captioner, visual[i:i + 1], beam=beam, max_new_tokens=10)[0]
+                  for i in range(5)]
         assert batched == single
     # sampling: the same seed gives the same captions, a deterministic run
     tok = SubsetTokenizer(range(7))
@@ -103,7 +108,8 @@ def test_beam_search_equals_a_plain_implementation(kind):
     captioner = tiny_captioner(kind, seed=0)
     visual = torch.randn(5, 5, 16)
     for length_penalty in (0.0, 1.0):
-        ours = evaluate.beam_search(captioner, visual, beam=3, max_new_tokens=10, length_penalty=length_penalty)
+        ours = decoding.beam_search(captioner, visual, beam=3, max_new_tokens=10,
+                                    length_penalty=length_penalty)
         plain = [plain_beam_search(captioner, visual[i:i + 1], 3, 10, length_penalty) for i in range(5)]
         assert ours == plain
     assert ours != captioner.generate(visual, max_new_tokens=10)  # the beams changed something: a real test
@@ -123,8 +129,8 @@ class ToyCache:
 
 class ToyLM(nn.Module):
     """
-    A 'language model' whose next-token probabilities are a table over the caption so far, in two worlds (which
-    one is read from the image, so a batch mixes them). Tokens: 0 <|endoftext|>, 1 A, 2 B, 3 C.
+    A 'language model' whose next-token probabilities are a table over the caption so far, in two worlds
+    (which one is read from the image, so a batch mixes them). Tokens: 0 <|endoftext|>, 1 A, 2 B, 3 C.
       world 0:  first A 0.6, B 0.4; after A: EOT 0.30, A 0.36, B 0.34; after B: EOT 0.99; later: EOT 0.9
                 greedy says "A A" (0.6 * 0.36 * 0.9 = 0.194); the best caption is "B" (0.4 * 0.99 = 0.396)
       world 1:  first C 0.7, A 0.3; after C: EOT 0.9; later: EOT 0.95: greedy and best agree on "C"
@@ -192,9 +198,9 @@ def test_beam_search_finds_the_known_best_caption_where_greedy_does_not(length_p
     assert captioner.generate(visual) == [[1, 1], [3], [1, 1]]  # greedy is fooled in world 0
     assert best_by_enumeration(captioner.lm, 0, 4, length_penalty) == [2]
     assert best_by_enumeration(captioner.lm, 1, 4, length_penalty) == [3]
-    assert evaluate.beam_search(captioner, visual, beam=2, max_new_tokens=6, length_penalty=length_penalty) == \
-        [[2], [3], [2]]
-    assert evaluate.beam_search(captioner, visual, beam=1, max_new_tokens=6) == captioner.generate(visual)
+    assert decoding.beam_search(captioner, visual, beam=2, max_new_tokens=6,
+                                length_penalty=length_penalty) == [[2], [3], [2]]
+    assert decoding.beam_search(captioner, visual, beam=1, max_new_tokens=6) == captioner.generate(visual)
 
 # -----------------------------------------------------------------------------
 # A tiny fake world: miniature images, a feature cache, an LM and bridge checkpoints in the real formats
@@ -202,8 +208,8 @@ def test_beam_search_finds_the_known_best_caption_where_greedy_does_not(length_p
 ENCODER = "random-vit:tiny:seed0"  # 32 px, 17 tokens x 32; pooled 2x2 -> 5 tokens
 
 
-def features_manifest(width=32, pooling="2x2", tokens=5):
-    return dict(format=1, encoder=ENCODER, layer=-1, pooling=pooling, image_size=32, tokens=tokens, width=width)
+def features_spec(width=32):
+    return clip_loader.VisualFeatures(ENCODER, layer=-1, grid=(2, 2), image_size=32, width=width)
 
 
 def save_checkpoint(path, captioner, config, lm_path, lm, vocab, features, val_losses, train_seconds):
@@ -211,11 +217,13 @@ def save_checkpoint(path, captioner, config, lm_path, lm, vocab, features, val_l
     counts = captioner.param_counts()
     torch.save(dict(kind="caption", step=20, max_steps=20, bridge_config=asdict(config),
                     trainable=captioner.trainable_state(), unfreeze_last=0,
-                    visual_stats=dict(mean=captioner.visual_mean, std=captioner.visual_std) if captioner.standardize
-                    else None,
-                    lm=dict(name=lm_path, config=asdict(lm.config), vocab=vocab, fingerprint=lm_fingerprint(lm)),
-                    features=features, params=dict(encoder=dict(total=1000, trainable=0), **counts),
-                    train_seconds=train_seconds, val_loss=val_losses[-1], optimizer={}, rng={}, args={}), path)
+                    visual_stats=dict(mean=captioner.visual_mean, std=captioner.visual_std)
+                    if captioner.standardize else None,
+                    lm=dict(name=lm_path, config=asdict(lm.config), vocab=vocab,
+                            fingerprint=lm_fingerprint(lm)),
+                    features=features.as_dict(), params=dict(encoder=dict(total=1000, trainable=0), **counts),
+                    train_seconds=train_seconds, val_loss=val_losses[-1], optimizer={}, rng={}, args={}),
+               path)
     with open(os.path.join(os.path.dirname(path), "log.jsonl"), "w") as f:
         f.write(json.dumps({"event": "start", "config": {}}) + "\n")
         for k, loss in enumerate(val_losses):
@@ -232,8 +240,8 @@ def world(tmp_path_factory):
     shapes.generate(root, train=2, val=10, corpus_docs=4, seed=0)
     records = coco.load_records(root, "val")
     cache_dir = str(base / "cache_val")
-    cache = coco.build_feature_cache(records, ENCODER, cache_dir, batch_size=8, pool_grid=(2, 2), device="cpu",
-                                     num_workers=1)
+    cache = feature_cache.build_feature_cache(records, ENCODER, cache_dir, batch_size=8, pool_grid=(2, 2),
+                                     device="cpu", num_workers=1)
     # the LM: random, over the GPT-2 tokens the miniature's captions use (train_lm.py's checkpoint format)
     gpt2_tok = get_tokenizer()
     vocab = sorted({t for r in records for c in r["captions"] for t in gpt2_tok.encode_ordinary(c)})
@@ -248,13 +256,13 @@ def world(tmp_path_factory):
         torch.manual_seed(10 + i)
         captioner, config = build_captioner(lm, tok.eot_token, kind, 32, 5, visual_stats=stats, **SMALL)
         path = str(base / "runs" / kind / "ckpt_final.pt")
-        save_checkpoint(path, captioner, config, lm_path, lm, vocab, features_manifest(),
+        save_checkpoint(path, captioner, config, lm_path, lm, vocab, features_spec(),
                         [3.0 - 0.5 * k - 0.1 * i for k in range(4)], 60.0 * (i + 1))
         checkpoints[kind] = path
     # one checkpoint trained on features of another width: must be refused against this cache
     captioner, config = build_captioner(lm, tok.eot_token, "linear", 64, 5, **SMALL)
     path = str(base / "runs" / "wide" / "ckpt_final.pt")
-    save_checkpoint(path, captioner, config, lm_path, lm, vocab, features_manifest(width=64), [2.0], 1.0)
+    save_checkpoint(path, captioner, config, lm_path, lm, vocab, features_spec(width=64), [2.0], 1.0)
     checkpoints["wide"] = path
     return dict(base=base, root=root, cache=cache_dir, checkpoints=checkpoints, records=records)
 
@@ -264,8 +272,9 @@ def test_compare_writes_table_json_captions_and_pictures(world, tmp_path):
     out = str(tmp_path / "results")
     ckpts = [world["checkpoints"][k] for k in KINDS]
     result = evaluate.main(["--checkpoints", *ckpts, "--coco-root", world["root"], "--split", "val",
-                            "--features", world["cache"], "--out", out, "--beam", "2", "--max-new-tokens", "8",
-                            "--batch-size", "4", "--metrics", "bleu", "cider", "--device", "cpu"])
+                            "--features", world["cache"], "--out", out, "--beam", "2",
+                            "--max-new-tokens", "8", "--batch-size", "4", "--metrics", "bleu", "cider",
+                            "--device", "cpu", "--extra-scores", "data.shapes"])
     with open(os.path.join(out, "results.json")) as f:
         saved = json.load(f)
     assert saved["images"] == 10 and saved == json.loads(json.dumps(result))
@@ -274,8 +283,9 @@ def test_compare_writes_table_json_captions_and_pictures(world, tmp_path):
     blind = [row for row in saved["rows"] if row.get("blind")]
     assert len(blind) == 1 and blind[0]["bridge"] == "blind (frozen LM of linear, no image)"
     for kind, row in rows.items():
-        assert 0.0 <= row["BLEU-4"] <= 1.0 and row["CIDEr_ci"][0] <= row["CIDEr"] + 1e-9 <= row["CIDEr_ci"][1] + 2e-9
-        assert row["captions_per_s"] > 0 and set(row["attributes"]) == set(evaluate.ATTRIBUTES)
+        assert 0.0 <= row["BLEU-4"] <= 1.0 and \
+            row["CIDEr_ci"][0] <= row["CIDEr"] + 1e-9 <= row["CIDEr_ci"][1] + 2e-9
+        assert row["captions_per_s"] > 0 and set(row["attributes"]) == set(shapes.SCORE_COLUMNS)
     for i, kind in enumerate(KINDS):
         row = rows[kind]
         assert row["train_seconds"] == 60.0 * (i + 1) and row["val_loss"] == pytest.approx(1.5 - 0.1 * i)
@@ -303,13 +313,14 @@ def test_every_checkpoint_is_decoded_before_any_scoring(world, tmp_path, monkeyp
     events, decode, score_row = [], evaluate.decode, evaluate.score_row
     monkeypatch.setattr(evaluate, "decode", lambda *a, **k: events.append("decode") or decode(*a, **k))
     monkeypatch.setattr(evaluate, "score_row", lambda *a, **k: events.append("score") or score_row(*a, **k))
-    result = evaluate.main(["--checkpoints", *[world["checkpoints"][k] for k in KINDS], "--coco-root", world["root"],
-                            "--split", "val", "--features", world["cache"], "--out", str(tmp_path / "results"),
-                            "--max-new-tokens", "6", "--batch-size", "4", "--metrics", "bleu", "cider",
-                            "--device", "cpu"])
+    result = evaluate.main(["--checkpoints", *[world["checkpoints"][k] for k in KINDS],
+                            "--coco-root", world["root"], "--split", "val", "--features", world["cache"],
+                            "--out", str(tmp_path / "results"), "--max-new-tokens", "6", "--batch-size", "4",
+                            "--metrics", "bleu", "cider", "--device", "cpu"])
     assert events.count("decode") == len(KINDS) + 1 and events.count("score") == len(KINDS) + 1  # + blind
     assert events == ["decode"] * (len(KINDS) + 1) + ["score"] * (len(KINDS) + 1)
-    # the bridges with queries report how alike their queries' attention maps are (1.0: all read the same tokens)
+    # the bridges with queries report how alike their queries' attention maps are (1.0: all read the same
+    # tokens)
     for row in result["rows"]:
         if hasattr(BRIDGES.get(row.get("kind")), "attention_maps"):
             assert 0.0 < row["query_similarity"] <= 1.0 + 1e-6
@@ -345,6 +356,7 @@ def test_compare_on_karpathy_split_with_meteor(world, tmp_path):
     out = str(tmp_path / "results")
     result = evaluate.main(["--checkpoints", world["checkpoints"]["linear"], "--coco-root", world["root"],
                             "--karpathy-json", str(karpathy), "--features", world["cache"], "--out", out,
+                            "--extra-scores", "data.shapes",
                             "--method", "greedy", "--max-new-tokens", "6", "--device", "cpu"])
     assert result["split"] == "test" and result["images"] == 6 and "Karpathy test" in result["where"]
     linear, blind = result["rows"]
@@ -359,15 +371,17 @@ def test_compare_on_karpathy_split_with_meteor(world, tmp_path):
     assert set(saved) == test_ids
     direct = metrics.score_captions({k: v["caption"] for k, v in saved.items()},
                                      {k: v["references"] for k, v in saved.items()})
-    assert direct["METEOR"] == pytest.approx(linear["METEOR"]) and direct["CIDEr"] == pytest.approx(linear["CIDEr"])
-    # no scene file is read on Karpathy's split, so no per-attribute columns
+    assert direct["METEOR"] == pytest.approx(linear["METEOR"]) and \
+        direct["CIDEr"] == pytest.approx(linear["CIDEr"])
+    # Karpathy's test split has no scene file: the miniature's hook offers no columns
     assert "attributes" not in linear and "colour" not in open(os.path.join(out, "table.md")).read()
 
 
 def test_cache_checkpoint_mismatch_is_refused(world, tmp_path):
     with pytest.raises(ValueError, match=r"trained on other features.*width: cache has 32, expected 64"):
-        evaluate.main(["--checkpoints", world["checkpoints"]["wide"], "--coco-root", world["root"], "--features",
-                       world["cache"], "--out", str(tmp_path), "--metrics", "bleu", "--device", "cpu"])
+        evaluate.main(["--checkpoints", world["checkpoints"]["wide"], "--coco-root", world["root"],
+                       "--features", world["cache"], "--out", str(tmp_path), "--metrics", "bleu",
+                       "--device", "cpu"])
 
 
 def test_caption_a_folder_reports_and_skips_unreadable_files(world, tmp_path, capsys):
@@ -379,25 +393,28 @@ def test_caption_a_folder_reports_and_skips_unreadable_files(world, tmp_path, ca
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
     (folder / "notes.txt").write_text("not an image, not even looked at")
     out = str(tmp_path / "out")
-    result = evaluate.main(["--images", str(folder), "--checkpoint", world["checkpoints"]["qformer"], "--out", out,
-                            "--method", "greedy", "--max-new-tokens", "6", "--device", "cpu"])
+    result = evaluate.main(["--images", str(folder), "--checkpoint", world["checkpoints"]["qformer"],
+                            "--out", out, "--method", "greedy", "--max-new-tokens", "6", "--device", "cpu"])
     err = capsys.readouterr()
-    assert len(result["captions"]) == 3 and [s["path"] for s in result["skipped"]] == [str(folder / "broken.jpg")]
+    assert len(result["captions"]) == 3 and \
+        [s["path"] for s in result["skipped"]] == [str(folder / "broken.jpg")]
     assert "broken.jpg" in err.err and "1 unreadable skipped" in err.err
     with open(result["path"]) as f:
         saved = json.load(f)
     assert sorted(saved["captions"]) == sorted(result["captions"]) and saved["skipped"][0]["reason"]
     assert all(str(folder) in line for line in err.out.strip().splitlines()) and err.out.count("\n") == 3
     # the on-the-fly encoder computes what the cache holds (up to the cache's fp16 rounding)
-    cache = coco.FeatureCache(world["cache"])
+    cache = feature_cache.FeatureCache(world["cache"])
     rows = world["records"][:2]
-    source = evaluate.encoded_images(features_manifest(), rows, torch.device("cpu"))
+    source = evaluate.encoded_images(features_spec(), rows, torch.device("cpu"))
     _, visual = source.tokens([r["image_id"] for r in rows])  # (2, 5, 32)
-    torch.testing.assert_close(visual, cache.batch([cache.row_of(r["image_id"]) for r in rows]), atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(visual, cache.batch([cache.row_of(r["image_id"]) for r in rows]),
+                               atol=2e-3, rtol=2e-3)
 
 
 def test_bench_eval_charges_each_decoder_the_work_it_does():
-    # bench_eval's speed-up bound rests on this count: the reference loop re-runs every position for every token
+    # bench_eval's speed-up bound rests on this count: the reference loop re-runs every position for every
+    # token
     import sys
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
     import bench_eval
@@ -413,8 +430,8 @@ def test_bench_eval_charges_each_decoder_the_work_it_does():
     flops_per_position = 2 * (12 * C * C * lm.config.n_layer + C * lm.config.vocab_size)
     assert work.gflop() == pytest.approx(work.positions * flops_per_position / 1e9)
     with bench_eval.LMWork(lm) as work:
-        [caption] = evaluate.decode_batch(captioner, visual[:1], "greedy", max_new_tokens=6)
-    # one prefill of L positions (output layer on its last only), then one position per token that is fed back:
-    # every token but a sixth (no forward after the last step)
+        [caption] = decoding.decode_batch(captioner, visual[:1], "greedy", max_new_tokens=6)
+    # one prefill of L positions (output layer on its last only), then one position per token that is fed
+    # back: every token but a sixth (no forward after the last step)
     assert work.positions == L + min(len(caption), 5)
     assert work.head_rows == 1 + work.positions - L

@@ -1,7 +1,8 @@
 """
 `make smoke`: every full-scale stage at full size (GPT-2 124M, CLIP ViT-L/14, real-size JPEGs, T = 1024) for a
-step or two, with the GPU-only branches on through their CPU analogues. Run here through the Makefile's own rule,
-then the outputs are checked: what each stage wrote, and that the leak into Karpathy's test split was refused.
+step or two, with the GPU-only branches on through their CPU analogues. Run here through the Makefile's own
+rule, then the outputs are checked: what each stage wrote, and that the leak into Karpathy's test split was
+refused.
 """
 import json
 import os
@@ -20,38 +21,48 @@ def records(path):
     return [json.loads(line) for line in open(path)]
 
 
-@pytest.mark.skipif(shutil.which("make") is None or shutil.which("java") is None, reason="needs make and Java")
+@pytest.mark.skipif(shutil.which("make") is None or shutil.which("java") is None,
+                    reason="needs make and Java")
 def test_make_smoke_runs_every_full_scale_stage(tmp_path):
     smoke = tmp_path / "smoke"
-    run = subprocess.run(["make", "-C", ROOT, "smoke-run", f"BIN={os.path.dirname(sys.executable)}", f"SMOKE={smoke}"],
-                         capture_output=True, text=True)
+    run = subprocess.run(["make", "-C", ROOT, "smoke-run", f"BIN={os.path.dirname(sys.executable)}",
+                          f"SMOKE={smoke}"], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert "smoke: every full-scale stage ran" in run.stdout
 
-    # GPT-2 124M, T = 1024, bf16, fused AdamW, the first step compiled; stopped after one step and resumed for the second
+    # GPT-2 124M, T = 1024, bf16, fused AdamW, the first step compiled; stopped after one step and resumed for
+    # the second
     lm = records(smoke / "lm" / "log.jsonl")
     starts = [r for r in lm if r.get("event") == "start"]
     assert [s["resume"] for s in starts] == [False, True]
     config = starts[-1]["config"]
-    assert config["model"]["n_layer"] == 12 and config["model"]["n_embd"] == 768 and config["model"]["vocab_size"] == 50304
+    assert config["model"]["n_layer"] == 12 and config["model"]["n_embd"] == 768 and \
+        config["model"]["vocab_size"] == 50304
     assert config["args"]["seq_len"] == 1024 and config["args"]["dtype"] == "bf16"
-    assert starts[0]["config"]["args"]["compile"]  # compiled once (a compile on the CPU costs minutes; once proves it)
+    # compiled once (a compile on the CPU costs minutes; once proves it)
+    assert starts[0]["config"]["args"]["compile"]
     assert config["args"]["fused"] and config["grad_accum"] == 2
-    assert [r["step"] for r in lm if "loss" in r] == [0, 1] and all(r["tokens_per_s"] > 0 for r in lm if "loss" in r)
-    assert [r["step"] for r in lm if "hellaswag" in r] == [0, 1] and all(r["hellaswag_n"] == 4 for r in lm if "hellaswag" in r)
+    assert [r["step"] for r in lm if "loss" in r] == [0, 1] and \
+        all(r["tokens_per_s"] > 0 for r in lm if "loss" in r)
+    assert [r["step"] for r in lm if "hellaswag" in r] == [0, 1] and \
+        all(r["hellaswag_n"] == 4 for r in lm if "hellaswag" in r)
     assert load_checkpoint(str(smoke / "lm" / "ckpt_000002.pt"))["step"] == 2
 
     # the ViT-L/14 caches: 257 tokens pooled to 33 x 1024, every image of each split
     for split, count in [("train", 6), ("val", 3), ("karpathy_train", 5), ("karpathy_test", 2)]:
         manifest = json.load(open(smoke / "features" / split / "manifest.json"))
-        assert (manifest["count"], manifest["tokens"], manifest["width"], manifest["image_size"]) == (count, 33, 1024, 224)
+        features = manifest["features"]
+        assert (manifest["count"], manifest["tokens"], features["width"], features["image_size"]) == \
+            (count, 33, 1024, 224)
 
     # every bridge on the 124M GPT-2 of the hub's layout, resumed; the bridges' trained-on records
     for bridge in ("linear", "xattn", "qformer"):
         ckpt = load_checkpoint(str(smoke / "caption" / bridge / "ckpt_final.pt"))
-        assert ckpt["step"] == 2 and ckpt["lm"]["config"]["n_layer"] == 12 and ckpt["features"]["width"] == 1024
+        assert ckpt["step"] == 2 and ckpt["lm"]["config"]["n_layer"] == 12 and \
+            ckpt["features"]["width"] == 1024
         assert len(ckpt["trained_on"]["image_ids"]) == 6
-    assert load_checkpoint(str(smoke / "caption" / "karpathy" / "ckpt_final.pt"))["trained_on"]["karpathy_json"]
+    assert load_checkpoint(
+        str(smoke / "caption" / "karpathy" / "ckpt_final.pt"))["trained_on"]["karpathy_json"]
 
     result = json.load(open(smoke / "results" / "coco_val" / "results.json"))
     assert [r["bridge"] for r in result["rows"]][:4] == ["linear", "xattn", "qformer", "on-the-fly"]

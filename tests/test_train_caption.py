@@ -1,4 +1,7 @@
-"""train_caption.py on a tiny shapes world: exact resume, frozen LM, DDP == one process, clear refusals, NaN stop."""
+"""
+train_caption.py on a tiny shapes world: exact resume, frozen LM, DDP == one process, clear refusals,
+NaN stop.
+"""
 import dataclasses
 import json
 import os
@@ -13,7 +16,7 @@ import torch
 import bridges
 import evaluate
 import train_caption
-from data import coco, shapes
+from data import coco, feature_cache, shapes
 from gpt2 import GPT, GPTConfig, SubsetTokenizer, get_tokenizer, load_lm
 from common import load_checkpoint
 
@@ -23,13 +26,14 @@ ENCODER = "random-vit:tiny:seed0"
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A tiny COCO-format shapes world, feature caches of both splits, and a small LM checkpoint (train_lm format)."""
+    """A tiny COCO-format shapes world, feature caches of both splits, and a small LM checkpoint (train_lm
+    format)."""
     tmp = tmp_path_factory.mktemp("caption")
     root = str(tmp / "shapes")
     shapes.generate(root, train=40, val=12, corpus_docs=10, seed=0, image_size=32)
     for split in ("train", "val"):
-        coco.build_feature_cache(coco.load_records(root, split), ENCODER, str(tmp / f"feat_{split}"), batch_size=16,
-                                 num_workers=1)
+        feature_cache.build_feature_cache(coco.load_records(root, split), ENCODER, str(tmp / f"feat_{split}"),
+                                 batch_size=16, num_workers=1)
     gpt2_tok = get_tokenizer()
     ids = {t for split in ("train", "val") for r in coco.load_records(root, split) for c in r["captions"]
            for t in gpt2_tok.encode_ordinary(c)}  # the vocabulary train_lm --vocab-subset would keep
@@ -38,25 +42,29 @@ def world(tmp_path_factory):
     lm = GPT(GPTConfig(block_size=64, vocab_size=len(vocab), n_layer=2, n_head=2, n_embd=32))
     # a little pretraining on the train captions, so the LM can be confident (GPT-2's init cannot)
     index = {t: i for i, t in enumerate(vocab)}
-    texts = [[index[t] for t in gpt2_tok.encode_ordinary(c)] for r in coco.load_records(root, "train") for c in r["captions"]]
+    texts = [[index[t] for t in gpt2_tok.encode_ordinary(c)] for r in coco.load_records(root, "train")
+             for c in r["captions"]]
     tokens, targets = bridges.caption_batch(texts, index[50256])
-    x = torch.cat([torch.full((len(texts), 1), index[50256]), tokens], dim=1)  # <|endoftext|> caption <|endoftext|>
+    # <|endoftext|> caption <|endoftext|>
+    x = torch.cat([torch.full((len(texts), 1), index[50256]), tokens], dim=1)
     optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-2)
     for _ in range(25):  # not to convergence: the image must still have something to add
         _, loss = lm(x[:, :-1], targets)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    torch.save({"model": lm.state_dict(), "config": dataclasses.asdict(lm.config), "vocab": vocab}, tmp / "lm.pt")
+    torch.save({"model": lm.state_dict(), "config": dataclasses.asdict(lm.config), "vocab": vocab},
+               tmp / "lm.pt")
     return dict(root=root, train=str(tmp / "feat_train"), val=str(tmp / "feat_val"), lm=str(tmp / "lm.pt"))
 
 
 def args(world, out_dir, bridge="xattn", *extra):
-    return ["--bridge", bridge, "--lm", world["lm"], "--coco-root", world["root"], "--features", world["train"],
-            "--val-features", world["val"], "--out-dir", str(out_dir), "-B", "8", "--total-batch", "16",
-            "--max-steps", "6", "--warmup-steps", "2", "--lr", "3e-3", "--val-every", "3", "--val-pairs", "20",
-            "--ckpt-every", "0", "--log-every", "1", "--device", "cpu", "--qformer-width", "32",
-            "--qformer-heads", "2", "--queries", "4", *map(str, extra)]
+    return ["--bridge", bridge, "--lm", world["lm"], "--coco-root", world["root"],
+            "--features", world["train"], "--val-features", world["val"], "--out-dir", str(out_dir),
+            "-B", "8", "--total-batch", "16", "--max-steps", "6", "--warmup-steps", "2", "--lr", "3e-3",
+            "--val-every", "3", "--val-pairs", "20", "--ckpt-every", "0", "--log-every", "1",
+            "--device", "cpu", "--qformer-width", "32", "--qformer-heads", "2", "--queries", "4",
+            *map(str, extra)]
 
 
 def records(out_dir, key):
@@ -72,14 +80,15 @@ def test_resume_is_exact_and_the_lm_stays_frozen(world, tmp_path, bridge):
     resumed = train_caption.main(args(world, half, bridge, "--resume", "auto"))
     for k, v in full.bridge.state_dict().items():
         assert torch.equal(v, resumed.bridge.state_dict()[k]), k
-    assert [r["loss"] for r in records(tmp_path / "full", "loss")] == [r["loss"] for r in records(half, "loss")]
+    assert [r["loss"] for r in records(tmp_path / "full", "loss")] == \
+        [r["loss"] for r in records(half, "loss")]
     # frozen means frozen: the LM after training is bit-identical to the checkpoint it came from
     lm, _ = load_lm(world["lm"])
     for k, v in lm.state_dict().items():
         assert torch.equal(v, full.lm.state_dict()[k]), k
     # the final checkpoint rebuilds the same captioner
     loaded, tokenizer, ckpt = bridges.load_captioner(str(tmp_path / "full" / "ckpt_final.pt"))
-    visual = coco.FeatureCache(world["val"]).batch([0, 1, 2])
+    visual = feature_cache.FeatureCache(world["val"]).batch([0, 1, 2])
     assert loaded.generate(visual, 8) == full.eval().generate(visual, 8)
     assert ckpt["params"]["bridge"]["trainable"] == ckpt["params"]["bridge"]["total"] > 0
     assert ckpt["params"]["lm"]["trainable"] == 0 and ckpt["params"]["encoder"]["total"] > 0
@@ -89,14 +98,15 @@ def test_resume_is_exact_and_the_lm_stays_frozen(world, tmp_path, bridge):
 def test_ddp_two_processes_match_one(world, tmp_path):
     # the same global batch of 16 pairs: one process accumulates 2 micro-batches of 8, two processes 1 each
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "train_caption.py", *args(world, tmp_path / "one", "qformer")], cwd=ROOT, env=env,
-                   check=True, capture_output=True)
+    subprocess.run([sys.executable, "train_caption.py", *args(world, tmp_path / "one", "qformer")], cwd=ROOT,
+                   env=env, check=True, capture_output=True)
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "train_caption.py", *args(world, tmp_path / "two", "qformer")], cwd=ROOT, env=env,
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     for key in ("loss", "val_loss"):
-        a, b = [r[key] for r in records(tmp_path / "one", key)], [r[key] for r in records(tmp_path / "two", key)]
+        a, b = ([r[key] for r in records(tmp_path / "one", key)],
+                [r[key] for r in records(tmp_path / "two", key)])
         assert len(a) == len(b) > 0
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
     start = next(map(json.loads, open(tmp_path / "two" / "log.jsonl")))
@@ -110,7 +120,7 @@ def test_on_the_fly_encoding_trains_too(world, tmp_path):
         del a[i:i + 2]
     train_caption.main(a)
     ckpt = load_checkpoint(str(tmp_path / "ckpt_final.pt"))
-    assert ckpt["features"]["encoder"] == ENCODER and ckpt["features"]["tokens"] == 33
+    assert ckpt["features"]["encoder"] == ENCODER and ckpt["features"]["grid"] == [4, 8]
     assert len(records(tmp_path, "val_loss")) == 2
 
 
@@ -128,8 +138,8 @@ def test_mismatches_are_refused(world, tmp_path):
         bridges.load_captioner(str(tmp_path / "ckpt_000002.pt"), lm=str(other_lm))
     # a val cache made by another encoder is never mixed with the train cache
     other = tmp_path / "feat_other"
-    coco.build_feature_cache(coco.load_records(world["root"], "val"), "random-vit:tiny:seed1", str(other),
-                             batch_size=16, num_workers=1)
+    feature_cache.build_feature_cache(coco.load_records(world["root"], "val"), "random-vit:tiny:seed1",
+                                      str(other), batch_size=16, num_workers=1)
     a = args(world, tmp_path / "x", "linear")
     a[a.index("--val-features") + 1] = str(other)
     with pytest.raises(ValueError, match="encoder"):
@@ -158,8 +168,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_path, monk
 
 class MixerBridge(torch.nn.Module):
     """
-    A fourth bridge, defined here and nowhere else: `queries` prefix embeddings, each a learned softmax mixture of
-    the visual tokens, projected to the GPT's width. It offers attention_maps, so evaluate.py draws them too.
+    A fourth bridge, defined here and nowhere else: `queries` prefix embeddings, each a learned softmax
+    mixture of the visual tokens, projected to the GPT's width. It offers attention_maps, so evaluate.py draws
+    them too.
     """
 
     def __init__(self, config):
@@ -171,7 +182,8 @@ class MixerBridge(torch.nn.Module):
         return self.mix.softmax(-1).expand(visual.size(0), 1, -1, -1)  # (B, 1, Q, S): one "head"
 
     def forward(self, visual):
-        prefix = self.proj(self.attention_maps(visual)[:, 0] @ visual)  # (B, Q, S) @ (B, S, C_vis) -> (B, Q, C)
+        # (B, Q, S) @ (B, S, C_vis) -> (B, Q, C)
+        prefix = self.proj(self.attention_maps(visual)[:, 0] @ visual)
         return prefix, None
 
 
@@ -183,10 +195,12 @@ def test_a_fourth_bridge_registered_at_run_time_trains_and_is_evaluated(world, t
     losses = [r["loss"] for r in records(out, "loss")]
     assert len(losses) == 4 and all(np.isfinite(losses))
     ckpt = load_checkpoint(str(out / "ckpt_final.pt"))
-    assert ckpt["bridge_config"]["kind"] == "mixer" and set(ckpt["trainable"]["bridge"]) == {"mix", "proj.weight", "proj.bias"}
-    result = evaluate.main(["--checkpoints", str(out / "ckpt_final.pt"), "--coco-root", world["root"], "--features",
-                            world["val"], "--out", str(tmp_path / "results"), "--method", "greedy", "--max-new-tokens",
-                            "6", "--metrics", "bleu", "cider", "--device", "cpu"])
+    assert ckpt["bridge_config"]["kind"] == "mixer" and \
+        set(ckpt["trainable"]["bridge"]) == {"mix", "proj.weight", "proj.bias"}
+    result = evaluate.main(["--checkpoints", str(out / "ckpt_final.pt"), "--coco-root", world["root"],
+                            "--features", world["val"], "--out", str(tmp_path / "results"),
+                            "--method", "greedy", "--max-new-tokens", "6", "--metrics", "bleu", "cider",
+                            "--device", "cpu"])
     assert [row["bridge"] for row in result["rows"]] == ["mixer", "blind (frozen LM of mixer, no image)"]
     assert result["rows"][0]["kind"] == "mixer" and "CIDEr" in result["rows"][0]
     for name in ("grid_mixer.png", "attention_mixer.png", "val_loss.png"):

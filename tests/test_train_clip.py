@@ -1,5 +1,6 @@
-# train_clip.py: the contrastive loss, a text tower that ignores padding, training that learns and resumes exactly,
-# and the Hugging Face layout it saves: read back by clip_loader and by transformers with the same outputs.
+# miniature/train_clip.py: the contrastive loss, a text tower that ignores padding, training that learns and
+# resumes exactly, and the Hugging Face layout it saves: read back by clip_loader and by transformers with the
+# same outputs.
 import json
 import os
 
@@ -7,14 +8,15 @@ import pytest
 import torch
 
 import clip_loader
-import train_clip
+from miniature import clip_model, train_clip
 from data import shapes
 from common import load_checkpoint, save_checkpoint
 from tests.test_bad_inputs import usage_error
 
 # the tiny image tower (32 px, patches of 8: 17 tokens x 32) and a 1-layer text tower: a few ms per step
-TINY = ["--vision", "tiny", "--text-layers", "1", "--text-width", "32", "--text-heads", "2", "--embed-dim", "16",
-        "-B", "16", "--warmup-steps", "2", "--lr", "3e-3", "--val-every", "0", "--log-every", "1", "--seed", "0"]
+TINY = ["--vision", "tiny", "--text-layers", "1", "--text-width", "32", "--text-heads", "2",
+        "--embed-dim", "16", "-B", "16", "--warmup-steps", "2", "--lr", "3e-3", "--val-every", "0",
+        "--log-every", "1", "--seed", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +28,11 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(world, tmp_path_factory):
-    """A tiny CLIP trained for 150 steps, about a second (its folder: checkpoint, log, hub-format model, quality.json)."""
+    """A tiny CLIP trained for 150 steps, about a second (its folder: checkpoint, log, hub-format model,
+    quality.json)."""
     out = str(tmp_path_factory.mktemp("clip"))
-    model = train_clip.main(["--root", world, "--out-dir", out, "--max-steps", "150", "--ckpt-every", "0", *TINY])
+    model = train_clip.main(["--root", world, "--out-dir", out, "--max-steps", "150", "--ckpt-every", "0",
+                             *TINY])
     return model, out
 
 
@@ -41,19 +45,21 @@ def test_contrastive_loss_by_hand():
     # row i: image i's softmax over the 4 captions; column i: caption i's softmax over the 4 images
     by_rows = -torch.log_softmax(logits, 1).diagonal().mean()
     by_columns = -torch.log_softmax(logits, 0).diagonal().mean()
-    assert torch.allclose(train_clip.contrastive_loss(image, text, scale), (by_rows + by_columns) / 2)
+    assert torch.allclose(clip_model.contrastive_loss(image, text, scale), (by_rows + by_columns) / 2)
     # perfectly matched pairs of orthogonal embeddings at CLIP's largest scale: nearly zero loss
     eye = torch.eye(4, 8)
-    assert train_clip.contrastive_loss(eye, eye, torch.tensor(train_clip.LOGIT_SCALE_MAX)) < 1e-3
+    assert clip_model.contrastive_loss(eye, eye, torch.tensor(clip_model.LOGIT_SCALE_MAX)) < 1e-3
 
 
 def test_text_tower_pools_at_endoftext_and_ignores_padding():
-    config = train_clip.CLIPTrainConfig(text_layers=2, text_width=32, text_heads=2, text_tokens=12, vocab_size=20)
+    config = clip_model.CLIPTrainConfig(text_layers=2, text_width=32, text_heads=2, text_tokens=12,
+                                        vocab_size=20)
     torch.manual_seed(0)
-    tower = train_clip.TextTransformer(config)
+    tower = clip_model.TextTransformer(config)
     caption = torch.tensor([[3, 5, 7, 19]])  # 3 words, then <|endoftext|> (id 19) at position 3
     padded = torch.tensor([[3, 5, 7, 19, 19, 19, 19, 19]])
-    garbage = torch.tensor([[3, 5, 7, 19, 1, 2, 11, 4]])  # causal attention: what follows never reaches position 3
+    # causal attention: what follows never reaches position 3
+    garbage = torch.tensor([[3, 5, 7, 19, 1, 2, 11, 4]])
     eot = torch.tensor([3])
     out = tower(caption, eot)
     assert out.shape == (1, 32)
@@ -63,7 +69,8 @@ def test_text_tower_pools_at_endoftext_and_ignores_padding():
 
 
 def test_the_image_tower_trains_while_clip_loader_towers_stay_frozen():
-    model = train_clip.CLIP(train_clip.CLIPTrainConfig(vision="tiny", vocab_size=20, text_width=32, text_heads=2))
+    model = clip_model.CLIP(clip_model.CLIPTrainConfig(vision="tiny", vocab_size=20, text_width=32,
+                                                       text_heads=2))
     assert all(p.requires_grad for p in model.parameters())
     model.train()
     assert model.vision_model.training  # not forced into eval mode as a frozen tower is
@@ -98,7 +105,8 @@ def test_resume_is_exact(world, tmp_path):
     args = ["--root", world, "--max-steps", "8", "--ckpt-every", "0", *TINY]
     a = train_clip.main([*args, "--out-dir", whole])
     train_clip.main([*args, "--out-dir", halves, "--stop-step", "4"])
-    assert sorted(os.listdir(halves)) == [".lock", "ckpt_000004.pt", "log.jsonl"]  # stopped: no model folder yet
+    # stopped: no model folder yet
+    assert sorted(os.listdir(halves)) == [".lock", "ckpt_000004.pt", "log.jsonl"]
     b = train_clip.main([*args, "--out-dir", halves, "--resume", "auto"])
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(p, q), name
@@ -111,13 +119,14 @@ def test_saved_folder_loads_like_openai_clip(trained):
     pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = model.vision_model(pixels)  # (3, 17, 32)
-    # clip_loader's path for openai/clip-vit-large-patch14: config.json's vision_config + vision_model.* weights
+    # clip_loader's path for openai/clip-vit-large-patch14: config.json's vision_config + vision_model.*
+    # weights
     tower = clip_loader.load_clip(out)
     assert tower.encoder_id == out and not clip_loader.is_untrained(tower)
     assert tower.config == clip_loader.CLIP_PRESETS["tiny"]
     assert torch.equal(tower(pixels), expected)
     # the whole model (text tower, projections, temperature) comes back too
-    again, tokenizer = train_clip.load_hub_folder(out)
+    again, tokenizer = clip_model.load_hub_folder(out)
     for (name, p), q in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(p, q), name
     assert tokenizer.decode(tokenizer.encode_ordinary("a small red circle")) == "a small red circle"
@@ -133,14 +142,16 @@ def test_saved_folder_matches_transformers(trained):
         theirs = hf(pixel_values=pixels, output_hidden_states=True)
         ours = model.vision_model(pixels)
         torch.testing.assert_close(ours, theirs.last_hidden_state, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(model.vision_model.pooled(ours), theirs.pooler_output, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.vision_model.pooled(ours), theirs.pooler_output,
+                                   atol=1e-5, rtol=1e-5)
         # an earlier layer, as the feature cache's --layer reads it
         torch.testing.assert_close(clip_loader.load_clip(out, layer=1)(pixels), theirs.hidden_states[1],
                                    atol=1e-5, rtol=1e-5)
         # the image embedding through the visual projection, as CLIPVisionModelWithProjection computes it
         proj = transformers.CLIPVisionModelWithProjection.from_pretrained(out).eval()
         torch.testing.assert_close(proj(pixel_values=pixels).image_embeds,
-                                   model.visual_projection(model.vision_model.pooled(ours)), atol=1e-5, rtol=1e-5)
+                                   model.visual_projection(model.vision_model.pooled(ours)),
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_hub_key_names_are_transformers_own(trained):
@@ -149,11 +160,15 @@ def test_hub_key_names_are_transformers_own(trained):
     keys = set(load_file(os.path.join(out, "model.safetensors")))
     for key in ["vision_model.embeddings.patch_embedding.weight", "vision_model.embeddings.class_embedding",
                 "vision_model.embeddings.position_embedding.weight", "vision_model.pre_layrnorm.weight",
-                "vision_model.encoder.layers.1.self_attn.q_proj.weight", "vision_model.encoder.layers.1.self_attn.out_proj.bias",
-                "vision_model.encoder.layers.0.layer_norm2.bias", "vision_model.encoder.layers.0.mlp.fc2.weight",
-                "vision_model.post_layernorm.bias", "visual_projection.weight", "text_projection.weight", "logit_scale"]:
+                "vision_model.encoder.layers.1.self_attn.q_proj.weight",
+                "vision_model.encoder.layers.1.self_attn.out_proj.bias",
+                "vision_model.encoder.layers.0.layer_norm2.bias",
+                "vision_model.encoder.layers.0.mlp.fc2.weight",
+                "vision_model.post_layernorm.bias", "visual_projection.weight", "text_projection.weight",
+                "logit_scale"]:
         assert key in keys, key
-    assert all(k.startswith(("vision_model.", "text_model.", "visual_projection.", "text_projection.", "logit_scale"))
+    assert all(k.startswith(("vision_model.", "text_model.", "visual_projection.", "text_projection.",
+                             "logit_scale"))
                for k in keys)
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["model_type"] == "clip" and config["vision_config"]["patch_size"] == 8
@@ -162,21 +177,24 @@ def test_hub_key_names_are_transformers_own(trained):
 
 def test_clear_errors(world, trained, tmp_path, capsys):
     _, out = trained
-    # a checkpoint of another model shape, or of another script, is refused on resume (exit status 2, as argparse)
+    # a checkpoint of another model shape, or of another script, is refused on resume (exit status 2, as
+    # argparse)
     usage_error(train_clip.main, ["--root", world, "--out-dir", str(tmp_path / "x"), "--resume",
                                   os.path.join(out, "ckpt_000150.pt"), "--max-steps", "151", *TINY,
                                   "--text-layers", "2"], capsys, "the model differs")
     other = str(tmp_path / "caption.pt")
     save_checkpoint(other, {"kind": "caption", "step": 1})
-    usage_error(train_clip.main, ["--root", world, "--out-dir", str(tmp_path / "y"), "--resume", other, *TINY],
-                capsys, "not a train_clip.py checkpoint")
+    usage_error(train_clip.main, ["--root", world, "--out-dir", str(tmp_path / "y"), "--resume", other,
+                                  *TINY], capsys, "not a miniature/train_clip.py checkpoint")
     # a caption that does not fit the text tower's positions; a run folder that holds a run
-    usage_error(train_clip.main, ["--root", world, "--out-dir", str(tmp_path / "z"), *TINY, "--text-tokens", "8"],
-                capsys, "does not fit --text-tokens 8")
+    usage_error(train_clip.main, ["--root", world, "--out-dir", str(tmp_path / "z"), *TINY,
+                                  "--text-tokens", "8"], capsys, "does not fit --text-tokens 8")
     usage_error(train_clip.main, ["--root", world, "--out-dir", out, *TINY], capsys, "already holds a run")
-    assert os.listdir(tmp_path / "z") == [".lock"]  # refused before anything was written (the run's lock aside)
+    # refused before anything was written (the run's lock aside)
+    assert os.listdir(tmp_path / "z") == [".lock"]
     # flags out of range, or that do not fit each other
-    for flags, match in [(["-B", "1"], "--batch-size"), (["--text-heads", "3"], "does not divide --text-width"),
+    for flags, match in [(["-B", "1"], "--batch-size"),
+                         (["--text-heads", "3"], "does not divide --text-width"),
                          (["--probe-pool", "3"], "--probe-pool"), (["--probe-only"], "needs --encoder"),
                          (["--lr", "0"], "--lr")]:
         usage_error(train_clip.get_args, ["--root", world, *flags], capsys, match)
@@ -189,7 +207,7 @@ def test_clear_errors(world, trained, tmp_path, capsys):
     os.link(os.path.join(out, "model.safetensors"), plain / "model.safetensors")
     assert clip_loader.load_clip(str(plain)).config == clip_loader.CLIP_PRESETS["tiny"]
     with pytest.raises(ValueError, match="not written by train_clip.py"):
-        train_clip.load_hub_folder(str(plain))
+        clip_model.load_hub_folder(str(plain))
     assert load_checkpoint(os.path.join(out, "ckpt_000150.pt"))["kind"] == "clip"
 
 
@@ -198,7 +216,8 @@ def test_resume_auto_on_a_finished_run_changes_nothing(trained, world):
     before = {name: os.path.getmtime(os.path.join(out, name)) for name in os.listdir(out)}
     train_clip.main(["--root", world, "--out-dir", out, "--max-steps", "150", "--ckpt-every", "0", *TINY,
                      "--resume", "auto"])
-    after = {name: os.path.getmtime(os.path.join(out, name)) for name in os.listdir(out) if name != "log.jsonl"}
+    after = {name: os.path.getmtime(os.path.join(out, name)) for name in os.listdir(out)
+             if name != "log.jsonl"}
     assert after == {k: v for k, v in before.items() if k != "log.jsonl"}
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from common import load_checkpoint, save_checkpoint
-from train_utils import JsonlLogger, check_finite, format_eta, lr_at, rng_state, set_rng_state
+from checkpoints import JsonlLogger, rng_state, set_rng_state
+from train_utils import check_finite, format_eta, lr_at
 
 
 def test_lr_schedule_warmup_then_cosine_to_min():
@@ -58,7 +59,8 @@ def test_jsonl_logger_truncates_or_appends(tmp_path):
     log.log(step=1, loss=1.0)
     log.close()
     records = [json.loads(line) for line in open(path)]
-    assert [(r.get("event"), r.get("loss")) for r in records] == [("start", None), (None, 1.5), ("start", None), (None, 1.0)]
+    assert [(r.get("event"), r.get("loss")) for r in records] == \
+        [("start", None), (None, 1.5), ("start", None), (None, 1.0)]
     assert records[0]["config"] == {"a": 1} and "torch" in records[0] and "argv" in records[0]
     JsonlLogger(path).close()  # a fresh run starts a fresh log
     assert len(open(path).readlines()) == 1
@@ -66,7 +68,8 @@ def test_jsonl_logger_truncates_or_appends(tmp_path):
 
 def test_check_finite_message():
     check_finite(torch.tensor(2.0), 3, None)
-    with pytest.raises(FloatingPointError, match=r"loss is nan at step 12; stopping; last good checkpoint: ck.pt; try a lower --lr"):
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 12; stopping; last good checkpoint: "
+                                                 r"ck.pt; try a lower --lr"):
         check_finite(torch.tensor(math.nan), 12, "ck.pt")
     assert format_eta(3725) == "1h02m" and format_eta(65) == "1m05s"
 
