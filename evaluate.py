@@ -482,6 +482,14 @@ def parse_args(argv=None):
         parser.error("give --checkpoints (compare mode) or --images DIR --checkpoint CKPT (folder mode)")
     if args.images is not None and args.checkpoint is None:
         parser.error("--images needs --checkpoint")
+    if args.extra_scores:  # a module that is not there, or offers no hook, is a mistyped flag: say so now
+        try:
+            hook = getattr(importlib.import_module(args.extra_scores), "extra_scores", None)
+        except ImportError as e:
+            parser.error(f"--extra-scores {args.extra_scores}: {e}")
+        if not callable(hook):
+            parser.error(f"--extra-scores {args.extra_scores}: the module has no extra_scores(root, split) "
+                         f"(data.shapes is the miniature's)")
     args.device = torch.device(args.device)
     args.dtype = resolve_dtype(args.dtype, args.device.type)
     return args

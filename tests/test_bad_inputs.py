@@ -760,3 +760,17 @@ def test_31_a_run_shorter_than_its_warmup_says_so(tmp_path, shards, capsys):  # 
     train_lm.main(lm_args(shards, tmp_path / "long", "--max-steps", "2", "--warmup-steps", "1"))
     out = capsys.readouterr()
     assert "warmup" not in out.out + out.err
+
+# -----------------------------------------------------------------------------
+# 32. evaluate.py --extra-scores naming a module that is not there, or one without the hook: a traceback after
+#     every checkpoint was decoded, before this
+
+
+@pytest.mark.parametrize("module, match", [
+    ("data.nothing", "--extra-scores data.nothing: No module named 'data.nothing'"),
+    ("data.coco", "--extra-scores data.coco: the module has no extra_scores(root, split)"),
+])
+def test_32_an_extra_scores_module_without_the_hook_is_a_flag_error(tmp_path, capsys, module, match):
+    usage_error(evaluate.main, ["--checkpoints", str(tmp_path / "ckpt_final.pt"),
+                                "--out", str(tmp_path / "out"), "--extra-scores", module], capsys, match)
+    assert not (tmp_path / "out").exists()  # stopped before anything was written
