@@ -30,8 +30,7 @@ def test_make_smoke_runs_every_full_scale_stage(tmp_path):
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert "smoke: every full-scale stage ran" in run.stdout
 
-    # GPT-2 124M, T = 1024, bf16, fused AdamW, the first step compiled; stopped after one step and resumed for
-    # the second
+    # GPT-2 124M, T = 1024, bf16, fused AdamW; stopped after one step and resumed for the second
     lm = records(smoke / "lm" / "log.jsonl")
     starts = [r for r in lm if r.get("event") == "start"]
     assert [s["resume"] for s in starts] == [False, True]
@@ -39,8 +38,9 @@ def test_make_smoke_runs_every_full_scale_stage(tmp_path):
     assert config["model"]["n_layer"] == 12 and config["model"]["n_embd"] == 768 and \
         config["model"]["vocab_size"] == 50304
     assert config["args"]["seq_len"] == 1024 and config["args"]["dtype"] == "bf16"
-    # compiled once (a compile on the CPU costs minutes; once proves it)
-    assert starts[0]["config"]["args"]["compile"]
+    # eager: a compile at this size costs minutes on a CPU; the Q-Former's step below is compiled at full
+    # size, and tests/test_train_lm.py compiles the LM's training step
+    assert not starts[0]["config"]["args"]["compile"]
     assert config["args"]["fused"] and config["grad_accum"] == 2
     assert [r["step"] for r in lm if "loss" in r] == [0, 1] and \
         all(r["tokens_per_s"] > 0 for r in lm if "loss" in r)

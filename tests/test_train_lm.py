@@ -58,6 +58,17 @@ def test_overfits_a_single_batch(tmp_path):
     assert losses[0] > 3.0 and losses[-1] < 0.1, losses[::10]
 
 
+def test_compiled_training_matches_eager(shards, tmp_path):
+    # torch.compile (inductor, which compiles C++ with gcc on a CPU) trains the same model as eager PyTorch:
+    # the losses of three steps agree to float tolerance (make smoke compiles a bridge at full size; this is
+    # the LM's)
+    train_lm.main(args(shards, tmp_path / "eager", "--max-steps", "3", "--no-compile"))
+    train_lm.main(args(shards, tmp_path / "compiled", "--max-steps", "3", "--compile"))
+    eager, compiled = records(tmp_path / "eager"), records(tmp_path / "compiled")
+    assert [r["step"] for r in compiled] == [0, 1, 2]
+    assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=1e-3)
+
+
 def test_exact_resume_is_bit_identical(shards, tmp_path):
     train_lm.main(args(shards, tmp_path / "a", "--max-steps", "8", "--ckpt-every", "0"))
     train_lm.main(args(shards, tmp_path / "b", "--max-steps", "8", "--stop-step", "4"))
