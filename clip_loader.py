@@ -64,14 +64,13 @@ CLIP_PRESETS = {
     "openai/clip-vit-large-patch14": CLIPVisionConfig(224, 14, 1024, 24, 16, 4096),      # 257 tokens x 1024
     "openai/clip-vit-large-patch14-336": CLIPVisionConfig(336, 14, 1024, 24, 16, 4096),  # 577 tokens x 1024
     # The offline miniature's encoder: never trained, only randomly initialised (see build_random_clip).
-    # 64 px images in patches of 4 give 257 tokens of width 128, the token count L/14 gives at 224 px.
-    # With patches of 8 a linear probe on the random features could not tell the shapes apart; with patches
-    # of 4 a probe on one pooled token reads colour 100%, size 95%, shape 50% (chance 33%). More random blocks
-    # add nothing a probe can read (1 block and 4 score the same), so two keep feature extraction cheap.
+    # 64 px images in patches of 4 give 257 tokens of width 128, the token count L/14 gives at 224 px. Patches
+    # of 4, as with 8 a linear probe on the random features cannot tell the shapes apart; two blocks, as more
+    # random blocks add nothing a probe can read (the probes: docs/miniature.md).
     "mini": CLIPVisionConfig(64, 4, 128, 2, 4, 512),
     # The miniature's PRETRAINED encoder (miniature/train_clip.py trains it on the miniature's images and
-    # captions): patches of 8 give 65 tokens, a quarter of "mini"'s, and 3 blocks of width 96 keep a training
-    # step of 128 images near a quarter of a second on 2 CPU cores.
+    # captions): patches of 8 give 65 tokens, a quarter of "mini"'s, and 3 blocks of width 96 keep its
+    # training step cheap on a CPU (its time: docs/miniature.md).
     "clip-mini": CLIPVisionConfig(64, 8, 96, 3, 4, 384),
     "tiny": CLIPVisionConfig(32, 8, 32, 2, 4, 64),  # unit tests: 17 tokens x 32
 }

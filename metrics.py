@@ -248,11 +248,11 @@ def ptb_tokenize(captions):
 # -----------------------------------------------------------------------------
 # One METEOR process per Python process
 
-# A module-level singleton, on purpose: every Meteor() starts a JVM (~15 s, 1.1-1.5 GB), and a training run
-# that evaluates every epoch would otherwise pay that each time (or pile up JVMs until the machine swaps).
+# A module-level singleton, on purpose: every Meteor() starts a JVM (seconds, and over a GB), and a training
+# run that evaluates every epoch would otherwise pay that each time (or pile up JVMs until the machine swaps).
 _meteor = None
 METEOR_TIMEOUT_S = 120.0  # a watchdog kills the jar if one call takes longer than this plus...
-METEOR_TIMEOUT_PER_IMAGE_S = 0.05  # ...this per image (>10x the ~4 ms measured by bench/bench_metrics.py)
+METEOR_TIMEOUT_PER_IMAGE_S = 0.05  # ...this per image (far above what bench/bench_metrics.py measures)
 
 
 def _stop(meteor):
