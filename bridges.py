@@ -484,7 +484,7 @@ def load_captioner(path, lm=None, device="cpu"):
     moved) and must be the very LM the bridge was trained on: its weights' fingerprint is checked.
     """
     ckpt = load_checkpoint(path, "caption checkpoint")  # tensors and plain data only, never code
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != "caption":
+    if not isinstance(ckpt, dict) or ckpt.get("trainer") != "train_caption.py":
         raise ValueError(f"{path} is not a train_caption.py checkpoint")
     model, tokenizer = load_lm(lm or ckpt["lm"]["name"])
     if lm_fingerprint(model) != ckpt["lm"]["fingerprint"]:

@@ -4,7 +4,7 @@ the checkpoint a run resumes from, the checkpoints it writes (atomically, by ran
 weights), and its log.jsonl. A resumed run continues exactly: weights, optimizer moments, data position and
 every RNG come back.
 
-    run = RunFolder(args, dist, kind="caption")  # refuses another run's folder, unless --resume/--overwrite
+    run = RunFolder(args, dist, "train_caption.py")  # refuses another run's folder (--resume, --overwrite)
     ckpt = run.resume(optimizer, args)           # None, or the checkpoint (optimizer, RNGs already restored)
     run.start_log(start_step, config, dist.device)
     run.save("ckpt_000500.pt", state, params)    # state: dict of tensors, plain data (weights_only loads it)
@@ -25,20 +25,20 @@ import torch.distributed as torch_dist
 from common import UsageError, atomic_open, load_checkpoint, lock_folder, save_checkpoint
 from train_utils import from_rank0, print0
 
-# kind -> writer
-TRAINERS = {"lm": "train_lm.py", "caption": "train_caption.py", "clip": "miniature/train_clip.py"}
+TRAINERS = ("train_lm.py", "train_caption.py", "miniature/train_clip.py")  # a checkpoint's "trainer" wrote it
 
 
 class RunFolder:
 
-    def __init__(self, args, dist, kind, outputs=()):
+    def __init__(self, args, dist, trainer, outputs=()):
         """
-        Claim args.out_dir for this run and read the checkpoint --resume names ('auto': the newest there).
+        Claim args.out_dir for this run of `trainer` (one of TRAINERS) and read the checkpoint --resume names
+        ('auto': the newest there).
         outputs: what the trainer writes besides its log and checkpoints (--overwrite deletes those too).
         """
-        self.out_dir, self.master, self.kind = args.out_dir, dist.master, kind
+        self.out_dir, self.master = args.out_dir, dist.master
         self.resumed_from, self.ckpt = find_resume(args.resume, args.out_dir, args.overwrite, outputs)
-        check_kind(self.ckpt, self.resumed_from, kind)
+        check_trainer(self.ckpt, self.resumed_from, trainer)
         # the newest good checkpoint: where a run stopped by a NaN can resume from
         self.last = self.resumed_from
         self.logger = None
@@ -80,14 +80,14 @@ class RunFolder:
             self.logger.close()
 
 
-def check_kind(ckpt, path, kind):
+def check_trainer(ckpt, path, trainer):
     """A UsageError unless ckpt is a checkpoint of this trainer (or None)."""
-    if ckpt is None or (isinstance(ckpt, dict) and ckpt.get("kind") == kind):
+    if ckpt is None or (isinstance(ckpt, dict) and ckpt.get("trainer") == trainer):
         return
-    found = ckpt.get("kind") if isinstance(ckpt, dict) else None
-    whose = f"{TRAINERS[found]} wrote it" if found in TRAINERS else "none of this project's trainers wrote it"
-    raise UsageError(f"--resume {path} is not a {TRAINERS[kind]} checkpoint ({whose}): resume from one of "
-                     f"the ckpt_*.pt files {TRAINERS[kind]} writes, or start over with --overwrite")
+    found = ckpt.get("trainer") if isinstance(ckpt, dict) else None
+    whose = f"{found} wrote it" if found in TRAINERS else "none of this project's trainers wrote it"
+    raise UsageError(f"--resume {path} is not a {trainer} checkpoint ({whose}): resume from one of the "
+                     f"ckpt_*.pt files {trainer} writes, or start over with --overwrite")
 
 # -----------------------------------------------------------------------------
 # Which checkpoint to resume from, and whose folder it is

@@ -119,7 +119,7 @@ def setup(args, dist):
     fingerprint = lm_fingerprint(lm)  # before any block is unfrozen and trained
     train_records = coco.load_records(args.coco_root, "train", args.karpathy_json)
     source, val_source, stats = visual_sources(args, train_records, dist.device)
-    run = RunFolder(args, dist, kind="caption")  # the checkpoint --resume names, if any
+    run = RunFolder(args, dist, "train_caption.py")  # the checkpoint --resume names, if any
 
     torch.manual_seed(args.seed)  # the same fresh bridge on every rank
     captioner, bridge_config = new_captioner(args, lm, eot, source.spec, stats)
@@ -172,7 +172,7 @@ def new_captioner(args, lm, eot, spec, stats):
 
 def checkpoint(job, args, step):
     """A checkpoint: enough to rebuild the captioner (bridges.load_captioner) and to resume exactly."""
-    return {"kind": "caption", "step": step, "max_steps": job.steps[2],
+    return {"trainer": "train_caption.py", "step": step, "max_steps": job.steps[2],
             "bridge_config": dataclasses.asdict(job.bridge_config),
             "trainable": job.captioner.trainable_state(),
             "unfreeze_last": args.unfreeze_last, "visual_stats": job.stats,

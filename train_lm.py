@@ -11,8 +11,8 @@ gradient accumulation over micro-batches of 64 x 1024; AdamW (0.9, 0.95), weight
 vocabulary padded 50,257 -> 50,304 (a multiple of 128: faster matmuls, the extra rows learn to be never used).
 
 Writes to --out-dir: log.jsonl (config + environment, then one record per step, val loss, HellaSwag) and
-ckpt_<step>.pt checkpoints {"model", "config", "vocab", "optimizer", "step", "loader", "rng", "args"}, read by
-gpt2.load_lm and by --resume, which continues exactly (same weights, bit for bit, on CPU).
+ckpt_<step>.pt checkpoints {"trainer", "model", "config", "vocab", "optimizer", "step", "loader", "rng",
+"args"}, read by gpt2.load_lm and by --resume, which continues exactly (same weights, bit for bit, on CPU).
 """
 import argparse
 import dataclasses
@@ -127,7 +127,7 @@ def setup(args, dist):
     enable_speedups(dist.device_type)
     T = args.seq_len
     B, grad_accum = micro_batches(args.total_batch // T, args.batch_size, dist.world_size, "sequences")
-    run = RunFolder(args, dist, kind="lm")  # the checkpoint --resume names, if any
+    run = RunFolder(args, dist, "train_lm.py")  # the checkpoint --resume names, if any
     # token i = vocab[i]
     vocab = SubsetTokenizer(fineweb.token_ids(args.data_dir)).ids if args.vocab_subset else None
     config = model_config(args, vocab)
@@ -169,8 +169,9 @@ def setup(args, dist):
 
 def checkpoint(job, args, step):
     """A checkpoint: the model and its config for gpt2.load_lm, the rest to resume exactly."""
-    return {"kind": "lm", "model": job.raw_model.state_dict(), "config": dataclasses.asdict(job.config),
-            "vocab": job.vocab, "optimizer": job.optimizer.state_dict(), "step": step,
+    return {"trainer": "train_lm.py", "model": job.raw_model.state_dict(),
+            "config": dataclasses.asdict(job.config), "vocab": job.vocab,
+            "optimizer": job.optimizer.state_dict(), "step": step,
             "loader": job.train_loader.state(), "rng": rng_state(), "args": vars(args)}
 
 

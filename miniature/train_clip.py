@@ -122,7 +122,8 @@ def setup(args, dist):
         raise UsageError(f"-B {args.batch_size} pairs per step cannot be split evenly over {dist.world_size} "
                          f"processes")
     # --overwrite deletes the old model too: a new run stopped early must not leave it looking finished
-    run = RunFolder(args, dist, kind="clip", outputs=("config.json", "model.safetensors", "quality.json"))
+    run = RunFolder(args, dist, "miniature/train_clip.py",
+                    outputs=("config.json", "model.safetensors", "quality.json"))
 
     # ---- data: the vocabulary is the GPT-2 tokens the train captions use
     t0 = time.time()
@@ -174,7 +175,7 @@ def setup(args, dist):
 
 def checkpoint(job, args, step):
     """A checkpoint: the model, and all it takes to resume exactly."""
-    return {"kind": "clip", "step": step, "model": job.raw_model.state_dict(),
+    return {"trainer": "miniature/train_clip.py", "step": step, "model": job.raw_model.state_dict(),
             "config": dataclasses.asdict(job.config), "vocab": job.tokenizer.ids,
             "optimizer": job.optimizer.state_dict(), "rng": rng_state(),
             "train_seconds": job.train_seconds, "args": vars(args)}

@@ -215,7 +215,7 @@ def features_spec(width=32):
 def save_checkpoint(path, captioner, config, lm_path, lm, vocab, features, val_losses, train_seconds):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     counts = captioner.param_counts()
-    torch.save(dict(kind="caption", step=20, max_steps=20, bridge_config=asdict(config),
+    torch.save(dict(trainer="train_caption.py", step=20, max_steps=20, bridge_config=asdict(config),
                     trainable=captioner.trainable_state(), unfreeze_last=0,
                     visual_stats=dict(mean=captioner.visual_mean, std=captioner.visual_std)
                     if captioner.standardize else None,

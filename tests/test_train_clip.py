@@ -183,7 +183,7 @@ def test_clear_errors(world, trained, tmp_path, capsys):
                                   os.path.join(out, "ckpt_000150.pt"), "--max-steps", "151", *TINY,
                                   "--text-layers", "2"], capsys, "the model differs")
     other = str(tmp_path / "caption.pt")
-    save_checkpoint(other, {"kind": "caption", "step": 1})
+    save_checkpoint(other, {"trainer": "train_caption.py", "step": 1})
     usage_error(train_clip.main, ["--root", world, "--out-dir", str(tmp_path / "y"), "--resume", other,
                                   *TINY], capsys, "not a miniature/train_clip.py checkpoint")
     # a caption that does not fit the text tower's positions; a run folder that holds a run
@@ -208,7 +208,7 @@ def test_clear_errors(world, trained, tmp_path, capsys):
     assert clip_loader.load_clip(str(plain)).config == clip_loader.CLIP_PRESETS["tiny"]
     with pytest.raises(ValueError, match="not written by train_clip.py"):
         clip_model.load_hub_folder(str(plain))
-    assert load_checkpoint(os.path.join(out, "ckpt_000150.pt"))["kind"] == "clip"
+    assert load_checkpoint(os.path.join(out, "ckpt_000150.pt"))["trainer"] == "miniature/train_clip.py"
 
 
 def test_resume_auto_on_a_finished_run_changes_nothing(trained, world):
