@@ -252,7 +252,7 @@ def compare(args):
     for path in args.checkpoints:
         captioner, tokenizer, ckpt = load_captioner(path, lm=args.lm, device=args.device)
         check_unseen(ckpt, records, path, where)
-        spec = clip_loader.VisualFeatures.from_dict(ckpt["features"], path)
+        spec = clip_loader.VisualFeatures.from_dict(ckpt["visual_features"], path)
         if cache is not None:
             check_features(cache, spec, path)
             source = cache
@@ -409,7 +409,7 @@ def caption_folder(args):
                    if n.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(args.images, n)))
     if not paths:
         raise FileNotFoundError(f"no {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} files in {args.images}")
-    spec = clip_loader.VisualFeatures.from_dict(ckpt["features"], args.checkpoint)
+    spec = clip_loader.VisualFeatures.from_dict(ckpt["visual_features"], args.checkpoint)
     source = encoded_images(spec, [dict(image_id=p, path=p) for p in paths], args.device, args.dtype)
     decoding = dict(method=args.method, beam=args.beam, max_new_tokens=args.max_new_tokens,
                     length_penalty=args.length_penalty, temperature=args.temperature, top_p=args.top_p,

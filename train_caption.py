@@ -178,7 +178,7 @@ def checkpoint(job, args, step):
             "unfreeze_last": args.unfreeze_last, "visual_stats": job.stats,
             "lm": {"name": args.lm, "config": dataclasses.asdict(job.lm.config),
                    "vocab": getattr(job.tokenizer, "ids", None), "fingerprint": job.fingerprint},
-            "features": job.source.spec.as_dict(), "trained_on": job.trained_on, "params": job.params,
+            "visual_features": job.source.spec.as_dict(), "trained_on": job.trained_on, "params": job.params,
             "train_seconds": job.train_seconds, "val_loss": job.val_loss,
             "optimizer": job.optimizer.state_dict(), "rng": rng_state(), "args": vars(args)}
 
@@ -349,7 +349,7 @@ def check_resumable(ckpt, ckpt_path, bridge_config, fingerprint, spec, args):
         problems.append(f"bridge config {saved} != {dataclasses.asdict(bridge_config)}")
     if ckpt["lm"]["fingerprint"] != fingerprint:
         problems.append(f"LM weights differ (checkpoint trained on {ckpt['lm']['name']!r}, now {args.lm!r})")
-    trained = clip_loader.VisualFeatures.from_dict(ckpt["features"], ckpt_path)
+    trained = clip_loader.VisualFeatures.from_dict(ckpt["visual_features"], ckpt_path)
     if trained != spec:
         problems.append("visual features differ: " + "; ".join(trained.differences(spec, "checkpoint has")))
     if ckpt["unfreeze_last"] != args.unfreeze_last:

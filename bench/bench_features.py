@@ -97,8 +97,8 @@ if __name__ == "__main__":
         np.savez(os.path.join(d, "stats.npz"), mean=np.zeros((S, C), np.float32),
                  std=np.ones((S, C), np.float32))
         with open(os.path.join(d, "manifest.json"), "w") as f:
-            json.dump(dict(format=feature_cache.FORMAT, complete=True, count=N, features=spec.as_dict()),
-                      f)
+            json.dump(dict(format=feature_cache.FORMAT, complete=True, count=N,
+                           visual_features=spec.as_dict()), f)
         cache = feature_cache.FeatureCache(d)
         rng = np.random.default_rng(0)
         batch, reads = 64, 0

@@ -62,7 +62,7 @@ def load_pixels(path, size):
 
 FORMAT = 2  # of the cache's files: a cache of another format is refused by name (build it again)
 # What a cache must match to be reused or resumed: its format, the features, and the very same list of images.
-REUSED_IF_SAME = ("format", "features", "images", "image_list_sha256")
+REUSED_IF_SAME = ("format", "visual_features", "images", "image_list_sha256")
 
 
 def cache_manifest(model, spec, records):
@@ -70,7 +70,7 @@ def cache_manifest(model, spec, records):
     What a cache of these features (a clip_loader.VisualFeatures) of these images records, and must match.
     """
     listing = "".join(f"{r['image_id']}\t{os.path.basename(r['path'])}\n" for r in records)
-    return dict(format=FORMAT, features=spec.as_dict(), tokens=spec.tokens,
+    return dict(format=FORMAT, visual_features=spec.as_dict(), tokens=spec.tokens,
                 untrained=clip_loader.is_untrained(model), images=len(records),
                 image_list_sha256=hashlib.sha256(listing.encode()).hexdigest())
 
@@ -283,7 +283,7 @@ class FeatureCache:
             raise ValueError(f"{out_dir}: the feature cache is incomplete; run the same "
                              f"data/feature_cache.py command again to finish it")
         self.out_dir = out_dir
-        self.spec = clip_loader.VisualFeatures.from_dict(self.manifest["features"], f"{manifest_path}")
+        self.spec = clip_loader.VisualFeatures.from_dict(self.manifest["visual_features"], f"{manifest_path}")
         self.verify()
         self.features = np.memmap(
             os.path.join(out_dir, "features.fp16"), dtype=np.float16, mode="r",

@@ -118,7 +118,8 @@ def test_feature_cache_contents_and_bad_images(tiny_coco, tmp_path, capsys):
     assert row == 4 and cache.batch([row]).shape == (1, 5, 32) and cache.batch([row]).dtype == torch.float32
     m = cache.manifest
     assert cache.spec == clip_loader.VisualFeatures(ENCODER, -1, (2, 2), 32, 32) and cache.spec.tokens == 5
-    assert m["format"] == feature_cache.FORMAT and m["features"] == cache.spec.as_dict() and m["tokens"] == 5
+    assert m["format"] == feature_cache.FORMAT and m["tokens"] == 5
+    assert m["visual_features"] == cache.spec.as_dict()
     assert m["complete"] and m["count"] == 7 and m["untrained"] and len(m["skipped"]) == 3
     assert {os.path.basename(s["path"]) for s in m["skipped"]} == bad and \
         all(s["reason"] for s in m["skipped"])

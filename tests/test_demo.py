@@ -51,14 +51,14 @@ def test_shortened_demo_runs_every_stage_and_reuses_them(tmp_path):
             with open(demo / "features" / pooling / split / "manifest.json") as f:
                 manifest = json.load(f)
             grid = [4, 8] if pooling == "4x8" else [8, 8]  # none: the CLIP's own 8 x 8 patch grid
-            assert (manifest["features"]["encoder"] == str(demo / "clip")
-                    and manifest["features"]["grid"] == grid)
+            assert (manifest["visual_features"]["encoder"] == str(demo / "clip")
+                    and manifest["visual_features"]["grid"] == grid)
     # the CLIP's tokens are read as they are (standardising is for the untrained ViT: the Makefile's
     # STANDARDIZE), each bridge with its own pooling (POOL_<name>)
     for bridge, pooling in (("linear", "4x8"), ("xattn", "none"), ("qformer", "none")):
         ckpt = torch.load(demo / "caption" / bridge / "ckpt_final.pt", weights_only=True)
         assert ckpt["args"]["standardize"] is False and ckpt["visual_stats"] is None, bridge
-        assert ckpt["features"]["grid"] == ([4, 8] if pooling == "4x8" else [8, 8]), bridge
+        assert ckpt["visual_features"]["grid"] == ([4, 8] if pooling == "4x8" else [8, 8]), bridge
     # the run folder records its world, so that a later `make demo` can refuse a folder of another world
     assert json.load(open(demo / "world.json")) == json.load(open(tmp_path / "shapes" / "info.json"))
     # a second run reuses everything: make finds every target up to date
@@ -104,7 +104,7 @@ def test_the_ablation_reads_an_untrained_vit_and_trains_no_clip(tmp_path):
     assert [line.split()[0] for line in times if line] == ["data", "features-none-train"]  # no CLIP stage
     assert not (demo / "clip").exists()
     with open(demo / "features" / "none" / "train" / "manifest.json") as f:
-        assert json.load(f)["features"]["encoder"] == "random-vit:mini:seed0"
+        assert json.load(f)["visual_features"]["encoder"] == "random-vit:mini:seed0"
     with open(tmp_path / "shapes" / "info.json") as f:
         assert json.load(f)["seed"] == 3  # the world was drawn with SHAPES_SEED
     # its bridges would standardise the untrained ViT's features (uneven channels), unlike the CLIP's

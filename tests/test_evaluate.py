@@ -221,7 +221,8 @@ def save_checkpoint(path, captioner, config, lm_path, lm, vocab, features, val_l
                     if captioner.standardize else None,
                     lm=dict(name=lm_path, config=asdict(lm.config), vocab=vocab,
                             fingerprint=lm_fingerprint(lm)),
-                    features=features.as_dict(), params=dict(encoder=dict(total=1000, trainable=0), **counts),
+                    visual_features=features.as_dict(),
+                    params=dict(encoder=dict(total=1000, trainable=0), **counts),
                     train_seconds=train_seconds, val_loss=val_losses[-1], optimizer={}, rng={}, args={}),
                path)
     with open(os.path.join(os.path.dirname(path), "log.jsonl"), "w") as f:

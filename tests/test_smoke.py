@@ -51,7 +51,7 @@ def test_make_smoke_runs_every_full_scale_stage(tmp_path):
     # the ViT-L/14 caches: 257 tokens pooled to 33 x 1024, every image of each split
     for split, count in [("train", 6), ("val", 3), ("karpathy_train", 5), ("karpathy_test", 2)]:
         manifest = json.load(open(smoke / "features" / split / "manifest.json"))
-        features = manifest["features"]
+        features = manifest["visual_features"]
         assert (manifest["count"], manifest["tokens"], features["width"], features["image_size"]) == \
             (count, 33, 1024, 224)
 
@@ -59,7 +59,7 @@ def test_make_smoke_runs_every_full_scale_stage(tmp_path):
     for bridge in ("linear", "xattn", "qformer"):
         ckpt = load_checkpoint(str(smoke / "caption" / bridge / "ckpt_final.pt"))
         assert ckpt["step"] == 2 and ckpt["lm"]["config"]["n_layer"] == 12 and \
-            ckpt["features"]["width"] == 1024
+            ckpt["visual_features"]["width"] == 1024
         assert len(ckpt["trained_on"]["image_ids"]) == 6
     assert load_checkpoint(
         str(smoke / "caption" / "karpathy" / "ckpt_final.pt"))["trained_on"]["karpathy_json"]

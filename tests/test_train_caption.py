@@ -120,7 +120,7 @@ def test_on_the_fly_encoding_trains_too(world, tmp_path):
         del a[i:i + 2]
     train_caption.main(a)
     ckpt = load_checkpoint(str(tmp_path / "ckpt_final.pt"))
-    assert ckpt["features"]["encoder"] == ENCODER and ckpt["features"]["grid"] == [4, 8]
+    assert ckpt["visual_features"]["encoder"] == ENCODER and ckpt["visual_features"]["grid"] == [4, 8]
     assert len(records(tmp_path, "val_loss")) == 2
 
 
