@@ -272,6 +272,7 @@ def compare(args):
     blind, blind_per_s = blind_captions(first["captioner"], first["tokenizer"], list(first["captions"]),
                                         args.batch_size, decoding, args.dtype)
 
+    clear_outputs(args.out)  # only now: a run refused above (a leak, other features) leaves the old results
     rows = []
     for run in runs:
         captioner, ckpt, captions = run["captioner"], run["ckpt"], run["captions"]
@@ -307,6 +308,22 @@ def compare(args):
         f.write(table)
     print(table)
     return result
+
+
+def clear_outputs(out):
+    """
+    Delete what an earlier comparison wrote into out (its table, JSON, captions and pictures): a folder reused
+    for other checkpoints would otherwise keep an old bridge's captions and grids beside the new ones, in the
+    table's folder but not in its table. Other files (and folder mode's captions_images.json) are left alone.
+    """
+    old = sorted(f for f in os.listdir(out) if f in ("table.md", "results.json", "val_loss.png") or
+                 (f.startswith(("captions_", "grid_", "attention_")) and f.endswith((".json", ".png"))
+                  and f != "captions_images.json"))
+    for name in old:
+        os.remove(os.path.join(out, name))
+    if old:
+        print(f"{out}: deleted {len(old)} file(s) of an earlier evaluation ({', '.join(old[:4])}"
+              f"{' ...' if len(old) > 4 else ''})", file=sys.stderr)
 
 
 @torch.no_grad()

@@ -378,6 +378,23 @@ def test_compare_on_karpathy_split_with_meteor(world, tmp_path):
     assert "attributes" not in linear and "colour" not in open(os.path.join(out, "table.md")).read()
 
 
+@needs_java
+def test_a_reused_out_folder_keeps_no_earlier_results(world, tmp_path, capsys):
+    # an earlier comparison of other checkpoints left its captions and grid there: they are not this table's
+    out = tmp_path / "results"
+    out.mkdir()
+    for name in ("captions_gone.json", "grid_gone.png", "attention_gone.png", "my_notes.txt",
+                 "captions_images.json"):
+        (out / name).write_text("{}")
+    evaluate.main(["--checkpoints", world["checkpoints"]["linear"], "--coco-root", world["root"],
+                   "--features", world["cache"], "--out", str(out), "--method", "greedy",
+                   "--max-new-tokens", "4", "--metrics", "bleu", "--device", "cpu"])
+    names = set(os.listdir(out))
+    assert not names & {"captions_gone.json", "grid_gone.png", "attention_gone.png"}
+    assert {"my_notes.txt", "captions_images.json", "captions_linear.json", "table.md"} <= names
+    assert "deleted 3 file(s) of an earlier evaluation" in capsys.readouterr().err
+
+
 def test_cache_checkpoint_mismatch_is_refused(world, tmp_path):
     with pytest.raises(ValueError, match=r"trained on other features.*width: cache has 32, expected 64"):
         evaluate.main(["--checkpoints", world["checkpoints"]["wide"], "--coco-root", world["root"],
