@@ -85,12 +85,13 @@ def _sync(device):
 
 def check_features(cache, spec, ckpt_path):
     """ValueError unless the feature cache holds the features (spec) the checkpoint was trained on."""
-    if cache.spec != spec:
-        raise ValueError(f"{ckpt_path} was trained on other features than the cache {cache.out_dir} holds: "
-                         f"{'; '.join(cache.spec.differences(spec, 'cache has'))}. Build a cache of the "
-                         f"checkpoint's features (python data/feature_cache.py --encoder {spec.encoder} "
-                         f"--layer {spec.layer} --pool {spec.grid[0]}x{spec.grid[1]} ...), or "
-                         f"drop --features to encode the images on the fly.")
+    try:
+        cache.check_compatible(spec)
+    except ValueError as e:
+        raise ValueError(f"{ckpt_path} was trained on other features than the cache holds: {e}. Build a "
+                         f"cache of the checkpoint's features (python data/feature_cache.py --encoder "
+                         f"{spec.encoder} --layer {spec.layer} --pool {spec.grid[0]}x{spec.grid[1]} ...), or "
+                         f"drop --features to encode the images on the fly.") from e
 
 
 def encoded_images(spec, records, device, dtype="fp32"):

@@ -48,7 +48,6 @@ def train(args, dist):
     if start_step >= end_step:
         print0(f"{run.resumed_from} is at step {start_step}: nothing left to train up to step {end_step}")
         return captioner
-    run.start_log(start_step, job.config, dist.device)
     bar = tqdm(range(start_step, end_step), initial=start_step, total=max_steps, desc=args.bridge,
                disable=not dist.master, dynamic_ncols=True)
     captioner.train()
@@ -141,10 +140,13 @@ def setup(args, dist):
     ckpt = run.resume(optimizer, args)  # optimizer moments and RNGs; the bridge's weights next
     if ckpt is not None:
         captioner.load_trainable_state(ckpt["trainable"])
-    start_step = ckpt["step"] if ckpt else 0
-    config = {"args": vars(args), "bridge": dataclasses.asdict(bridge_config), "params": params,
-              "pairs": len(pairs), "captions_left_out": {"count": len(left_out), "first": left_out[:10]},
-              "max_steps": max_steps, "grad_accum": grad_accum, "world_size": dist.world_size}
+    start_step, end_step = ckpt["step"] if ckpt else 0, min(max_steps, args.stop_step or max_steps)
+    if start_step < end_step:  # (a finished run's log stays as it is)
+        run.start_log(start_step, {"args": vars(args), "bridge": dataclasses.asdict(bridge_config),
+                                   "params": params, "pairs": len(pairs),
+                                   "captions_left_out": {"count": len(left_out), "first": left_out[:10]},
+                                   "max_steps": max_steps, "grad_accum": grad_accum,
+                                   "world_size": dist.world_size}, dist.device)
     print0(f"{args.bridge} bridge: {len(pairs):,} pairs, {order.steps_per_epoch:,} steps/epoch, "
            f"{max_steps:,} steps of {args.total_batch} = {args.batch_size} x {dist.world_size} process(es) "
            f"x {grad_accum} accumulation")
@@ -152,8 +154,8 @@ def setup(args, dist):
         lm=lm, tokenizer=tokenizer, eot=eot, fingerprint=fingerprint, source=source, stats=stats, run=run,
         captioner=captioner, bridge_config=bridge_config, params=params, optimizer=optimizer, trained=trained,
         scaler=scaler, model=model, pairs=pairs, trained_on=trained_on, order=order, grad_accum=grad_accum,
-        val_pairs=val_subset(args, val_source, tokenizer), val_source=val_source, config=config,
-        steps=(start_step, min(max_steps, args.stop_step or max_steps), max_steps),
+        val_pairs=val_subset(args, val_source, tokenizer), val_source=val_source,
+        steps=(start_step, end_step, max_steps),
         train_seconds=ckpt["train_seconds"] if ckpt else 0.0, val_loss=ckpt.get("val_loss") if ckpt else None)
 
 
@@ -161,11 +163,12 @@ def new_captioner(args, lm, eot, spec, stats):
     """A captioner with a fresh bridge for these visual tokens (spec: a clip_loader.VisualFeatures).
     bridges.py's errors name config fields (qformer_heads); here the user typed flags (--qformer-heads): the
     error says those."""
+    overrides = bridge_overrides(args)
     try:
         return build_captioner(lm, eot, args.bridge, spec.width, spec.tokens, args.unfreeze_last, stats,
-                               spec.grid, **bridge_overrides(args))
+                               spec.grid, **overrides)
     except ValueError as e:
-        fields = [*bridge_overrides(args), "unfreeze_last"]
+        fields = [*overrides, "unfreeze_last"]
         message = re.sub(r"\b(" + "|".join(fields) + r")\b", lambda m: "--" + m[1].replace("_", "-"), str(e))
         raise UsageError(message) from e
 

@@ -82,8 +82,7 @@ if __name__ == "__main__":
 
     # -------------------------------------------------------------------------
     # 2. reading the feature cache: random mini-batches of rows, as a training loop does
-    grid = clip_loader.parse_grid(args.pool) or (config.grid, config.grid)
-    spec = clip_loader.VisualFeatures("bench", -1, grid, config.image_size, config.width)
+    spec = clip_loader.VisualFeatures.of(ours, clip_loader.parse_grid(args.pool))
     S = spec.tokens
     with tempfile.TemporaryDirectory() as d:
         N, C = args.cache_images, config.width
