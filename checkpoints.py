@@ -36,7 +36,7 @@ class RunFolder:
         ('auto': the newest there).
         outputs: what the trainer writes besides its log and checkpoints (--overwrite deletes those too).
         """
-        self.out_dir, self.master = args.out_dir, dist.master
+        self.out_dir, self.master, self.device_type = args.out_dir, dist.master, dist.device_type
         self.resumed_from, self.ckpt = find_resume(args.resume, args.out_dir, args.overwrite, outputs)
         check_trainer(self.ckpt, self.resumed_from, trainer)
         # the newest good checkpoint: where a run stopped by a NaN can resume from
@@ -49,6 +49,8 @@ class RunFolder:
         ckpt, self.ckpt = self.ckpt, None  # a big model's optimizer state is large: keep no second copy
         if ckpt is not None:
             restore_training_state(ckpt, optimizer, args)
+            if self.device_type == "cpu":
+                note_thread_count(ckpt, self.resumed_from)
         return ckpt
 
     def start_log(self, start_step, config, device):
@@ -70,7 +72,8 @@ class RunFolder:
                                      f"{self.last}")
         if self.master:
             self.last = os.path.join(self.out_dir, name)
-            save_checkpoint(self.last, state)
+            # the CPU thread count: the order of a CPU's float sums depends on it (see note_thread_count)
+            save_checkpoint(self.last, {**state, "threads": torch.get_num_threads()})
         return self.last
 
     def finish(self, **record):
@@ -168,6 +171,18 @@ def restore_training_state(ckpt, optimizer, args):
     changed = changed_args(ckpt["args"], args)
     if changed:
         print0(f"note: resuming with changed arguments (checkpoint, now), applied from here on: {changed}")
+
+
+def note_thread_count(ckpt, path):
+    """
+    On a CPU the sums inside a matmul are split over the threads, so another thread count adds the same
+    numbers in another order: a run resumed with another count continues close to, but not bit for bit like,
+    the run it continues. Said, not refused: the run is still right, only not exactly reproducible.
+    """
+    then, now = ckpt.get("threads"), torch.get_num_threads()
+    if then is not None and then != now:
+        print0(f"note: {path} was trained with {then} CPU thread(s), this run has {now}: it continues close "
+               f"to the uninterrupted run, but not bit for bit (for that: OMP_NUM_THREADS={then})")
 
 
 def changed_args(ckpt_args, args, ignore=("resume", "stop_step", "overwrite")):

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from common import autocast, hub_folder, read_hub_weights, read_json
+from common import autocast, hub_folder, read_hub_weights, read_json, to_device
 
 # -----------------------------------------------------------------------------
 # Configuration: the four OpenAI checkpoints, and the miniature's untrained encoder
@@ -487,7 +487,7 @@ def encode_pixels(model, pixels, grid=POOL, dtype="fp32"):
     anyway).
     """
     device = model.patch_embedding.weight.device
-    x = normalize_pixels(torch.as_tensor(np.stack(pixels)).to(device, non_blocking=True))  # (B, 3, H, W)
+    x = normalize_pixels(to_device(torch.as_tensor(np.stack(pixels)), device))  # (B, 3, H, W)
     with autocast(device.type, dtype):
         tokens = model(x)  # (B, 1 + N, C)
     return pool_tokens(tokens.float(), grid).cpu()  # (B, S, C)

@@ -21,10 +21,12 @@ What every script of the project shares: reading and writing files safely, and c
 """
 import argparse
 import errno
+import hashlib
 import json
 import math
 import os
 import pickle
+import tempfile
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -123,7 +125,7 @@ def lock_folder(folder, flag):
     folder = os.path.abspath(folder)
     if folder in _held_locks:
         return
-    os.makedirs(folder, exist_ok=True)
+    check_writable(folder, flag)
     f = open(os.path.join(folder, ".lock"), "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -138,6 +140,29 @@ def lock_folder(folder, flag):
     f.write(str(os.getpid()))
     f.flush()
     _held_locks[folder] = f
+
+
+def sha256_of(path):
+    """A file's sha256, read 1 MiB at a time (a corpus or a cache need not fit in memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_writable(folder, flag):
+    """
+    Make folder (if it is not there) and create a file in it, or stop with the fix: a read-only or full
+    folder must stop a run before its work, not after it (evaluate.py used to decode and score first).
+    """
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UsageError(f"{flag} {folder}: cannot write there ({e.strerror}): choose another {flag}, or "
+                         f"make it writable") from None
 
 # -----------------------------------------------------------------------------
 # Model folders in the Hugging Face hub's layout
@@ -221,15 +246,33 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtyp
 
 def resolve_dtype(dtype, device_type):
     """
-    --dtype auto: bf16 on CUDA GPUs that have it (A100, H100, RTX 30xx and later: fp32's exponent range, so no
-    loss scaling), fp16 on older ones (T4, V100: the trainers then scale the loss), fp32 on CPUs and MPS. An
-    explicit fp32 / bf16 / fp16 is used as given, on any device.
+    --dtype auto: bf16 on CUDA GPUs that compute it natively (A100, H100, RTX 30xx and later: fp32's exponent
+    range, so no loss scaling), fp16 on older ones (T4, V100, RTX 20xx: the trainers then scale the loss),
+    fp32 on CPUs and MPS. An explicit fp32 / bf16 / fp16 is used as given, on any device.
     """
     if dtype != "auto":
         return dtype
     if device_type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if native_bf16() else "fp16"
     return "fp32"
+
+
+def native_bf16():
+    """
+    Whether this CUDA GPU has bf16 tensor cores: compute capability 8.0 (Ampere) and up. Not
+    torch.cuda.is_bf16_supported(), which also says yes where bf16 is only emulated (T4, V100): there the
+    matmuls run slowly, inductor leaves bf16 graphs uncompiled, and fp16 with loss scaling is the fast path.
+    """
+    return torch.cuda.get_device_capability() >= (8, 0)
+
+
+def to_device(t, device):
+    """
+    Tensor t copied to device. Non-blocking only on CUDA, where the copy overlaps the GPU's work; on MPS a
+    non-blocking copy of a temporary CPU tensor (one about to be freed, like a freshly stacked batch) can
+    read memory already freed (pytorch issues 139550, 189690), and on a CPU there is nothing to overlap.
+    """
+    return t.to(device, non_blocking=torch.device(device).type == "cuda")
 
 
 def autocast(device_type, dtype):
@@ -271,3 +314,30 @@ positive_float = _number(float, 0.0, low_open=True, what="> 0")
 nonneg_float = _number(float, 0.0, what=">= 0")
 finite_float = _number(float, -math.inf, what="a finite number")
 probability = _number(float, 0.0, 1.0, low_open=True, what="in (0, 1]")
+
+
+def device_flag(text):
+    """
+    --device: cpu, cuda, cuda:N or mps, and present on this machine. Checked when the flags are read: torch's
+    own answer comes later (after the data and model are loaded) and names no flag ("Torch not compiled with
+    CUDA enabled").
+    """
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: cpu, cuda, cuda:N or mps") from None
+    usual = "leave --device out to use the best device present"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch was built without CUDA (a CPU wheel)" if torch.version.cuda is None
+                   else "torch sees no CUDA GPU (check nvidia-smi and CUDA_VISIBLE_DEVICES)")
+            raise argparse.ArgumentTypeError(f"{text}: {why}; {usual} ({best_device()} here)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA "
+                                             f"GPU(s), numbered from 0")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: Apple's MPS is not available here; {usual} "
+                                         f"({best_device()} here)")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"{text}: this project runs on cpu, cuda or mps")
+    return text

@@ -14,13 +14,15 @@ where the visual tokens come from, the blind baseline, the comparison, and capti
 may add score columns of its own (--extra-scores; the miniature's check each caption against the scene it
 drew).
 
-The table carries a blind baseline: the first checkpoint's frozen LM with no image at all, decoded the same
-way (its first sentence after <|endoftext|>): the LM's caption prior. A bridge that does not beat it clearly
-has not learned to use the image.
+The table carries a blind baseline: a checkpoint's frozen LM with no image at all, decoded the same way (its
+first sentence after <|endoftext|>): the LM's caption prior, one row per distinct LM among the checkpoints. A
+bridge that does not beat its LM's row clearly has not learned to use the image.
 """
 import argparse
+import errno
 import importlib
 import os
+import stat
 import sys
 import time
 
@@ -31,8 +33,8 @@ from tqdm import tqdm
 import clip_loader
 import plots
 from bridges import Captioner, load_captioner
-from common import (autocast, best_device, finite_float, nonneg_float, positive_int, probability,
-                    resolve_dtype, write_json)
+from common import (UsageError, autocast, best_device, check_writable, device_flag, finite_float,
+                    nonneg_float, positive_int, probability, resolve_dtype, write_json)
 from data import coco, feature_cache
 from decoding import decode_batch
 from metrics import METRICS, score_captions
@@ -234,7 +236,7 @@ def compare(args):
     """
     Evaluate every checkpoint (and the blind baseline) on one image set; write args.out (see the docstring).
     """
-    os.makedirs(args.out, exist_ok=True)
+    check_writable(args.out, "--out")  # now, not after the decoding and scoring
     records, split, where = evaluation_set(args)
     cache = feature_cache.FeatureCache(args.features) if args.features else None
     if cache is not None:
@@ -267,11 +269,15 @@ def compare(args):
         runs.append(dict(name=name, path=path, captioner=captioner, tokenizer=tokenizer, ckpt=ckpt,
                          captions=captions, source=source, captions_per_s=captions_per_s))
         print(f"{name}: {captions_per_s:.1f} captions/s", file=sys.stderr)
-    # The blind baseline: if a bridge's scores are not clearly above this row, the bridge has not learned to
-    # use the image: everything it gets right, the LM guesses on its own.
-    first = runs[0]
-    blind, blind_per_s = blind_captions(first["captioner"], first["tokenizer"], list(first["captions"]),
-                                        args.batch_size, decoding, args.dtype)
+    # The blind baseline: if a bridge's scores are not clearly above its LM's row, the bridge has not learned
+    # to use the image: everything it gets right, the LM guesses on its own. One row per distinct frozen LM:
+    # bridges on two LMs have two priors to beat.
+    blinds = []
+    for first in first_run_of_each_lm(runs):
+        captions, captions_per_s = blind_captions(first["captioner"], first["tokenizer"],
+                                                  list(first["captions"]), args.batch_size, decoding,
+                                                  args.dtype)
+        blinds.append(dict(run=first, captions=captions, captions_per_s=captions_per_s))
 
     clear_outputs(args.out)  # only now: a run refused above (a leak, other features) leaves the old results
     rows = []
@@ -291,24 +297,53 @@ def compare(args):
         write_json(os.path.join(args.out, f"captions_{run['name']}.json"),
                    {str(i): dict(caption=c, references=references[i]) for i, c in captions.items()})
         print(f"{run['name']}: CIDEr {row.get('CIDEr', float('nan')):.3f}", file=sys.stderr)
-    row = score_row(f"blind (frozen LM of {first['name']}, no image)", blind, references, args.metrics, extra)
-    row.update(kind="blind", checkpoint=first["path"], captions_per_s=blind_per_s, blind=True)
-    rows.append(row)
-    write_json(os.path.join(args.out, "captions_blind.json"),
-               {str(i): dict(caption=c, references=references[i]) for i, c in blind.items()})
+    for blind in blinds:
+        first, captions = blind["run"], blind["captions"]
+        row = score_row(f"blind (frozen LM of {first['name']}, no image)", captions, references, args.metrics,
+                        extra)
+        row.update(kind="blind", checkpoint=first["path"], lm=first["ckpt"]["lm"]["name"],
+                   captions_per_s=blind["captions_per_s"], blind=True)
+        rows.append(row)
+        name = "captions_blind.json" if len(blinds) == 1 else f"captions_blind_{first['name']}.json"
+        write_json(os.path.join(args.out, name),
+                   {str(i): dict(caption=c, references=references[i]) for i, c in captions.items()})
 
     pictures = draw_pictures(args, runs, records)
     skipped = {s["image_id"]: s for source in sources.values() for s in source.skipped}
-    scored = len(first["captions"])  # images left out as unreadable are not in any row
+    scored = len(runs[0]["captions"])  # images left out as unreadable are not in any row
     result = dict(split=split, where=where, images=scored, skipped=list(skipped.values()), decoding=decoding,
                   metrics=list(args.metrics), features=args.features, device=str(args.device), rows=rows,
                   pictures=[p for p in pictures if p])
     write_json(os.path.join(args.out, "results.json"), result)
     table = markdown_table(rows, decoding, where, scored, extra)
+    note = single_image_cider_note(scored, args.metrics)
+    if note is not None:
+        print(f"note: {note}", file=sys.stderr)
+        table += f"\n{note}\n"
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table)
     print(table)
     return result
+
+
+def first_run_of_each_lm(runs):
+    """The first run on each distinct frozen LM (told apart by its weights' fingerprint), in order."""
+    firsts = {}
+    for run in runs:
+        firsts.setdefault(run["ckpt"]["lm"]["fingerprint"], run)
+    return list(firsts.values())
+
+
+def single_image_cider_note(images, metrics):
+    """
+    Why every CIDEr is 0.000, when it is: CIDEr's idf comes from the references of the images scored, so on
+    one image every n-gram is in all of them (1 of 1) and its idf is log(1) = 0. None otherwise.
+    """
+    if images != 1 or "cider" not in metrics:
+        return None
+    return ("CIDEr is 0.000 on every row because only one image was scored: its idf comes from the "
+            "references of the images scored, and with one image every n-gram's is log(1) = 0. CIDEr needs "
+            "at least two images: score more (e.g. drop --max-images 1).")
 
 
 def clear_outputs(out):
@@ -388,10 +423,11 @@ def markdown_table(rows, decoding, where, images, extra=None):
     lines = [f"{images} images of {where}, {how[method]}, at most {decoding['max_new_tokens']} tokens.",
              "Params: trainable / total (encoder + bridge + LM). METEOR: corpus score, then "
              "per-image mean ± std. CIDEr (CIDEr-D) with its 95% bootstrap interval over images.",
-             "The blind row is the first checkpoint's frozen LM with no image at all (its first sentence "
-             "after <|endoftext|>): what the LM guesses without looking. Captions/s: decoding alone, "
-             "nothing else running. Query similarity (bridges with queries): mean cosine similarity of the "
-             "queries' attention maps, 1.0 = every query reads the same tokens."]
+             "A blind row is a checkpoint's frozen LM with no image at all (its first sentence after "
+             "<|endoftext|>): what the LM guesses without looking; one per distinct LM, named after the "
+             "first checkpoint trained on it. Captions/s: decoding alone, nothing else running. Query "
+             "similarity (bridges with queries): mean cosine similarity of the queries' attention maps, "
+             "1.0 = every query reads the same tokens."]
     columns = extra[0] if extra else ()
     if extra:
         lines.append(extra[2])
@@ -417,16 +453,18 @@ def markdown_table(rows, decoding, where, images, extra=None):
 # -----------------------------------------------------------------------------
 # Captioning a folder of your own images
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# Pillow reads them all; a GIF or a multi-page TIFF is captioned by its first frame
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 def caption_folder(args):
     """Caption every image file in args.images with one checkpoint; print, and write a JSON file."""
     captioner, tokenizer, ckpt = load_captioner(args.checkpoint, lm=args.lm, device=args.device)
-    paths = sorted(os.path.join(args.images, n) for n in os.listdir(args.images)
-                   if n.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(args.images, n)))
+    check_writable(args.out, "--out")  # now, not after the decoding
+    paths, passed_over = list_images(args.images)
     if not paths:
-        raise FileNotFoundError(f"no {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} files in {args.images}")
+        raise FileNotFoundError(f"no {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} files in {args.images}"
+                                f"{'; ' + named(passed_over) if passed_over else ''}")
     spec = clip_loader.VisualFeatures.from_dict(ckpt["visual_features"], args.checkpoint)
     source = encoded_images(spec, [dict(image_id=p, path=p) for p in paths], args.device, args.dtype)
     decoding = dict(method=args.method, beam=args.beam, max_new_tokens=args.max_new_tokens,
@@ -435,17 +473,72 @@ def caption_folder(args):
     captions, captions_per_s = decode(captioner, tokenizer, batches(source, paths, args.batch_size),
                                       dtype=args.dtype, **decoding)
     for path, caption in captions.items():
-        print(f"{path}\t{caption}")
+        print(f"{one_line(path)}\t{one_line(caption)}")
     skipped = source.skipped
     print(f"{len(captions)} image(s) captioned ({captions_per_s:.1f} captions/s), {len(skipped)} unreadable "
-          f"skipped{': ' if skipped else ''}{', '.join(s['path'] for s in skipped)}", file=sys.stderr)
+          f"skipped{': ' if skipped else ''}{', '.join(one_line(s['path']) for s in skipped)}; "
+          f"{named(passed_over)}", file=sys.stderr)
     os.makedirs(args.out, exist_ok=True)
     out_path = os.path.join(args.out, "captions_images.json")
     write_json(out_path, dict(checkpoint=args.checkpoint, decoding=decoding, captions=captions,
                               skipped=[dict(path=s["path"], reason=s["reason"]) for s in skipped],
-                              captions_per_s=captions_per_s))
+                              passed_over=passed_over, captions_per_s=captions_per_s))
     print(f"wrote {out_path}", file=sys.stderr)
-    return dict(captions=captions, skipped=skipped, path=out_path)
+    return dict(captions=captions, skipped=skipped, passed_over=passed_over, path=out_path)
+
+
+def list_images(folder):
+    """
+    The image files directly in folder, sorted, and everything else there with the reason it is not captioned:
+    ([path, ...], [{"path", "reason"}, ...]). Nothing is passed over in silence: a photo in a subfolder or
+    behind a broken link would otherwise just be missing from the output.
+    """
+    paths, passed_over = [], []
+    for name in sorted(os.listdir(folder)):
+        # hidden files are the system's, not the user's photos (.DS_Store, .thumbnails/, and macOS's ._x.jpg
+        # copies of a file's metadata, which carry an image's name but are not images): left out, not named
+        if name.startswith("."):
+            continue
+        path = os.path.join(folder, name)
+        reason = not_an_image(path)
+        if reason is None:
+            paths.append(path)
+        else:
+            passed_over.append(dict(path=path, reason=reason))
+    return paths, passed_over
+
+
+def not_an_image(path):
+    """Why path is not an image file to caption, or None if it is one."""
+    try:
+        mode = os.stat(path).st_mode  # follows links: a link to an image is an image
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symlink loop"
+        return "a dangling link" if os.path.islink(path) else f"cannot be read ({e.strerror})"
+    if stat.S_ISDIR(mode):
+        return "a folder (subfolders are not searched)"
+    if not stat.S_ISREG(mode):  # a named pipe would block the reader forever
+        return "not a regular file"
+    if not path.lower().endswith(IMAGE_EXTENSIONS):
+        return "not an image file extension"
+    return None
+
+
+def named(passed_over, shown=10):
+    """'N passed over: path (reason), ...', naming the first `shown` (captions_images.json lists them all)."""
+    listed = ", ".join(f"{one_line(p['path'])} ({p['reason']})" for p in passed_over[:shown])
+    more = f" and {len(passed_over) - shown} more" if len(passed_over) > shown else ""
+    return f"{len(passed_over)} passed over{': ' if passed_over else ''}{listed}{more}"
+
+
+def one_line(text):
+    """
+    text as printed in a `path<TAB>caption` line: a file name may hold a newline or a tab, which would split
+    one image over two lines or fields, so such a name is printed as Python's repr ('a\\nb.jpg'), quoted and
+    escaped. The JSON file keeps the real name.
+    """
+    return text if text.isprintable() else repr(text)
 
 # -----------------------------------------------------------------------------
 
@@ -462,7 +555,8 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoints", nargs="+",
                         help="compare mode: bridge checkpoints (train_caption.py)")
     parser.add_argument("--images", default=None,
-                        help="folder mode: caption the jpg/png/webp/bmp files in DIR")
+                        help="folder mode: caption the jpg/png/webp/bmp/gif/tif files in DIR "
+                             "(not in its subfolders)")
     parser.add_argument("--checkpoint", default=None, help="folder mode: the checkpoint to caption with")
     parser.add_argument("--coco-root", default="data/coco",
                         help="a COCO-format root (COCO itself, or data/shapes)")
@@ -490,7 +584,7 @@ def parse_args(argv=None):
                         help="sampling only: nucleus size, e.g. 0.9")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=positive_int, default=64)
-    parser.add_argument("--device", default=best_device(),
+    parser.add_argument("--device", type=device_flag, default=best_device(),
                         help="cuda / mps / cpu (default: the best present)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="autocast dtype for encoding and decoding "
@@ -516,9 +610,11 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    if args.images is not None:
-        return caption_folder(args)
-    return compare(args)
+    try:
+        return caption_folder(args) if args.images is not None else compare(args)
+    except UsageError as e:  # a flag that does not fit (an --out it cannot write): exit as argparse does
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from e
 
 
 if __name__ == "__main__":

@@ -200,49 +200,53 @@ def check_java():
         )
 
 
-_checked_dirs = set()  # directories already known to be writable, so we probe each once per process
-
-
-def _check_tokenizer_dir(dirname):
-    """pycocoevalcap's PTBTokenizer writes its input to a temp file *inside its own package directory* (next
-    to the jar) and fails with a bare PermissionError when site-packages is read-only (a system-wide install,
-    a container run as another user). We try the same operation first and explain the fix."""
-    if dirname in _checked_dirs:
-        return
-    try:
-        with tempfile.NamedTemporaryFile(dir=dirname):
-            pass
-    except OSError as e:
-        raise RuntimeError(
-            f"pycocoevalcap's PTB tokenizer writes temporary files into its package directory {dirname}, "
-            f"which this user cannot write to ({e.strerror}). "
-            f"Install pycocoevalcap into a virtual environment you own (`make setup`), "
-            f"or make that directory writable."
-        ) from e
-    _checked_dirs.add(dirname)
-
-
-_END_MARK = object()  # a key no caller can use, for the alignment check below
-
-
 def ptb_tokenize(captions):
     """{key: [caption, ...]} -> {key: [tokenized caption, ...]}: sanitized, lower-cased, PTB-split,
     punctuation removed, exactly as the COCO evaluation server does.
     One JVM start (~0.3 s) per call, whatever the size."""
     check_java()
-    _check_tokenizer_dir(os.path.dirname(os.path.abspath(ptbtokenizer.__file__)))
-    cleaned = {key: [{"caption": sanitize(c)} for c in caps] for key, caps in captions.items()}
-    cleaned[_END_MARK] = [{"caption": "end of captions"}]  # dicts keep insertion order: this is the last line
-    tokenized = ptbtokenizer.PTBTokenizer().tokenize(cleaned)
-    # The tokenizer pairs its output lines with the captions by position (zip), so one line too many or too
-    # few moves captions onto other images without any error. sanitize() prevents it; a known last line and
-    # the counts per key make sure.
-    misaligned = tokenized.pop(_END_MARK, None) != ["end of captions"]
-    misaligned |= any(len(tokenized.get(key, [])) != len(caps) for key, caps in captions.items())
-    if misaligned:
+    cleaned = [sanitize(c) for caps in captions.values() for c in caps]
+    lines = run_ptb_tokenizer(cleaned + ["end of captions"])  # a known last line, for the check below
+    # The tokenizer answers line for line, so the captions are paired with their output by position: one line
+    # too many or too few would move captions onto other images without any error. sanitize() prevents it; the
+    # count and the known last line make sure.
+    if lines[len(cleaned):] != ["end of captions"]:
         raise RuntimeError("the PTB tokenizer's output lines are no longer aligned with the captions "
                            "(a line break that sanitize() missed?)")
-    return tokenized
+    lines = iter(lines)
+    # each caption's words without punctuation, as pycocoevalcap's PTBTokenizer leaves them
+    return {key: [" ".join(w for w in next(lines).rstrip().split(" ") if w not in ptbtokenizer.PUNCTUATIONS)
+                  for _ in caps] for key, caps in captions.items()}
+
+
+def run_ptb_tokenizer(lines):
+    """
+    Stanford's PTBTokenizer (the jar pycocoevalcap ships) over lines of text, one output line per input line:
+    pycocoevalcap's command, run here instead of through its PTBTokenizer.tokenize, which ignores the JVM's
+    exit status and error output (a JVM that could not get its memory looked like misaligned captions) and
+    writes its temporary file into its own package folder (read-only in a system-wide install).
+    """
+    jar = os.path.join(os.path.dirname(os.path.abspath(ptbtokenizer.__file__)),
+                       ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", suffix=".txt", delete=False) as f:
+        f.write("\n".join(lines))
+    try:
+        proc = subprocess.run(["java", "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines",
+                               "-lowerCase", f.name], capture_output=True)
+    finally:
+        os.remove(f.name)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the PTB tokenizer's Java process failed (exit status {proc.returncode}); "
+                           f"Java said:\n{_java_said(proc.stdout, proc.stderr)}")
+    return proc.stdout.decode("utf-8").rstrip("\n").split("\n")
+
+
+def _java_said(*outputs):
+    """The end of what a JVM printed, as text: the first thing to read when it failed. A JVM that cannot
+    start (too little memory for its heap, a broken install) says why on its standard output, not its error
+    output."""
+    said = "\n".join(out.decode(errors="replace").strip() for out in outputs if out.strip())
+    return said[-2000:] or "(nothing)"
 
 
 # -----------------------------------------------------------------------------
@@ -303,9 +307,9 @@ def _meteor_compute(meteor, gts, res):
             _meteor = None
         _stop(meteor)
         # the jar's last words, if any
-        stderr = meteor.meteor_p.stderr.read().decode(errors="replace")[-2000:]
         cause = f"no answer within {timeout:.0f} s, killed" if fired.is_set() else "its reply was not a score"
-        raise RuntimeError(f"the METEOR jar failed ({cause}): {e}\n{stderr}") from e
+        said = _java_said(meteor.meteor_p.stdout.read(), meteor.meteor_p.stderr.read())
+        raise RuntimeError(f"the METEOR jar failed ({cause}): {e}; Java said:\n{said}") from e
     finally:
         watchdog.cancel()
 

@@ -7,13 +7,14 @@ checkpoints.py's.
 import argparse
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as torch_dist
 
-from common import UsageError, best_device, resolve_dtype
+from common import UsageError, best_device, device_flag, resolve_dtype
 
 # -----------------------------------------------------------------------------
 # Devices and distributed training
@@ -62,13 +63,13 @@ def add_run_flags(parser):
                         help="a checkpoint to continue from, or 'auto' (the newest in --out-dir)")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete the files of a run already in --out-dir (its log, checkpoints, model)")
-    parser.add_argument("--device", default=None,
+    parser.add_argument("--device", type=device_flag, default=None,
                         help="cuda / mps / cpu (default: the best present; torchrun: per rank)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile (default: on CUDA)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                        help="autocast dtype (auto: bf16 on GPUs that have it, fp16 with loss scaling "
-                             "on older ones, else fp32)")
+                        help="autocast dtype (auto: bf16 on GPUs with bf16 tensor cores, compute capability "
+                             "8.0 and up; fp16 with loss scaling on older ones; else fp32)")
     parser.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
                         help="AdamW's fused kernel (default: on CUDA)")
 
@@ -196,16 +197,40 @@ def format_eta(seconds):
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 70e12, "L4": 121e12,
-                   "A5000": 111e12}
+# Dense bf16 tensor-core peaks (fp32 accumulate, no 2:4 sparsity: datasheets print twice these with sparsity),
+# keyed by a part of the name torch.cuda.get_device_name() gives ("NVIDIA H100 80GB HBM3" is the SXM board).
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,        # H200 datasheet (SXM)
+    "H200 NVL": 835e12,    # H200 datasheet
+    "H100": 989e12,        # H100 datasheet, SXM
+    "H100 PCIe": 756e12,   # H100 datasheet
+    "H100 NVL": 835e12,    # H100 datasheet
+    "A100": 312e12,        # A100 datasheet (SXM and PCIe alike)
+    "A10": 125e12,         # A10 datasheet
+    "A10G": 70e12,         # AWS's A10 variant: no NVIDIA datasheet, the figure AWS users quote
+    "L40S": 362e12,        # L40S datasheet
+    "L40": 181e12,         # L40 datasheet
+    "L4": 121e12,          # L4 datasheet
+    "RTX 4090": 165.2e12,  # Ada Lovelace (AD102) whitepaper
+    "RTX 3090": 71e12,     # Ampere GA102 whitepaper
+    "A5000": 111e12,       # RTX A5000 datasheet (222 TFLOPS with sparsity)
+}
 
 
 def gpu_peak_flops(device=None):
     """
     Dense bf16 peak of this GPU (by its name), or None for one not in PEAK_BF16_FLOPS: MFU is then left out.
     """
-    name = torch.cuda.get_device_name(device)
-    return next((flops for gpu, flops in PEAK_BF16_FLOPS.items() if gpu in name), None)
+    return peak_flops_of(torch.cuda.get_device_name(device))
+
+
+def peak_flops_of(name):
+    """
+    The PEAK_BF16_FLOPS row of the most specific key found in `name` as whole words: "NVIDIA H100 PCIe" is
+    an H100 PCIe, not the SXM "H100", and "NVIDIA L40S" is no "L4".
+    """
+    found = [gpu for gpu in PEAK_BF16_FLOPS if re.search(rf"\b{re.escape(gpu)}\b", name, re.IGNORECASE)]
+    return PEAK_BF16_FLOPS[max(found, key=len)] if found else None
 
 
 def estimate_mfu(n_params, n_layer, n_head, head_size, T, tokens_per_s_per_gpu, peak_flops):

@@ -11,9 +11,11 @@ tokens saved as uint16 .npy (GPT-2 ids < 2**16), named <name>_{val|train}_{k:06d
 --data-files (jsonl / parquet / txt with a `text` field; txt: one document per line) goes through exactly
 the same code as the hub download, which is how the tests and the offline miniature make their shards.
 
-A manifest.json next to the shards records the source, the shard size and each finished shard (its
-token count and where in the document stream the next shard starts), so an interrupted run restarted
-with the same arguments keeps its finished shards and rewrites only the partial one.
+A manifest.json next to the shards records what they were made from (the source, and each data file's
+size and sha256; the tokenizer; the shard size) and each finished shard (its token count and where in the
+document stream the next shard starts), so an interrupted run restarted with the same arguments keeps its
+finished shards and rewrites only the partial one. A rerun whose input changed since (the same path, other
+text) is refused, never reported done or resumed into a mix of two corpora.
 """
 import glob
 import itertools
@@ -24,8 +26,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `python data/fineweb.py`
-from common import atomic_open, positive_int, read_json, write_json  # noqa: E402
-from gpt2 import EOT, get_tokenizer  # noqa: E402
+from common import UsageError, atomic_open, positive_int, read_json, sha256_of, write_json  # noqa: E402
+from gpt2 import EOT, GPT2_ENCODER_JSON_SHA256, GPT2_VOCAB_BPE_SHA256, get_tokenizer  # noqa: E402
 
 MANIFEST = "manifest.json"
 
@@ -38,6 +40,23 @@ def describe_source(remote_name=None, data_files=None):
     if data_files:
         return {"data_files": [os.path.abspath(f) for f in data_files]}
     return {"dataset": "HuggingFaceFW/fineweb-edu", "name": remote_name}
+
+
+def fingerprint(source):
+    """
+    What the shards are made from, beyond the arguments: each data file's path, size and sha256, so that a
+    rerun notices a corpus changed at the same path. Hashing reads each file once: seconds per GB, far less
+    than tokenizing it. A hub dataset is its name (streamed from the hub's main branch, not pinned to a
+    revision).
+    """
+    if "data_files" not in source:
+        return {"dataset": source["dataset"], "name": source["name"]}
+    files = []
+    for f in source["data_files"]:
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"--data-files: {f} does not exist")
+        files.append({"path": f, "bytes": os.path.getsize(f), "sha256": sha256_of(f)})
+    return {"data_files": files}
 
 
 def iter_texts(source):
@@ -78,6 +97,13 @@ def tokenize(text):
     assert tokens.max() < 2**16, "GPT-2 ids fit in uint16"
     return tokens.astype(np.uint16)
 
+
+def tokenizer_identity():
+    """What identifies the encoder: its name, vocabulary size and the sha256 of the files it is made of."""
+    enc = get_tokenizer()
+    return {"encoding": enc.name, "n_vocab": enc.n_vocab, "eot": EOT,
+            "vocab_bpe_sha256": GPT2_VOCAB_BPE_SHA256, "encoder_json_sha256": GPT2_ENCODER_JSON_SHA256}
+
 # -----------------------------------------------------------------------------
 # Writing shards, resumably
 
@@ -101,20 +127,17 @@ def read_manifest(out_dir):
 def prepare(out_dir, source, name="edufineweb", shard_size=100_000_000, workers=1, max_shards=None):
     """
     Tokenize `source` into shards under out_dir;
-    continue where a previous run with the same arguments stopped.
+    continue where a previous run with the same arguments, on the same input, stopped.
     """
     from tqdm import tqdm
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1 token, got {shard_size}")
-    os.makedirs(out_dir, exist_ok=True)
     settings = {"source": source, "name": name, "shard_size": shard_size, "dtype": "uint16",
-                "tokenizer": "gpt2"}
+                "tokenizer": tokenizer_identity(), "inputs": fingerprint(source)}
+    os.makedirs(out_dir, exist_ok=True)
     manifest = read_manifest(out_dir)
     if manifest is not None:
-        old = {k: manifest.get(k) for k in settings}
-        if old != settings:
-            raise ValueError(f"{out_dir}/{MANIFEST} was made with {old}, not {settings}: "
-                             f"use another --out-dir, or delete {out_dir} to start over")
+        check_made_from(out_dir, manifest, settings)
         if manifest["complete"]:
             print(f"{out_dir}: all {len(manifest['shards'])} shards already done")
             return manifest
@@ -175,6 +198,39 @@ def prepare(out_dir, source, name="edufineweb", shard_size=100_000_000, workers=
     write_json(os.path.join(out_dir, MANIFEST), manifest)
     print(f"{out_dir}: {len(shards)} shards, {sum(s['tokens'] for s in shards):,} tokens")
     return manifest
+
+
+def input_changes(old, new):
+    """Each data file that differs between two fingerprints, as "path: what changed"."""
+    was = {f["path"]: f for f in old.get("data_files", [])}
+    changes = []
+    for f in new.get("data_files", []):
+        before = was.get(f["path"])
+        if before is None:
+            changes.append(f"{f['path']}: not among the files they were made from")
+        elif before["bytes"] != f["bytes"]:
+            changes.append(f"{f['path']}: size {before['bytes']:,} -> {f['bytes']:,} bytes, contents changed")
+        elif before["sha256"] != f["sha256"]:
+            changes.append(f"{f['path']}: same size ({f['bytes']:,} bytes), contents changed "
+                           f"(sha256 {before['sha256'][:12]}... -> {f['sha256'][:12]}...)")
+    return changes or [f"{old} -> {new}"]
+
+
+def check_made_from(out_dir, manifest, settings):
+    """UsageError unless the shards in out_dir were made (or begun) with these settings, from these inputs."""
+    redo = f"use another --out-dir, or delete {out_dir} to start over"
+    if "inputs" not in manifest:  # written before the shards recorded their inputs: nothing to compare
+        raise UsageError(f"{out_dir}/{MANIFEST} was made before the shards recorded their inputs (each "
+                         f"data file's size and sha256, the tokenizer), so a rerun cannot tell whether its "
+                         f"shards are what the input makes now: {redo}")
+    old = {k: manifest.get(k) for k in settings if k != "inputs"}
+    new = {k: v for k, v in settings.items() if k != "inputs"}
+    if old != new:
+        raise UsageError(f"{out_dir}/{MANIFEST} was made with {old}, not {new}: {redo}")
+    if manifest["inputs"] != settings["inputs"]:
+        changes = "; ".join(input_changes(manifest["inputs"], settings["inputs"]))
+        raise UsageError(f"the input changed since the shards in {out_dir} were made: {changes}. "
+                         f"Kept or resumed, they would be the old corpus, or a mix of two: {redo}")
 
 # -----------------------------------------------------------------------------
 # Reading shards back: validation, and the batch loader
@@ -309,5 +365,9 @@ if __name__ == "__main__":
     parser.add_argument("--max-shards", type=positive_int, default=None,
                         help="stop after this many shards (rerun to continue)")
     args = parser.parse_args()
-    prepare(args.out_dir, describe_source(args.remote_name, args.data_files), args.name, args.shard_size,
-            args.workers, args.max_shards)
+    try:
+        prepare(args.out_dir, describe_source(args.remote_name, args.data_files), args.name, args.shard_size,
+                args.workers, args.max_shards)
+    except UsageError as e:  # out_dir holds shards of other settings or another input: the message says what
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from e

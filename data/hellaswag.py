@@ -20,7 +20,7 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `python data/hellaswag.py`
-from common import autocast, best_device, positive_int, resolve_dtype  # noqa: E402
+from common import autocast, best_device, device_flag, positive_int, resolve_dtype  # noqa: E402
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hellaswag")
 URLS = {split: f"https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
@@ -90,6 +90,22 @@ def render_example(example, tokenizer):
     return tokens, mask, int(example["label"])
 
 
+_rendered = {}  # (tokenizer, ctx, endings, label) -> render_example's (tokens, mask, label)
+
+
+def render_cached(example, tokenizer):
+    """
+    render_example, tokenizing each example once per process: train_lm.py scores the same examples every
+    --hellaswag-every steps, and tokenizing them all again would repeat the same CPU work at every
+    evaluation while the GPUs wait. The returned tensors are shared between calls: read them, never write
+    into them.
+    """
+    key = (tokenizer, example["ctx"], tuple(example["endings"]), int(example["label"]))
+    if key not in _rendered:
+        _rendered[key] = render_example(example, tokenizer)
+    return _rendered[key]
+
+
 def completion_losses(logits, tokens, mask):
     """
     Average loss of the masked (ending) tokens of each row: logits (R, T, V), tokens/mask (R, T) -> (R,).
@@ -124,7 +140,7 @@ def evaluate(model, examples, device, tokenizer=None, batch_size=8, rank=0, worl
     correct = 0
     device_type = torch.device(device).type
     for start in range(0, len(mine), batch_size):
-        rendered = [render_example(ex, tokenizer) for ex in mine[start:start + batch_size]]
+        rendered = [render_cached(ex, tokenizer) for ex in mine[start:start + batch_size]]
         T = min(max(t.size(1) for t, _, _ in rendered), block_size)
         tokens = torch.zeros((4 * len(rendered), T), dtype=torch.long)  # (4E, T)
         mask = torch.zeros_like(tokens)
@@ -163,7 +179,8 @@ if __name__ == "__main__":
     parser.add_argument("--download", action="store_true", help="only download the data")
     parser.add_argument("--limit", type=positive_int, default=None, help="score only the first N examples")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="examples per forward pass")
-    parser.add_argument("--device", default=best_device())
+    parser.add_argument("--device", type=device_flag, default=best_device(),
+                        help="cuda / mps / cpu (default: the best present)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="autocast dtype")
     args = parser.parse_args()

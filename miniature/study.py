@@ -44,6 +44,9 @@ def read_runs(study_dir):
         if m is None:
             continue
         result = read_json(path, "evaluation result")
+        if sum(bool(row.get("blind")) for row in result["rows"]) > 1:  # evaluate.py: one blind row per LM
+            raise ValueError(f"{path} compares bridges on more than one frozen LM (a blind row for each): a "
+                             f"study's run holds every bridge on one LM")
         runs.append(dict(world=m["world"], recipe=m["recipe"], seed=int(m["seed"]), rows=result["rows"],
                          path=path))
     return runs

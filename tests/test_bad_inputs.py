@@ -19,6 +19,10 @@ index:
     miniature/train_clip.py: another script's or another model's checkpoint,     tests/test_train_clip.py
       a caption longer than --text-tokens, a run folder in use, flags out of
       range
+
+Continued in tests/test_bad_inputs_corpus.py (33: a corpus changed under its shards) and
+tests/test_bad_inputs_eval.py (34-37, and 40 for evaluate.py: odd folders and file names, checkpoints on two
+LMs, a one-image set, an --out it cannot write).
 """
 import errno
 import json
@@ -774,3 +778,101 @@ def test_32_an_extra_scores_module_without_the_hook_is_a_flag_error(tmp_path, ca
     usage_error(evaluate.main, ["--checkpoints", str(tmp_path / "ckpt_final.pt"),
                                 "--out", str(tmp_path / "out"), "--extra-scores", module], capsys, match)
     assert not (tmp_path / "out").exists()  # stopped before anything was written
+
+# -----------------------------------------------------------------------------
+# 38. Resuming on a CPU with another thread count: the continuation is not bit-exact (a CPU's float sums are
+#     split over its threads), and nothing said so
+
+
+def test_38_a_resume_with_another_thread_count_says_it_is_not_bit_exact(tmp_path, shards, capsys):  # noqa: F811
+    threads = torch.get_num_threads()
+    run = tmp_path / "lm"
+    try:
+        torch.set_num_threads(1)
+        train_lm.main(lm_args(shards, run, "--max-steps", "4", "--ckpt-every", "2", "--stop-step", "2"))
+        assert torch.load(run / "ckpt_000002.pt", weights_only=True)["threads"] == 1
+        train_lm.main(lm_args(shards, run, "--max-steps", "4", "--ckpt-every", "2", "--stop-step", "3",
+                              "--resume", "auto"))
+        assert "thread" not in capsys.readouterr().out  # the same count: nothing to say
+        torch.set_num_threads(2)
+        train_lm.main(lm_args(shards, run, "--max-steps", "4", "--resume", "auto"))
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr()
+    assert (f"note: {run / 'ckpt_000003.pt'} was trained with 1 CPU thread(s), this run has 2: it continues "
+            "close to the uninterrupted run, but not bit for bit (for that: OMP_NUM_THREADS=1)") in out.out
+
+# -----------------------------------------------------------------------------
+# 39. A Java that cannot get its memory: the PTB tokenizer's failure was blamed on "a line break that
+#     sanitize() missed?", and the JVM's own words (printed on its standard output) were not shown
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="needs Java")
+def test_39_a_jvm_that_cannot_start_is_reported_in_its_own_words(monkeypatch):
+    import metrics
+    monkeypatch.setenv("JAVA_TOOL_OPTIONS", "-Xmx1k")  # every JVM started from here gets a heap too small
+    with pytest.raises(RuntimeError, match=r"(?s)the PTB tokenizer's Java process failed \(exit status 1\); "
+                                           r"Java said:\nError occurred during initialization of VM\n"
+                                           r"Too small maximum heap") as e:
+        metrics.score_captions({1: "a dog"}, {1: ["a dog runs"]}, metrics=("bleu",))
+    assert "sanitize" not in str(e.value)
+    # METEOR's JVM asks for -Xmx2G itself: a larger starting heap than that stops it just as well
+    monkeypatch.setenv("JAVA_TOOL_OPTIONS", "-Xms3G")
+    monkeypatch.setattr(metrics, "_meteor", None)
+    with pytest.raises(RuntimeError, match=r"the METEOR jar failed .*Java said:") as e:
+        metrics.get_meteor()
+    # (in the message's first line when METEOR's wrapper read it as a score, else after "Java said")
+    assert "Initial heap size set to a larger value than the maximum heap size" in str(e.value)
+
+# -----------------------------------------------------------------------------
+# 40. Output folders that cannot be written: a raw OSError, and evaluate.py only after decoding and scoring
+
+
+def unwritable(tmp_path, monkeypatch, how):
+    """A folder no file can be created in. As root, permissions do not stop a write, so there the kernel's
+    refusal is played by making file creation in it fail with EACCES, as it does for other users."""
+    if how == "under a file":  # a path through a file: ENOTDIR, for every user
+        (tmp_path / "file").write_text("")
+        return tmp_path / "file" / "out"
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.geteuid() == 0:
+        import common
+        real = common.tempfile.TemporaryFile
+
+        def refuse(*args, dir=None, **kwargs):
+            if dir is not None and os.path.realpath(dir).startswith(str(folder)):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), dir)
+            return real(*args, dir=dir, **kwargs)
+        monkeypatch.setattr(common.tempfile, "TemporaryFile", refuse)
+    return folder / "out"
+
+
+@pytest.mark.parametrize("how", ["under a file", "read-only"])
+def test_40_an_output_folder_that_cannot_be_written_stops_before_the_work(tmp_path, monkeypatch, shards,  # noqa: F811
+                                                                         capsys, how):
+    out = unwritable(tmp_path, monkeypatch, how)
+    reason = "Not a directory" if how == "under a file" else "Permission denied"
+    usage_error(train_lm.main, lm_args(shards, out, "--max-steps", "2"), capsys,
+                f"--out-dir {out}: cannot write there ({reason}): choose another --out-dir, or make it "
+                "writable")
+    images = small_world(tmp_path / "shapes", train=2, val=2)
+    with pytest.raises(ValueError, match=rf"--out {out}: cannot write there \({reason}\)"):
+        feature_cache.build_feature_cache(coco.load_records(images, "val"), load_clip(ENCODER), str(out))
+
+# -----------------------------------------------------------------------------
+# 41. --device cuda (or mps) on a machine without it, as copied from a GPU recipe: torch's AssertionError
+#     ("Torch not compiled with CUDA enabled"), naming no flag, after the data and the model were loaded
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(),
+                    reason="needs a machine without CUDA and MPS")
+@pytest.mark.parametrize("main", [train_lm.main, train_caption.main, evaluate.main])
+def test_41_a_device_this_machine_lacks_is_a_flag_error(capsys, main):
+    why = "this torch was built without CUDA" if torch.version.cuda is None else "torch sees no CUDA GPU"
+    usage_error(main, ["--device", "cuda"], capsys, f"argument --device: cuda: {why}")
+    usage_error(main, ["--device", "mps"], capsys, "argument --device: mps: Apple's MPS is not available "
+                                                   "here; leave --device out to use the best device present "
+                                                   "(cpu here)")
+    usage_error(main, ["--device", "gpu0"], capsys, "argument --device: 'gpu0' is not a device")

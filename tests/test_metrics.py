@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import metrics
+from pycocoevalcap.tokenizer import ptbtokenizer
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="METEOR and the PTB tokenizer need Java")
 
@@ -82,9 +83,15 @@ def test_check_java_explains_the_fix(monkeypatch):
         metrics.check_java()
 
 
-def test_unwritable_tokenizer_dir_gets_a_clear_message(tmp_path):
-    with pytest.raises(RuntimeError, match="writes temporary files into its package directory"):
-        metrics._check_tokenizer_dir(str(tmp_path / "does-not-exist"))
+@needs_java
+def test_tokenizer_matches_pycocoevalcaps():
+    # ptb_tokenize runs pycocoevalcap's jar with its command itself (to see the JVM's exit status and errors);
+    # the tokens must be the ones pycocoevalcap's own wrapper gives
+    captions = {1: ["A dog, running on the grass.", "Two cats -- one black!"], 2: ["It's a man's hat?"],
+                "x": ["(left) a ``quoted'' word; and: more..."]}
+    theirs = ptbtokenizer.PTBTokenizer().tokenize({k: [{"caption": c} for c in v]
+                                                   for k, v in captions.items()})
+    assert metrics.ptb_tokenize(captions) == theirs
 
 
 @needs_java
