@@ -29,6 +29,7 @@ from checkpoints import RunFolder, rng_state
 from common import autocast, natural_int, nonneg_float, positive_float, positive_int
 from data import fineweb, hellaswag
 from gpt2 import GPT, GPTConfig, PRESETS, SubsetTokenizer, get_tokenizer
+from microbatch import choose_micro_batch, out_of_memory_advice
 from train_utils import (add_run_flags, check_finite, enable_speedups, estimate_mfu, format_eta, from_rank0,
                          gpu_peak_flops, grad_scaler, launch, lr_at, mean_over_processes, micro_batches,
                          print0)
@@ -65,8 +66,10 @@ def train(args, dist):
         optimizer.zero_grad(set_to_none=True)
         loss_accum = torch.zeros((), device=dist.device)
         for micro_step in range(grad_accum):
-            x, y = job.train_loader.next_batch()
-            x, y = x.to(dist.device), y.to(dist.device)  # (B, T) each
+            x, y = job.train_loader.next_batch()  # (B, T) each, in CPU memory
+            # on CUDA, copied from page-locked memory without waiting: the CPU goes on queueing the GPU's work
+            cuda = dist.device_type == "cuda"
+            x, y = [(t.pin_memory() if cuda else t).to(dist.device, non_blocking=cuda) for t in (x, y)]
             # DDP all-reduces gradients during backward; between micro-steps we only accumulate locally,
             # so the (expensive) sync happens once per optimizer step, on the last micro-step
             sync = nullcontext() if not dist.ddp or micro_step == grad_accum - 1 else model.no_sync()
@@ -126,12 +129,12 @@ def setup(args, dist):
     """Everything the loop reads, as one namespace (job.raw_model, job.train_loader, ...)."""
     enable_speedups(dist.device_type)
     T = args.seq_len
-    B, grad_accum = micro_batches(args.total_batch // T, args.batch_size, dist.world_size, "sequences")
     run = RunFolder(args, dist, "train_lm.py")  # the checkpoint --resume names, if any
     # token i = vocab[i]
     vocab = SubsetTokenizer(fineweb.token_ids(args.data_dir)).ids if args.vocab_subset else None
     config = model_config(args, vocab)
     check_resumable(run.ckpt, run.resumed_from, vocab, config)
+    B, grad_accum = micro_batch(args, config, dist)  # -B, or what fits the device's memory: see below
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     raw_model = GPT(config).to(dist.device)
     optimizer = raw_model.configure_optimizers(args.weight_decay, args.lr, betas=(0.9, 0.95),
@@ -165,6 +168,28 @@ def setup(args, dist):
         examples=hellaswag_examples(args, dist, vocab, run),
         prompt=sample_prompt(tokenizer, args.sample_prompt, run),
         peak_flops=gpu_peak_flops(dist.device) if dist.device_type == "cuda" else None)
+
+
+def micro_batch(args, config, dist):
+    """
+    (B, accumulation steps). B, the micro-batch each process runs, is -B, or when -B is left out the largest
+    that fits the device's free memory (microbatch.py: at most the preset's, which a CPU keeps), made to
+    divide a process's share of the step (train_utils.micro_batches). The global batch (--total-batch)
+    never changes, only the number of micro-steps; validation, counted in batches of the preset's -B, reads
+    as many tokens in more batches. B goes into args.batch_size, for the log, the checkpoints and the
+    advice on running out of memory.
+    """
+    asked = args.batch_size or TRAIN_PRESETS[args.preset]["batch_size"]
+    B, grad_accum = micro_batches(args.total_batch // args.seq_len, asked, dist.world_size, "sequences")
+    if args.batch_size is None:
+        share = B * grad_accum  # this process's sequences per optimizer step
+        fit, why = choose_micro_batch(config, args.seq_len, args.dtype, dist, share, cap=B)
+        if why:
+            print0(f"micro-batch -B {fit}, the largest that fits (-B chooses another): {why}")
+        args.val_steps = args.val_steps * B // fit
+        B, grad_accum = fit, share // fit
+    args.batch_size = B
+    return B, grad_accum
 
 
 def checkpoint(job, args, step):
@@ -317,7 +342,8 @@ def get_args(argv=None):
                         "(small corpora; disables HellaSwag)")
     # batch and schedule
     p.add_argument("-B", "--batch-size", type=positive_int, default=None,
-                   help="micro-batch sequences per process (gpt2-124m: 64)")
+                   help="micro-batch sequences per process (default: the preset's, gpt2-124m: 64, or the "
+                        "largest power of two below it that fits the GPU's free memory; printed)")
     p.add_argument("-T", "--seq-len", type=positive_int, default=None,
                    help="tokens per sequence (gpt2-124m: 1024)")
     p.add_argument("--total-batch", type=positive_int, default=None,
@@ -336,7 +362,8 @@ def get_args(argv=None):
     p.add_argument("--val-every", type=natural_int, default=None)
     p.add_argument("--val-steps", type=positive_int, default=None,
                    help="val batches of B x T per evaluation, over all processes "
-                        "(gpt2-124m: 160, ~10M tokens)")
+                        "(gpt2-124m: 160, ~10M tokens; if -B is lowered to fit the memory, the same tokens "
+                        "in more batches)")
     p.add_argument("--hellaswag-every", type=natural_int, default=None)
     p.add_argument("--hellaswag-dir", default=hellaswag.DATA_DIR)
     p.add_argument("--hellaswag-limit", type=positive_int, default=None,
@@ -348,7 +375,7 @@ def get_args(argv=None):
     add_run_flags(p)  # --resume, --overwrite, --device, --compile, --dtype, --fused
     args = p.parse_args(argv)
     for k, v in TRAIN_PRESETS[args.preset].items():
-        if getattr(args, k, None) is None:
+        if getattr(args, k, None) is None and k != "batch_size":  # -B left out: what fits, see micro_batch
             setattr(args, k, v)
     n_head, n_embd = (args.n_head or PRESETS[args.model]["n_head"],
                       args.n_embd or PRESETS[args.model]["n_embd"])
@@ -361,8 +388,14 @@ def get_args(argv=None):
     return args
 
 
+def train_or_advise(args, dist):
+    """train(); out of GPU memory, a stop that names the -B to pass instead of a traceback (microbatch.py)."""
+    with out_of_memory_advice(args, dist):
+        return train(args, dist)
+
+
 def main(argv=None):
-    return launch(train, get_args(argv))
+    return launch(train_or_advise, get_args(argv))
 
 
 if __name__ == "__main__":

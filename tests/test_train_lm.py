@@ -13,7 +13,7 @@ import torch
 
 import train_lm
 from data import fineweb
-from gpt2 import GPT, load_lm
+from gpt2 import GPT, SubsetTokenizer, load_lm
 from common import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -201,3 +201,46 @@ def test_mfu_is_per_gpu():
     assert one == pytest.approx((6 * 124e6 + 12 * 12 * 12 * 64 * 1024) * 100_000 / 989e12)
     # 8 GPUs at 100k tokens/s each: train_lm passes the run's 800k tokens/s divided by 8, the same MFU
     assert estimate_mfu(124e6, 12, 12, 64, 1024, 800_000 / 8, 989e12) == pytest.approx(one)
+
+
+def test_micro_batch_left_out_is_what_fits(shards, tmp_path, monkeypatch, capsys):
+    # a device with free memory for 2.5 sequences of this run (as microbatch.py estimates them): without -B
+    # the run takes 2 at a time (a power of two that divides its 8 sequences per step), 4 micro-steps, and
+    # validation reads as many tokens in 4x the batches
+    import microbatch
+    argv = [a for a in args(shards, tmp_path, "--max-steps", "1") if a not in ("-B", "4")]
+    config = train_lm.model_config(train_lm.get_args(argv), SubsetTokenizer(fineweb.token_ids(shards)).ids)
+    need = microbatch.fixed_bytes(config, "fp32") + 2.5 * microbatch.bytes_per_sequence(config, 32, "fp32")
+    monkeypatch.setattr(microbatch, "free_memory", lambda device: need / microbatch.HEADROOM)
+    train_lm.main(argv)
+    start = next(map(json.loads, open(tmp_path / "log.jsonl")))
+    assert start["config"]["grad_accum"] == 4 and start["config"]["args"]["batch_size"] == 2
+    assert start["config"]["args"]["val_steps"] == 4 * train_lm.TRAIN_PRESETS["tiny"]["val_steps"]
+    assert "micro-batch -B 2, the largest that fits" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, expected", [([], (16, 32)), (["-B", "64"], (64, 8)), (["-B", "8"], (8, 64))])
+def test_gpt2_124m_on_a_24_gb_card_takes_16_unless_told(monkeypatch, argv, expected):
+    # the preset's 524,288 tokens per step: 16 sequences of 1024 and 32 micro-steps on a 24 GB card (half a
+    # GiB of it held by the CUDA context), unless -B says otherwise
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(23.5 * 2**30), 24 * 2**30))
+    from train_utils import Dist
+    run_args = train_lm.get_args(argv)
+    run_args.dtype = "bf16"  # what launch() resolves --dtype auto to on such a card
+    assert train_lm.micro_batch(run_args, train_lm.model_config(run_args, None),
+                                Dist(False, 0, 0, 1, "cuda", "cuda")) == expected
+    assert run_args.batch_size == expected[0]
+
+
+def test_out_of_memory_stops_with_the_micro_batch_to_pass(shards, tmp_path, monkeypatch, capsys):
+    def out_of_memory(self, idx, targets=None, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.28 GiB")
+    monkeypatch.setattr(GPT, "forward", out_of_memory)
+    with pytest.raises(SystemExit) as e:  # as argparse and train_lm's other usage errors stop
+        train_lm.main(args(shards, tmp_path, "--max-steps", "2"))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: out of memory on cpu with a micro-batch of -B 4 sequences of -T 32 tokens: pass -B 2" \
+        in err
+    assert "--total-batch 256 tokens (gradient accumulation goes from 2 to 4 micro-steps" in err
+    assert "Traceback" not in err
