@@ -31,7 +31,7 @@ from tqdm import tqdm
 import clip_loader
 from bridges import BRIDGES, BridgeConfig, build_captioner, caption_batch, lm_fingerprint
 from checkpoints import RunFolder, rng_state
-from common import UsageError, autocast, natural_int, nonneg_float, positive_float, positive_int
+from common import UsageError, autocast, natural_int, nonneg_float, positive_float, positive_int, to_device
 from data import coco, feature_cache
 from gpt2 import decay_groups, load_lm
 from train_utils import (add_run_flags, check_finite, enable_speedups, format_eta, grad_scaler, launch, lr_at,
@@ -51,12 +51,12 @@ def train(args, dist):
     bar = tqdm(range(start_step, end_step), initial=start_step, total=max_steps, desc=args.bridge,
                disable=not dist.master, dynamic_ncols=True)
     captioner.train()
-    run_seconds = 0.0  # training time of this job (the ETA comes from it)
+    log = StepLog(job, args, dist, bar)  # each step's loss, gradient norm and time: see below
     for step in bar:
         if job.val_pairs and args.val_every and step % args.val_every == 0:
             job.val_loss = log_val_loss(job, args, dist, step, bar.write)
 
-        t0 = time.time()
+        log.start_step()
         mine = job.order.indices(step)  # this process's share of the step's pairs
         optimizer.zero_grad(set_to_none=True)
         loss_accum = torch.zeros((), device=dist.device)
@@ -72,26 +72,17 @@ def train(args, dist):
                 loss_accum += loss.detach()
                 scaler.scale(loss).backward()
         mean_over_processes(loss_accum, dist)  # the loss to log: the whole step's, over all processes
-        check_finite(loss_accum, step, run.last)
         scaler.unscale_(optimizer)  # the true gradients, for clipping (a no-op but with fp16)
         norm = torch.nn.utils.clip_grad_norm_(job.trained, args.grad_clip)
-        if not scaler.is_enabled():  # (with fp16 an overflow is the scaler's to skip)
-            check_finite(norm, step, run.last)  # an inf gradient would put inf into every weight
         for group in optimizer.param_groups:  # each group's own rate: the bridge's, the unfrozen GPT blocks'
             group["lr"] = lr_at(step, max_steps, args.warmup_steps, group["base_lr"], 0.1 * group["base_lr"])
         scaler.step(optimizer)
         scaler.update()
-        if dist.device_type == "cuda":
-            torch.cuda.synchronize()  # wait for the GPU, so that the step's time is its own
-        dt = time.time() - t0
-        job.train_seconds += dt
-        run_seconds += dt
-
-        run.log(step=step, loss=loss_accum.item(), lr=optimizer.param_groups[0]["lr"], grad_norm=norm.item(),
-                samples_per_s=args.total_batch / dt)
-        if step % args.log_every == 0:
-            bar.set_postfix(loss=f"{loss_accum.item():.3f}", samples_s=f"{args.total_batch / dt:.0f}",
-                            eta=format_eta(run_seconds / (step + 1 - start_step) * (end_step - step - 1)))
+        # The loss and norm stay on the device: reading a number back (.item(), float()) makes the CPU wait
+        # until the GPU has done all the work queued so far, and then the GPU waits for the CPU.
+        log.end_step(step, loss_accum, norm, optimizer.param_groups[0]["lr"])
+        if log.due(step):  # every --log-every steps, and before a validation, a checkpoint or the end
+            log.write()  # reads the numbers of the steps since the last write; stops at a NaN or inf
         if args.ckpt_every and (step + 1) % args.ckpt_every == 0 and step + 1 < end_step:
             run.save(f"ckpt_{step + 1:06d}.pt", checkpoint(job, args, step + 1), job.trained)
     bar.close()
@@ -184,6 +175,72 @@ def checkpoint(job, args, step):
             "visual_features": job.source.spec.as_dict(), "trained_on": job.trained_on, "params": job.params,
             "train_seconds": job.train_seconds, "val_loss": job.val_loss,
             "optimizer": job.optimizer.state_dict(), "rng": rng_state(), "args": vars(args)}
+
+# -----------------------------------------------------------------------------
+# The log: each step's numbers, read back from the device every --log-every steps
+
+
+class StepLog:
+    """
+    What the loop logs, read back from the device only at log steps: a GPU runs ahead of the host, and every
+    number read back stops the host until the GPU has caught up. A step leaves its loss and gradient norm on
+    the device, and its time as two CUDA events the GPU stamps as it passes them (elsewhere the wall clock:
+    a CPU step is over when its Python returns; on MPS this times the host's side only). write() reads the
+    steps since the last write all at once, logs each, and stops the run at the first non-finite loss or
+    norm. So a NaN stops the run up to --log-every steps late, the steps in between training on NaN weights;
+    but no checkpoint is written before write() has checked every step before it (see due()), and
+    checkpoints.RunFolder.save refuses non-finite weights besides.
+    """
+
+    def __init__(self, job, args, dist, bar):
+        self.job, self.args, self.bar = job, args, bar
+        self.cuda = dist.device_type == "cuda"
+        self.first, self.end = job.steps[0], job.steps[1]  # this job's first step and its end
+        self.unread = []  # the steps since the last write: (step, lr, [loss, grad_norm] on the device, times)
+        self.run_seconds = 0.0  # training time of this job (the ETA comes from it)
+
+    def now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()  # stamped when the GPU reaches this point of its queue
+        return event
+
+    def seconds(self, start, stop):
+        return start.elapsed_time(stop) / 1000 if self.cuda else stop - start  # (elapsed_time is in ms)
+
+    def start_step(self):
+        self.start = self.now()
+
+    def end_step(self, step, loss, grad_norm, lr):
+        numbers = torch.stack([loss.float(), grad_norm.float()])  # (2,), on the device
+        self.unread.append((step, lr, numbers, self.start, self.now()))
+
+    def due(self, step):
+        """After the job's first step (a first number at once), every --log-every steps, and before what must
+        not see unchecked weights: a validation, a checkpoint, the end."""
+        done, a = step + 1, self.args
+        every = (a.log_every, a.ckpt_every, a.val_every if self.job.val_pairs else 0)
+        return step == self.first or done == self.end or any(n and done % n == 0 for n in every)
+
+    def write(self):
+        """Log the steps since the last write; FloatingPointError at the first non-finite loss or norm."""
+        if self.cuda:
+            self.unread[-1][-1].synchronize()  # the one wait: the GPU is past the last step's end
+        numbers = torch.stack([n for _, _, n, _, _ in self.unread]).tolist()  # [[loss, grad_norm], ...]
+        for (step, lr, _, start, stop), (loss, norm) in zip(self.unread, numbers):
+            check_finite(loss, step, self.job.run.last)
+            if not self.job.scaler.is_enabled():  # (with fp16 an overflow is the scaler's to skip)
+                check_finite(norm, step, self.job.run.last)
+            dt = self.seconds(start, stop)
+            self.job.train_seconds += dt
+            self.run_seconds += dt
+            self.job.run.log(step=step, loss=loss, lr=lr, grad_norm=norm,
+                             samples_per_s=self.args.total_batch / dt)
+        left = self.run_seconds / (step + 1 - self.first) * (self.end - step - 1)
+        self.bar.set_postfix(loss=f"{loss:.3f}", samples_s=f"{self.args.total_batch / dt:.0f}",
+                             eta=format_eta(left))
+        self.unread = []
 
 # -----------------------------------------------------------------------------
 # Where the visual tokens come from: feature caches (fast), or the frozen encoder on every batch
@@ -328,8 +385,8 @@ def batch_of(pairs, index, source, eot, device):
         # page-locked, so the copy to the GPU below does not wait for the GPU's queue; pinning is itself a
         # host copy (features preloaded on the GPU, --preload-features, avoid both)
         v = v.pin_memory()
-    return (v.to(device, non_blocking=True), tokens.to(device, non_blocking=True),
-            targets.to(device, non_blocking=True))
+    # non-blocking on CUDA only: on MPS a non-blocking copy of these temporaries can read freed memory
+    return to_device(v, device), to_device(tokens, device), to_device(targets, device)
 
 # -----------------------------------------------------------------------------
 # Model, optimizer, validation
@@ -384,7 +441,8 @@ def val_loss(captioner, val_pairs, val_source, eot, batch_size, dist, dtype):
         v, tokens, targets = batch_of(val_pairs, index, val_source, eot, dist.device)
         with autocast(dist.device_type, dtype):
             _, loss = captioner(v, tokens, targets)
-        total += torch.stack([loss.float() * len(index), torch.tensor(float(len(index)), device=dist.device)])
+        total[0] += loss.float() * len(index)
+        total[1] += len(index)  # (a Python number: no host-to-device copy to wait for)
     if dist.ddp:
         torch_dist.all_reduce(total)
     captioner.train()
@@ -460,7 +518,9 @@ def get_args(argv=None):
     p.add_argument("--val-pairs", type=positive_int, default=2000,
                    help="size of the fixed val subset (pairs)")
     p.add_argument("--ckpt-every", type=natural_int, default=1000)
-    p.add_argument("--log-every", type=positive_int, default=10)
+    p.add_argument("--log-every", type=positive_int, default=10,
+                   help="steps between reads of the losses from the device: the steps are logged, and a "
+                        "NaN stops the run, there")
     add_run_flags(p)  # --resume, --overwrite, --device, --compile, --dtype, --fused
     args = p.parse_args(argv)
     args.out_dir = args.out_dir or os.path.join("runs", "caption", args.bridge)

@@ -1,6 +1,8 @@
 """
 Feature extraction speed: our hand-written CLIP ViT against transformers' CLIPVisionModel with the same
-config, the same random weights and the same batch, in the same run; then read throughput of a feature cache.
+config, the same random weights and the same batch, in the same run; then read throughput of a feature cache;
+then building a cache from COCO-sized JPEGs, with the builder's old defaults (4 decoding threads, batches of
+64, progress recorded after every batch) and its new ones (every CPU, 256, every 32 batches).
 
     python bench/bench_features.py                              # the miniature's encoder (random-vit:mini)
     python bench/bench_features.py --preset openai/clip-vit-large-patch14 --batch-size 32 --steps 3
@@ -17,6 +19,7 @@ import time
 
 import numpy as np
 import torch
+from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import best_device  # noqa: E402
@@ -45,6 +48,8 @@ if __name__ == "__main__":
     parser.add_argument("--cache-images", type=int, default=20000,
                         help="rows in the synthetic cache read back")
     parser.add_argument("--pool", default=clip_loader.POOL_FLAG)
+    parser.add_argument("--jpegs", type=int, default=1024,
+                        help="640x480 JPEGs (COCO's typical size) to build a cache from (0: skip)")
     args = parser.parse_args()
     device = best_device()
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
@@ -108,3 +113,26 @@ if __name__ == "__main__":
         seconds = time.time() - t0
         print(f"feature cache ({N} x {S} x {C} fp16, {N * S * C * 2 / 2**20:.0f} MiB): "
               f"{reads / seconds:,.0f} samples/s in random batches of {batch}")
+
+    # -------------------------------------------------------------------------
+    # 3. building a cache from JPEG files: decoding threads, batch size, how often progress is recorded
+    if args.jpegs:
+        with tempfile.TemporaryDirectory() as d:
+            rng = np.random.default_rng(0)
+            # smooth random images: JPEG files of a photo's size (a noise image compresses far worse)
+            base = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
+            records = []
+            for i in range(args.jpegs):
+                path = os.path.join(d, f"{i:06d}.jpg")
+                image = Image.fromarray(np.roll(base, i, axis=1)).resize((640, 480), Image.BICUBIC)
+                image.save(path, quality=90)
+                records.append(dict(image_id=i, path=path, captions=[]))
+            settings = [("old defaults", dict(batch_size=64, num_workers=4, flush_every=1)),
+                        ("new defaults", dict(batch_size=256, num_workers=None, flush_every=32))]
+            for name, kw in settings:
+                t0 = time.time()
+                feature_cache.build_feature_cache(records, ours, os.path.join(d, name.replace(" ", "_")),
+                                                  pool_grid=clip_loader.parse_grid(args.pool), device=device,
+                                                  **kw)
+                print(f"cache of {args.jpegs} JPEGs, {name} {kw}, {feature_cache.usable_cpus()} CPUs: "
+                      f"{args.jpegs / (time.time() - t0):,.1f} images/s")

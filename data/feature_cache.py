@@ -34,8 +34,8 @@ from tqdm import tqdm
 # runnable as `python data/feature_cache.py` from the repo root as well as `import data.feature_cache`
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import clip_loader  # noqa: E402
-from common import (atomic_open, best_device, lock_folder, positive_int, read_json,  # noqa: E402
-                    resolve_dtype, write_json)
+from common import (UsageError, atomic_open, best_device, lock_folder, positive_int, read_json,  # noqa: E402
+                    resolve_dtype, sha256_of, to_device, write_json)
 from data.coco import load_records  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -56,6 +56,11 @@ def load_pixels(path, size):
             return clip_loader.resize_crop(image, size), None  # any mode (L, LA, P, RGBA, CMYK, I;16) -> RGB
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         return None, f"{type(e).__name__}: {e}"
+
+
+def usable_cpus():
+    """The CPUs this process may run on (a job scheduler or taskset may grant fewer than the machine has)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 # -----------------------------------------------------------------------------
 # The feature cache
@@ -87,17 +92,23 @@ def differences(have, want):
     return out
 
 
-def build_feature_cache(records, encoder, out_dir, batch_size=64, pool_grid=clip_loader.POOL, layer=-1,
-                        device=None, num_workers=4, dtype="auto"):
+def build_feature_cache(records, encoder, out_dir, batch_size=256, pool_grid=clip_loader.POOL, layer=-1,
+                        device=None, num_workers=None, dtype="auto", flush_every=32):
     """
     Run the frozen encoder once over every record's image; write the cache described at the top of this file.
     encoder: a model from clip_loader.load_clip, or its id (then loaded with `layer`).
-    Re-running finishes an interrupted build (rows already written are not recomputed); a folder holding a
+    num_workers: threads decoding images (default: every CPU this process may use): decoding JPEGs is CPU
+    work a GPU's encoder would otherwise wait for. batch_size: images per encoder call; the threads decode
+    the next batch while the model runs this one, and a larger batch waits less often for its slowest image.
+    flush_every: batches between progress records (rows written to disk, then status.npy saying so). Each
+    record forces the rows out to disk and waits for it; Ctrl-C or an error records the finished batches too,
+    so only a hard kill (or a power cut) loses work: the batches since the last record, redone on re-running.
+    Re-running finishes an interrupted build (rows already recorded are not recomputed); a folder holding a
     cache made with other settings or another image list is refused with a ValueError naming what differs.
     Returns the FeatureCache.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if batch_size < 1 or flush_every < 1:
+        raise ValueError(f"batch_size and flush_every must be >= 1, got {batch_size} and {flush_every}")
     if not records:
         raise ValueError("no images to encode")
     model = clip_loader.load_clip(encoder, layer=layer) if isinstance(encoder, str) else encoder
@@ -119,6 +130,9 @@ def build_feature_cache(records, encoder, out_dir, batch_size=64, pool_grid=clip
     skipped_path = os.path.join(out_dir, "skipped.json")
     status = np.load(status_path) if os.path.exists(status_path) else np.zeros(N, dtype=np.uint8)
     skipped = read_json(skipped_path, "feature cache progress file") if os.path.exists(skipped_path) else []
+    # only the skips status.npy records (a kill between the two files' writes leaves skips of rows to redo)
+    unreadable = {records[r]["image_id"] for r in np.flatnonzero(status == 2)}
+    skipped = [s for s in skipped if s["image_id"] in unreadable]
     if not os.path.exists(rows_path) and (status == 0).any():
         reserve(rows_path, N * S * C * 2)  # a full disk fails here, before any work, not as a bus error later
     todo = np.flatnonzero(status == 0)
@@ -128,33 +142,44 @@ def build_feature_cache(records, encoder, out_dir, batch_size=64, pool_grid=clip
     def load_batch(rows):
         return list(pool.map(lambda r: load_pixels(records[r]["path"], size), rows))
 
+    def record_progress(features):
+        # the rows first, then the record of what is done: status.npy never claims a row not yet on disk
+        features.flush()
+        write_json(skipped_path, skipped)
+        with atomic_open(status_path, "wb") as f:
+            np.save(f, status)
+
     t0 = time.time()
-    with ThreadPoolExecutor(num_workers) as pool, ThreadPoolExecutor(1) as prefetch, \
+    with ThreadPoolExecutor(num_workers or usable_cpus()) as pool, ThreadPoolExecutor(1) as prefetch, \
             tqdm(total=N, initial=N - len(todo), unit="img", desc=f"features {spec.encoder}") as bar:
         features = np.memmap(rows_path, dtype=np.float16, mode="r+", shape=(N, S, C)) if batches else None
         # decoding and resizing (PIL releases the GIL) overlap with the model: batch k+1 loads while k runs
         upcoming = prefetch.submit(load_batch, batches[0]) if batches else None
-        for k, rows in enumerate(batches):
-            loaded = upcoming.result()
-            upcoming = prefetch.submit(load_batch, batches[k + 1]) if k + 1 < len(batches) else None
-            good = [r for r, (pixels, _) in zip(rows, loaded) if pixels is not None]
-            for r, (pixels, reason) in zip(rows, loaded):
-                if pixels is None:
-                    tqdm.write(f"skipping {records[r]['path']}: {reason}", file=sys.stderr)
-                    skipped.append(dict(image_id=records[r]["image_id"], path=records[r]["path"],
-                                        reason=reason))
-                    status[r] = 2
-            if good:
-                tokens = clip_loader.encode_pixels(model, [p for p, _ in loaded if p is not None],
-                                                   spec.grid, dtype)
-                features[good] = tokens.to(torch.float16).numpy()
-                status[good] = 1
-            # features first, then the record of what is done: a crash in between only redoes this batch
-            features.flush()
-            write_json(skipped_path, skipped)
-            with atomic_open(status_path, "wb") as f:
-                np.save(f, status)
-            bar.update(len(rows))
+        unrecorded = 0  # batches done since the last record
+        try:
+            for k, rows in enumerate(batches):
+                loaded = upcoming.result()
+                upcoming = prefetch.submit(load_batch, batches[k + 1]) if k + 1 < len(batches) else None
+                good = [r for r, (pixels, _) in zip(rows, loaded) if pixels is not None]
+                for r, (pixels, reason) in zip(rows, loaded):
+                    if pixels is None:
+                        tqdm.write(f"skipping {records[r]['path']}: {reason}", file=sys.stderr)
+                        skipped.append(dict(image_id=records[r]["image_id"], path=records[r]["path"],
+                                            reason=reason))
+                        status[r] = 2
+                if good:
+                    tokens = clip_loader.encode_pixels(model, [p for p, _ in loaded if p is not None],
+                                                       spec.grid, dtype)
+                    features[good] = tokens.to(torch.float16).numpy()
+                    status[good] = 1  # (only once the rows are in the memory map)
+                unrecorded += 1
+                if unrecorded == flush_every:
+                    record_progress(features)
+                    unrecorded = 0
+                bar.update(len(rows))
+        finally:  # the end, Ctrl-C or an error: keep what the finished batches computed
+            if unrecorded:
+                record_progress(features)
         del features
     seconds = time.time() - t0
     finalize(out_dir, records, status, skipped, settings, spec)
@@ -250,14 +275,6 @@ def finalize(out_dir, records, status, skipped, settings, spec):
             os.remove(os.path.join(out_dir, name))
 
 
-def sha256_of(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class FeatureCache:
     """
     A finished feature cache, memory-mapped: features[row] is one image's (S, C) fp16 tokens, image_ids[row]
@@ -337,8 +354,11 @@ class FeatureCache:
     def tokens(self, image_ids):
         """(image_ids, visual tokens (B, S, C) float32) of images that are all in the cache."""
         rows = [self.row_of(i) for i in image_ids]
-        if self.on_device is not None:  # one gather on the GPU, no copy from the host
-            return list(image_ids), self.on_device[torch.tensor(rows, device=self.on_device.device)].float()
+        if self.on_device is not None:
+            # one gather on the GPU: only the B row numbers cross from the host, queued behind the GPU's work
+            # (torch.tensor(rows, device=...) would wait for all of it first)
+            index = to_device(torch.tensor(rows), self.on_device.device)  # (B,)
+            return list(image_ids), self.on_device[index].float()
         return list(image_ids), self.batch(rows)
 
     def load_to(self, device):
@@ -392,10 +412,13 @@ class EncodedImages:
     The other visual source: images read and encoded by the frozen encoder when asked for (no cache; slower,
     see bench/bench_caption.py). tokens() leaves out an image that cannot be read and appends it to
     self.skipped as {"image_id", "path", "reason"}: evaluation reports such images, training refuses them.
+    workers: threads decoding a batch's images (default: up to 8, as every process of a multi-GPU run has its
+    own and they share the machine's CPUs).
     """
 
-    def __init__(self, encoder, grid, records, device="cpu", dtype="fp32"):
+    def __init__(self, encoder, grid, records, device="cpu", dtype="fp32", workers=None):
         self.model, self.dtype = encoder.to(device), dtype
+        self.workers = workers or min(8, usable_cpus())
         self.paths = {r["image_id"]: r["path"] for r in records}
         self.spec = clip_loader.VisualFeatures.of(encoder, grid)
         self.skipped = []
@@ -405,9 +428,11 @@ class EncodedImages:
         return image_id in self.paths
 
     def tokens(self, image_ids):
+        size = self.model.config.image_size
+        with ThreadPoolExecutor(self.workers) as pool:  # PIL releases the GIL while decoding; map keeps order
+            loaded = list(pool.map(lambda image_id: load_pixels(self.paths[image_id], size), image_ids))
         kept, pixels = [], []
-        for image_id in image_ids:
-            array, reason = load_pixels(self.paths[image_id], self.model.config.image_size)
+        for image_id, (array, reason) in zip(image_ids, loaded):
             if array is None:
                 tqdm.write(f"skipping {self.paths[image_id]}: {reason}", file=sys.stderr)
                 self.skipped.append(dict(image_id=image_id, path=self.paths[image_id], reason=reason))
@@ -432,8 +457,12 @@ if __name__ == "__main__":
     p.add_argument("--layer", type=int, default=-1, help="-1 = last block, -2 = penultimate (LLaVA)")
     p.add_argument("--pool", default=clip_loader.POOL_FLAG,
                    help="ROWSxCOLS grid for the patch tokens (4x8 -> 33 tokens), or none")
-    p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--workers", type=positive_int, default=4, help="threads decoding images")
+    p.add_argument("--batch-size", type=positive_int, default=256,
+                   help="images per encoder call, decoded ahead by all the threads together")
+    p.add_argument("--workers", type=positive_int, default=None,
+                   help="threads decoding images (default: every CPU this process may use)")
+    p.add_argument("--flush-every", type=positive_int, default=32,
+                   help="batches between progress records (a hard kill redoes at most this many)")
     p.add_argument("--limit", type=positive_int, default=None, help="only the first N images (smoke runs)")
     p.add_argument("--device", default=None, help="cuda / mps / cpu (default: the best present)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
@@ -444,7 +473,12 @@ if __name__ == "__main__":
     records = load_records(args.root, args.split, args.karpathy_json)[:args.limit]
     model = clip_loader.load_clip(args.encoder, layer=args.layer)
     print(clip_loader.describe(model), file=sys.stderr)
-    cache = build_feature_cache(records, model, args.out, args.batch_size, clip_loader.parse_grid(args.pool),
-                                device=args.device, num_workers=args.workers, dtype=args.dtype)
+    try:
+        cache = build_feature_cache(records, model, args.out, args.batch_size,
+                                    clip_loader.parse_grid(args.pool), device=args.device,
+                                    num_workers=args.workers, dtype=args.dtype,
+                                    flush_every=args.flush_every)
+    except UsageError as e:  # --out in use by another builder, or not writable: exit as argparse does
+        p.error(str(e))
     print(f"{args.out}: {len(cache)} images x {cache.spec.tokens} tokens x {cache.spec.width}",
           file=sys.stderr)

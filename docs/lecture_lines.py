@@ -23,12 +23,15 @@ SUPPORT = {
     "bridges.py": {"check_tokens", "flag", "captioner_from_config", "load_captioner", "lm_fingerprint",
                    "count_params"},
     "train_lm.py": {"check_resumable", "restore", "report", "note", "hellaswag_examples", "sample_prompt",
-                    "print_step", "print_samples", "get_args", "main", "optimizer_step"},
+                    "print_step", "print_samples", "get_args", "main", "optimizer_step", "micro_batch",
+                    "train_or_advise"},
     "train_caption.py": {"check_resumable", "restore", "wants_on_device", "parameter_counts", "get_args",
-                         "main", "new_captioner", "bridge_overrides", "log_val_loss", "val_subset"},
+                         "main", "new_captioner", "bridge_overrides", "log_val_loss", "val_subset",
+                         "StepLog"},
     "evaluate.py": {"_sync", "check_features", "encoded_images", "run_name", "evaluation_set", "in_cache",
                     "check_unseen", "extra_scorer", "draw_pictures", "final_val_loss", "_fmt_params",
-                    "_fmt", "markdown_table", "caption_folder", "parse_args", "main"},
+                    "_fmt", "markdown_table", "caption_folder", "parse_args", "main", "clear_outputs",
+                    "single_image_cider_note", "list_images", "not_an_image", "named", "one_line"},
 }
 
 

@@ -6,6 +6,9 @@ import http.server
 import io
 import json
 import os
+import signal
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -16,6 +19,7 @@ from PIL import Image
 import clip_loader
 from data import coco, feature_cache
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENCODER = "random-vit:tiny:seed0"  # 32 px, 17 tokens x 32
 
 
@@ -128,6 +132,9 @@ def test_feature_cache_contents_and_bad_images(tiny_coco, tmp_path, capsys):
     np.testing.assert_allclose(cache.std, feats.std(0), atol=1e-3)
     # the sixteen-bit image was scaled, not clipped to white
     assert cache.batch([cache.row_of(records[names.index("sixteen.png")]["image_id"])]).std() > 0
+    # features preloaded to a device are gathered there, and are the same
+    ids = [good[i]["image_id"] for i in (5, 0, 3)]
+    assert torch.equal(feature_cache.FeatureCache(out).load_to("cpu").tokens(ids)[1], cache.tokens(ids)[1])
     # a second run has nothing to do; re-opening with the right expectations works
     feature_cache.build_feature_cache(records, model, out, batch_size=4, pool_grid=(2, 2))
     assert "nothing to do" in capsys.readouterr().err
@@ -165,6 +172,83 @@ def test_interrupted_build_resumes_without_recomputing(tiny_coco, tmp_path):
     np.testing.assert_allclose(np.asarray(cache.features, dtype=np.float32),
                                np.asarray(fresh.features, dtype=np.float32), atol=2e-3, rtol=2e-3)
     assert list(cache.image_ids) == list(fresh.image_ids)
+
+
+def test_progress_is_recorded_every_flush_every_batches(tiny_coco, tmp_path, monkeypatch):
+    # each record forces the rows out to disk and waits: every 2nd batch here, and once at the end
+    records = coco.load_records(tiny_coco[0], "train")
+    flushes = []
+    flush = np.memmap.flush
+    monkeypatch.setattr(np.memmap, "flush", lambda self: (flushes.append(1), flush(self))[1])
+    for flush_every, records_written in ((1, 5), (2, 3)):  # 5 batches of 2
+        flushes.clear()
+        feature_cache.build_feature_cache(records, ENCODER, str(tmp_path / f"every_{flush_every}"),
+                                          batch_size=2, pool_grid=(2, 2), flush_every=flush_every)
+        assert len(flushes) == records_written
+
+
+KILL_AT_FOURTH_BATCH = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import clip_loader
+from data import coco, feature_cache
+records = coco.load_records(sys.argv[1], "train")
+model = clip_loader.load_clip("random-vit:tiny:seed0")
+forward, calls = model.forward, []
+def dies_on_fourth_batch(pixels):
+    calls.append(1)
+    if len(calls) == 4:
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup at all: a re-run finds only what was recorded
+    return forward(pixels)
+model.forward = dies_on_fourth_batch
+feature_cache.build_feature_cache([r for r in records if r["image_id"] in {ids}], model, sys.argv[2],
+                                  batch_size=2, pool_grid=(2, 2), num_workers=1, flush_every=2)
+"""
+
+
+def test_a_hard_kill_between_records_redoes_only_the_unrecorded_batches(tiny_coco, tmp_path):
+    root, names = tiny_coco
+    bad = {"truncated.jpg", "corrupt.jpg", "empty.jpg"}
+    records = [r for r in coco.load_records(root, "train") if os.path.basename(r["path"]) not in bad]
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_AT_FOURTH_BATCH.format(root=ROOT, ids={r["image_id"] for r in records}))
+    out = str(tmp_path / "cache")
+    run = subprocess.run([sys.executable, str(script), root, out], capture_output=True, text=True)
+    assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
+    model = clip_loader.load_clip(ENCODER)
+    calls = []
+    forward = model.forward
+    model.forward = lambda pixels: (calls.append(len(pixels)), forward(pixels))[1]
+    cache = feature_cache.build_feature_cache(records, model, out, batch_size=2, pool_grid=(2, 2),
+                                              flush_every=2)
+    # 4 batches of 7 images: batches 1-2 were recorded, batch 3 was computed but not recorded, and is redone
+    assert calls == [2, 1]
+    fresh = feature_cache.build_feature_cache(records, ENCODER, str(tmp_path / "fresh"), batch_size=2,
+                                              pool_grid=(2, 2))
+    assert list(cache.image_ids) == list(fresh.image_ids)
+    np.testing.assert_array_equal(np.asarray(cache.features), np.asarray(fresh.features))
+
+
+def test_encoding_on_the_fly_decodes_in_threads_with_the_same_results(tiny_coco, capsys):
+    root, names = tiny_coco
+    records = coco.load_records(root, "train")
+    model = clip_loader.load_clip(ENCODER)
+    ids = [r["image_id"] for r in records][::-1]
+    serial = feature_cache.EncodedImages(model, (2, 2), records, workers=1)
+    threaded = feature_cache.EncodedImages(model, (2, 2), records, workers=4)
+    kept, tokens = serial.tokens(ids)
+    serial_err = capsys.readouterr().err
+    threaded_kept, threaded_tokens = threaded.tokens(ids)
+    threaded_err = capsys.readouterr().err
+    assert threaded_kept == kept and torch.equal(threaded_tokens, tokens)
+    # the unreadable files are left out and reported, in the order asked for, as the serial loop does
+    bad = [r for r in records[::-1] if feature_cache.load_pixels(r["path"], 32)[0] is None]
+    assert [os.path.basename(r["path"]) for r in bad] == ["empty.jpg", "corrupt.jpg", "truncated.jpg"]
+    assert kept == [i for i in ids if i not in {r["image_id"] for r in bad}] and len(tokens) == 7
+    assert threaded.skipped == serial.skipped == \
+        [dict(image_id=r["image_id"], path=r["path"], reason=feature_cache.load_pixels(r["path"], 32)[1])
+         for r in bad]
+    assert threaded_err == serial_err and all(r["path"] in serial_err for r in bad)
 
 
 def test_other_settings_are_refused(tiny_coco, tmp_path):

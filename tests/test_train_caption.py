@@ -166,6 +166,37 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_path, monk
     assert not os.path.exists(tmp_path / "ckpt_final.pt")
 
 
+@pytest.mark.parametrize("log_every, ckpt_every, last_good", [
+    (3, 4, "ckpt_000004.pt"),  # found at the log step after step 5
+    (8, 3, "ckpt_000003.pt"),  # found before the checkpoint after step 5 (ckpt_000006.pt) is written
+])
+def test_a_nan_is_found_at_the_next_log_step_and_never_checkpointed(world, tmp_path, monkeypatch, log_every,
+                                                                     ckpt_every, last_good):
+    # the loop reads its losses back only every --log-every steps (and before checkpoints): a NaN from step 4
+    # on is found after step 5, the steps in between having trained on it, and nothing after it is saved
+    forward = bridges.Captioner.forward
+    calls = {"n": 0}
+
+    def poisoned(self, visual, tokens, targets=None):
+        logits, loss = forward(self, visual, tokens, targets)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] > 8:  # from step 4 on (2 micro-batches per step)
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(bridges.Captioner, "forward", poisoned)
+    with pytest.raises(FloatingPointError, match=f"loss is nan at step 4.*{last_good}"):
+        train_caption.main(args(world, tmp_path, "linear", "--max-steps", "12", "--log-every", log_every,
+                                "--ckpt-every", ckpt_every, "--val-every", "0"))
+    assert calls["n"] == 6 * 2  # steps 0-5 ran
+    assert sorted(p for p in os.listdir(tmp_path) if p.endswith(".pt")) == \
+        [f"ckpt_{s:06d}.pt" for s in range(ckpt_every, 5, ckpt_every)]
+    good = load_checkpoint(str(tmp_path / last_good))
+    assert all(torch.isfinite(v).all() for v in good["trainable"]["bridge"].values())
+    assert [r["step"] for r in records(tmp_path, "loss")] == [0, 1, 2, 3]  # the finite steps are logged
+
+
 class MixerBridge(torch.nn.Module):
     """
     A fourth bridge, defined here and nowhere else: `queries` prefix embeddings, each a learned softmax
