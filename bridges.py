@@ -365,19 +365,18 @@ class Captioner(nn.Module):
     def forward(self, visual, tokens, targets=None):
         """
         visual (B, S, C_vis); tokens, targets (B, T) from caption_batch.
-        With targets: (None, the mean loss over caption tokens); the LM computes logits only where a
-        target is.
+        With targets: (None, the mean loss over caption tokens); the LM computes logits only from the last
+        prefix position on.
         Without: (logits over the text positions (B, T, V), None), row t predicting tokens[:, t].
         """
         prefix, cross = self.condition(visual)
         L = prefix.size(1)
         # The logits at position j predict the token at j + 1: the last prefix position predicts the first
-        # caption token, and the caption's own positions predict the rest and the final <|endoftext|>.
+        # caption token, and the caption's own positions predict the rest and the final <|endoftext|>. So
+        # targets[:, t] belongs to position L - 1 + t, and L is the bridge's fixed prefix length: where the
+        # loss can be is known before any caption is read.
         if targets is not None:
-            B = tokens.size(0)
-            pad = targets.new_full((B, L - 1), -100)
-            full = torch.cat([pad, targets, targets.new_full((B, 1), -100)], dim=1)  # (B, L + T)
-            return self.lm(tokens, targets=full, prefix=prefix, cross=cross)
+            return self.lm(tokens, targets=targets, prefix=prefix, cross=cross, targets_from=L - 1)
         logits, _ = self.lm(tokens, prefix=prefix, cross=cross)
         return logits[:, L - 1:-1], None  # (B, T, V)
 
@@ -483,7 +482,7 @@ def load_captioner(path, lm=None, device="cpu"):
     The frozen LM is loaded from the identity the checkpoint records (lm: another path to the same LM, if it
     moved) and must be the very LM the bridge was trained on: its weights' fingerprint is checked.
     """
-    ckpt = load_checkpoint(path, "caption checkpoint")  # tensors and plain data only, never code
+    ckpt = load_checkpoint(path, "caption checkpoint", mmap=True)  # tensors and plain data, never code
     if not isinstance(ckpt, dict) or ckpt.get("trainer") != "train_caption.py":
         raise ValueError(f"{path} is not a train_caption.py checkpoint")
     model, tokenizer = load_lm(lm or ckpt["lm"]["name"])

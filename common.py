@@ -95,12 +95,16 @@ def _tensors(obj):
             yield from _tensors(v)
 
 
-def load_checkpoint(path, what="checkpoint"):
-    """Tensors, dicts, lists and numbers only (weights_only=True): loading never runs pickled code."""
+def load_checkpoint(path, what="checkpoint", mmap=False):
+    """
+    Tensors, dicts, lists and numbers only (weights_only=True): loading never runs pickled code.
+    mmap: map the file instead of reading it, so tensors never used (a training checkpoint's optimizer
+    moments, when only the weights are wanted) are never read.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:  # torch's own message would suggest weights_only=False: never do that
         raise RuntimeError(f"{what} {path} holds pickled Python objects besides tensors, so it was not "
                            f"written by this project's scripts; it is refused without being unpickled "

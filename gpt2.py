@@ -157,15 +157,18 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, prefix=None, cross=None, cache=None, last_only=False):
+    def forward(self, idx, targets=None, prefix=None, cross=None, cache=None, last_only=False,
+                targets_from=0):
         """
         idx:       (B, T) token ids.
-        targets:   (B, P + T) next-token ids for every position (prefix first), -100 where no loss is wanted.
+        targets:   (B, N) next-token ids of the N positions from `targets_from` on (pretraining: every
+                   position, N = T), -100 where no loss is wanted (a caption's padding).
         prefix:    (B, P, C) embeddings placed before the text tokens (a bridge's image tokens), or None.
         cross:     None, or a list of n_layer callables-or-None; cross[i] updates the residual stream of
                    block i (a bridge's cross-attention to the image).
         cache:     a KVCache: positions continue from cache.pos, and this call's keys/values are appended.
         last_only: logits of the last position only, (B, 1, vocab_size): all that generation needs.
+        targets_from: the position targets[:, 0] belongs to, a plain int (a captioner: its prefix length - 1).
         Returns (logits (B, P + T, vocab_size), None) without targets; with targets (None, the mean
         cross-entropy over the positions whose target is not -100).
         """
@@ -184,12 +187,17 @@ class GPT(nn.Module):
             cache.pos += T
         x = self.transformer.ln_f(x)
         if targets is not None:
-            # The output layer (C x 50,257) is a small GPT's most expensive matmul, and a position whose
-            # target is -100 (a bridge's prefix, padding) needs no logits at all: only the positions that are
-            # scored get them.
-            scored = targets.reshape(-1) != -100  # (B * T,)
-            logits = self.lm_head(x.reshape(-1, x.size(-1))[scored])  # (N, vocab_size)
-            return None, F.cross_entropy(logits.float(), targets.reshape(-1)[scored])
+            # The output layer (C x 50,257) is a small GPT's most expensive matmul, and a position with no
+            # target (a bridge's prefix) needs no logits at all. The caller knows where targets can be
+            # without looking at them, so the head takes a fixed slice, positions targets_from ..
+            # targets_from + N - 1, and leaves the -100s inside it (the padding of shorter captions) to
+            # cross_entropy's ignore_index. A boolean mask would pick exactly the scored positions and skip
+            # the padding too, but its size depends on the data: torch.compile would have to end its graph
+            # there and wait for the device to count the mask, on every call.
+            N = targets.size(1)
+            assert targets_from + N <= T, f"targets for {targets_from + N} positions, the sequence has {T}"
+            logits = self.lm_head(x[:, targets_from:targets_from + N])  # (B, N, vocab_size)
+            return None, F.cross_entropy(logits.flatten(0, 1).float(), targets.reshape(-1), ignore_index=-100)
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
         return self.lm_head(x), None  # (B, T, vocab_size)
@@ -445,7 +453,7 @@ def load_lm(name_or_path, device="cpu"):
     """
     # not a hub file
     if os.path.isfile(name_or_path) and not name_or_path.endswith((".safetensors", ".bin", ".json")):
-        ckpt = load_checkpoint(name_or_path, "LM checkpoint")
+        ckpt = load_checkpoint(name_or_path, "LM checkpoint", mmap=True)  # the weights, not the optimizer
         if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
             raise ValueError(f"{name_or_path} is not a train_lm.py checkpoint (no 'model'/'config' entries)")
         model = GPT(GPTConfig(**ckpt["config"]))

@@ -66,6 +66,12 @@ def train(args, dist):
             # DDP all-reduces gradients in backward: between micro-steps only accumulate, sync on the last
             sync = nullcontext() if not dist.ddp or k == grad_accum - 1 else model.no_sync()
             with sync:
+                if args.compile:
+                    # T, the batch's longest caption, changes from batch to batch: marked dynamic before the
+                    # first trace, it gets one compiled graph for every length (padding T to a multiple of 8
+                    # would keep shapes static, but compute the padding and still trace once per multiple)
+                    for t in (tokens, targets):
+                        torch._dynamo.maybe_mark_dynamic(t, 1)
                 with autocast(dist.device_type, args.dtype):
                     _, loss = model(v, tokens, targets)  # v (B, S, C_vis); tokens, targets (B, T)
                 loss = loss / grad_accum  # backward() adds micro-batch gradients up: make the sum a mean

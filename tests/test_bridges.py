@@ -74,9 +74,10 @@ def test_layout_positions_and_masks_on_a_hand_made_example(kind):
     seen = {}
     forward = captioner.lm.forward
 
-    def spy(idx, targets=None, prefix=None, cross=None, cache=None, last_only=False):
-        seen.update(idx=idx, targets=targets, prefix=prefix)
-        return forward(idx, targets=targets, prefix=prefix, cross=cross, cache=cache, last_only=last_only)
+    def spy(idx, targets=None, prefix=None, cross=None, cache=None, last_only=False, targets_from=0):
+        seen.update(idx=idx, targets=targets, prefix=prefix, targets_from=targets_from)
+        return forward(idx, targets=targets, prefix=prefix, cross=cross, cache=cache, last_only=last_only,
+                       targets_from=targets_from)
 
     captioner.lm.forward = spy
     visual = torch.randn(2, 2, 16)
@@ -91,9 +92,10 @@ def test_layout_positions_and_masks_on_a_hand_made_example(kind):
     assert prefix.shape == (2, 1 + P, 32)
     # the sequence starts with the LM's own <|endoftext|> embedding, then the image
     assert torch.equal(prefix[:, 0], captioner.lm.transformer.wte.weight[EOT].expand(2, -1))
-    # the last prefix position predicts the first caption token; nothing before it carries loss
-    ignore = [-100] * P
-    assert seen["targets"].tolist() == [ignore + [5, 6, EOT, -100], ignore + [7, EOT, -100, -100]]
+    # the last prefix position (1 + P - 1) predicts the first caption token; nothing before it carries loss,
+    # and the LM is told so without a mask: the targets start there
+    assert seen["targets_from"] == P
+    assert seen["targets"].tolist() == [[5, 6, EOT], [7, EOT, -100]]
     # returned logits are aligned with the caption tokens: row t predicts tokens[:, t]
     assert logits.shape == (2, 3, 32)
     expected = F.cross_entropy(logits.reshape(-1, 32), targets.reshape(-1), ignore_index=-100)

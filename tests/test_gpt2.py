@@ -340,7 +340,7 @@ def test_load_lm_from_a_train_lm_checkpoint(tmp_path):
 
 
 def test_the_output_layer_runs_only_where_it_is_needed():
-    """Logits only for positions with a target (training), only for the last position (a prefill)."""
+    """Logits only from targets_from on (training), only for the last position (a prefill)."""
     model = tiny(0)
     rows = []
     model.lm_head.register_forward_hook(lambda module, inputs, output: rows.append(inputs[0].numel() // 32))
@@ -349,11 +349,18 @@ def test_the_output_layer_runs_only_where_it_is_needed():
     masked = targets.clone()
     masked[:, :7] = -100  # a prefix and a prompt: no loss there
     masked[0, 9] = -100  # and one padded position
-    _, loss = model(idx, masked)
-    assert rows == [30, 8]
     expected = torch.nn.functional.cross_entropy(full_logits.reshape(-1, 128), masked.reshape(-1),
                                                  ignore_index=-100)
+    # targets for every position: logits everywhere, the -100s ignored
+    _, loss = model(idx, masked)
     torch.testing.assert_close(loss, expected)
+    # targets from position 7 on: logits for those 3 x 3 positions only (the padded one is computed, and
+    # ignored)
+    _, loss = model(idx, masked[:, 7:], targets_from=7)
+    torch.testing.assert_close(loss, expected)
+    assert rows == [30, 30, 9]
+    with pytest.raises(AssertionError, match="targets for 11 positions, the sequence has 10"):
+        model(idx, masked[:, 7:], targets_from=8)
     rows.clear()
     out = model.generate(idx[:, :5], max_new_tokens=4, eot=None)
     # the prefill's 5 positions: 1 row each, then 1 per step
