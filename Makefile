@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 
 .PHONY: FORCE setup test bench smoke smoke-run demo demo-table demo-pictures demo-clean clip clip-run study study-world \
-        clean-venv
+        clean-venv gpu-check
 
 setup: $(VENV)/.installed
 	@$(BIN)/python -c "import torch, tiktoken, PIL" 2>/dev/null || { echo "$(VENV) is stale: its Python cannot import \
@@ -37,6 +37,14 @@ bench: setup
 	$(BIN)/python bench/bench_caption.py
 	$(BIN)/python bench/bench_lm_head.py
 	$(BIN)/python bench/bench_cpu_bf16.py
+
+# make gpu-check: the first GPU's check (bench/gpu_check.py, issue #27): one table of what the full-scale times
+# rest on, its JSON in GPU_CHECK_OUT. No setup: a GPU machine runs it with its own Python and torch (python3,
+# unless .venv is there) and the other requirements (the script names any that are missing).
+GPU_CHECK_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+GPU_CHECK_OUT    ?= runs/gpu_check.json
+gpu-check:
+	$(GPU_CHECK_PYTHON) bench/gpu_check.py --out $(GPU_CHECK_OUT)
 
 # ---------------------------------------------------------------------------------------------------------------
 # make smoke: every full-scale stage at full size (GPT-2 124M, CLIP ViT-L/14 at 224 px, real-size JPEGs, T = 1024),
@@ -73,16 +81,17 @@ smoke-run: $(WORLD)/done.json
 	for split in train test; do $(BIN)/python data/feature_cache.py --root $(WORLD)/coco --split $$split \
 		--karpathy-json $(WORLD)/coco/dataset_coco.json --encoder $(WORLD)/clip-vit-large-patch14 \
 		--out $(SMOKE)/features/karpathy_$$split --batch-size 4 --dtype bf16 || exit 1; done
-	@echo "== every bridge on GPT-2 124M: a step, stopped, resumed for the second (the Q-Former's first step compiled)"
+	@echo "== every bridge on GPT-2 124M, two steps; the Q-Former's first step compiled, then stopped and resumed"
 	for bridge in $(BRIDGES); do \
 		flags="$(CAPTION_SMOKE) --bridge $$bridge --features $(SMOKE)/features/train --val-features $(SMOKE)/features/val \
 		       --out-dir $(SMOKE)/caption/$$bridge"; \
-		$(BIN)/python train_caption.py $$flags --stop-step 1 $$([ $$bridge = qformer ] && echo --compile) && \
-		$(BIN)/python train_caption.py $$flags --resume auto || exit 1; done
+		if [ $$bridge = qformer ]; then $(BIN)/python train_caption.py $$flags --stop-step 1 --compile && \
+			$(BIN)/python train_caption.py $$flags --resume auto || exit 1; \
+		else $(BIN)/python train_caption.py $$flags || exit 1; fi; done
 	@echo "== a bridge on the pretrained 124M LM, encoding the images on the fly; one on Karpathy's train split"
 	$(BIN)/python train_caption.py $(CAPTION_SMOKE) --bridge linear --lm $(SMOKE)/lm/ckpt_000002.pt \
-		--encoder $(WORLD)/clip-vit-large-patch14 --out-dir $(SMOKE)/caption/on-the-fly --max-steps 1
-	$(BIN)/python train_caption.py $(CAPTION_SMOKE) --bridge qformer --karpathy-json $(WORLD)/coco/dataset_coco.json \
+		--encoder $(WORLD)/clip-vit-large-patch14 --out-dir $(SMOKE)/caption/on-the-fly --max-steps 1 --val-every 0
+	$(BIN)/python train_caption.py $(CAPTION_SMOKE) --bridge linear --karpathy-json $(WORLD)/coco/dataset_coco.json \
 		--features $(SMOKE)/features/karpathy_train --out-dir $(SMOKE)/caption/karpathy --val-every 0
 	@echo "== evaluation: COCO 2017 val (beam 3, cached features), Karpathy test (sampling, on the fly), the leak refused"
 	$(BIN)/python evaluate.py $(EVAL_SMOKE) --checkpoints $(foreach b,$(BRIDGES) on-the-fly,$(SMOKE)/caption/$(b)/ckpt_final.pt) \
