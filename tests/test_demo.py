@@ -24,7 +24,7 @@ def test_shortened_demo_runs_every_stage_and_reuses_them(tmp_path):
     settings = [f"BIN={os.path.dirname(sys.executable)}", f"DEMO={demo}", f"SHAPES={tmp_path / 'shapes'}",
                 "TRAIN_IMAGES=192", "VAL_IMAGES=24", "CORPUS_DOCS=1200", "SHARD_SIZE=20000", "LM_STEPS=12",
                 "CLIP_STEPS=3", "CLIP_FLAGS=-B 64 --warmup-steps 1 --val-every 0", "BRIDGE_STEPS=6",
-                "VAL_PAIRS=48"]
+                "VAL_PAIRS=48", "EVAL_FLAGS=--metrics bleu cider"]  # METEOR's JVM: tests/test_evaluate.py
     target = str(demo / "results" / "table.md")  # the file target: `demo` itself would also install .venv
     run = subprocess.run(["make", "-C", ROOT, target, *settings], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -33,7 +33,7 @@ def test_shortened_demo_runs_every_stage_and_reuses_them(tmp_path):
         result = json.load(f)
     rows = [row["bridge"] for row in result["rows"]]
     assert rows == ["linear", "xattn", "qformer", "blind (frozen LM of linear, no image)"]
-    assert result["images"] == 24 and all("METEOR" in row and "CIDEr" in row for row in result["rows"])
+    assert result["images"] == 24 and all("BLEU-4" in row and "CIDEr" in row for row in result["rows"])
     attributes = {"colour", "shape", "size", "position", "layout", "relation", "objects", "scene"}
     assert all(set(row["attributes"]) == attributes for row in result["rows"])
     for name in ["val_loss.png", "grid_linear.png", "grid_xattn.png", "grid_qformer.png",
@@ -72,7 +72,7 @@ def test_shortened_demo_runs_every_stage_and_reuses_them(tmp_path):
     # into a run folder per recipe and seed
     study, demo_times = tmp_path / "study", (demo / "times.txt").read_text()
     run = subprocess.run(["make", "-C", ROOT, "study-world", *settings, f"STUDY={study}", "STUDY_SEEDS=5",
-                          "STUDY_RECIPES=common", "EVAL_FLAGS=--metrics bleu cider"],
+                          "STUDY_RECIPES=common"],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     # the world's stages were reused, none ran again
@@ -107,12 +107,16 @@ def test_the_ablation_reads_an_untrained_vit_and_trains_no_clip(tmp_path):
         assert json.load(f)["visual_features"]["encoder"] == "random-vit:mini:seed0"
     with open(tmp_path / "shapes" / "info.json") as f:
         assert json.load(f)["seed"] == 3  # the world was drawn with SHAPES_SEED
+    # every bridge's stage command line, from one dry run (it also shows the lines that record their settings)
+    dry = subprocess.run(["make", "-C", ROOT, "-n", *(str(demo / "caption" / b / "ckpt_final.pt")
+                                                      for b in ("linear", "xattn", "qformer")), *settings],
+                         capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stdout[-2000:] + dry.stderr[-2000:]
+    stages = {b: [line for line in dry.stdout.splitlines() if "python train_caption.py" in line
+                  and f"--bridge {b} " in line] for b in ("linear", "xattn", "qformer")}
+    assert all(len(lines) == 1 for lines in stages.values()), dry.stdout[-2000:]
     # its bridges would standardise the untrained ViT's features (uneven channels), unlike the CLIP's
-    dry = subprocess.run(["make", "-C", ROOT, "-n", str(demo / "caption" / "linear" / "ckpt_final.pt"),
-                          *settings], capture_output=True, text=True)
-    # the stage's command line (a dry run also shows the line that records its settings)
-    bridge = [line for line in dry.stdout.splitlines() if "python train_caption.py" in line]
-    assert dry.returncode == 0 and len(bridge) == 1 and " --standardize " in bridge[0], dry.stdout[-2000:]
+    assert all(" --standardize " in lines[0] for lines in stages.values())
     # per-bridge settings: the prefix bridges train 3x and 2x as many steps and read their input out whole (12
     # and 16 slots); the linear prefix reads the 4x8-pooled tokens, the others all 64 patches, positions
     # starting as a sin-cos
@@ -120,6 +124,4 @@ def test_the_ablation_reads_an_untrained_vit_and_trains_no_clip(tmp_path):
                           ("linear", "--max-steps 1800 --lr 3e-3 --prefix-len 12"),
                           ("xattn", "--max-steps 600 --lr 3e-3 --vis-pos-grid"),
                           ("qformer", "--max-steps 1200 --lr 2e-3 --vis-pos-grid --prefix-len 16")]:
-        dry = subprocess.run(["make", "-C", ROOT, "-n", str(demo / "caption" / bridge / "ckpt_final.pt"),
-                              *settings], capture_output=True, text=True)
-        assert flags in dry.stdout, (bridge, dry.stdout[-2000:])
+        assert flags in stages[bridge][0], (bridge, stages[bridge][0])

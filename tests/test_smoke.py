@@ -55,7 +55,7 @@ def test_make_smoke_runs_every_full_scale_stage(tmp_path):
         assert (manifest["count"], manifest["tokens"], features["width"], features["image_size"]) == \
             (count, 33, 1024, 224)
 
-    # every bridge on the 124M GPT-2 of the hub's layout, resumed; the bridges' trained-on records
+    # every bridge on the 124M GPT-2 of the hub's layout (the Q-Former resumed); their trained-on records
     for bridge in ("linear", "xattn", "qformer"):
         ckpt = load_checkpoint(str(smoke / "caption" / bridge / "ckpt_final.pt"))
         assert ckpt["step"] == 2 and ckpt["lm"]["config"]["n_layer"] == 12 and \
