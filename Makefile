@@ -156,8 +156,9 @@ STANDARDIZE := $(if $(UNTRAINED),--standardize,--no-standardize)
 # Feature caches in the run folder, one per pooling and split ($(CACHE)/none/train, ...), so no other world meets them
 CACHE := $(DEMO)/features
 
-# Every bridge registered in bridges.py joins the demo by itself (asked once per make: each ask imports torch).
-BRIDGES = $(eval BRIDGES := $(shell $(BIN)/python -c "import bridges; print(*bridges.BRIDGES)"))$(BRIDGES)
+# Every bridge registered in bridges.py joins the demo by itself: its @register("name") lines, read once per make
+# (read, not imported: an import of bridges.py loads torch, seconds for every make the demo and the tests start).
+BRIDGES = $(eval BRIDGES := $(shell sed -n 's/^@register("\([^"]*\)")$$/\1/p' bridges.py))$(BRIDGES)
 # The bridges' recipe. Per bridge: POOL_<name>, STEPS_<name>, LR_<name>, FLAGS_<name> override POOL, BRIDGE_STEPS, LR.
 # "none": the class token + all 64 patch tokens; "4x8": patches averaged in vertical pairs (33 tokens).
 POOL         := none
@@ -232,7 +233,7 @@ it is what these settings make. To redo it: make demo-clean, or pass another DEM
 # table is quick to redo.
 .PRECIOUS: $(LM) $(CLIP)/config.json $(RUN)/caption/%/ckpt_final.pt
 
-# `demo` installs first, then runs the stages in a second make, which can ask bridges.py for the bridge list.
+# `demo` installs first, then runs the stages in a second make, side by side (-j$(JOBS)).
 # A world already drawn is reused as it is: first check it is the one these variables ask for, and that the run
 # folder (DEMO) was trained on it, if on anything.
 demo: setup
@@ -308,7 +309,7 @@ EVAL_ARGS = evaluate.py --checkpoints $(foreach b,$(BRIDGES),$(RUN)/caption/$(b)
             --split val --out $(RUN)/results --method greedy --extra-scores data.shapes $(EVAL_FLAGS)
 $(RUN)/results/table.md: $(foreach b,$(LONGEST_FIRST),$(RUN)/caption/$(b)/ckpt_final.pt) \
                          $(call settings,$(RUN),evaluate)
-	$(if $(BRIDGES),,$(error no bridges: `$(BIN)/python -c "import bridges"` failed; run `make setup`))
+	$(if $(BRIDGES),,$(error no bridges: bridges.py has no @register("name") line))
 	$(call stage,evaluate,$(RUN),$(EVAL_ARGS))
 $(call settings,$(RUN),evaluate): FORCE
 	$(call record,$(EVAL_ARGS))

@@ -601,7 +601,8 @@ def test_25_make_refuses_a_finished_stage_asked_for_with_other_settings(tmp_path
     first = make()
     assert first.returncode == 0 and "shards: done" in first.stdout, first.stdout + first.stderr
     made = shards.stat().st_mtime_ns
-    assert make().returncode == 0 and "started" not in make().stdout  # the same settings: reused
+    again = make()
+    assert again.returncode == 0 and "started" not in again.stdout  # the same settings: reused
     other = make("SHARD_SIZE=5000")
     assert other.returncode != 0 and "its stage shards finished with other settings" in other.stderr
     assert "then: data/fineweb.py" in other.stderr and "--shard-size 200000" in other.stderr
