@@ -146,7 +146,8 @@ def test_mismatches_are_refused(world, tmp_path):
         train_caption.main(a)
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_path, monkeypatch):
+def poison_from_step_4(monkeypatch):
+    """Make every training loss NaN from step 4 on (2 micro-batches per step); returns the call counter."""
     forward = bridges.Captioner.forward
     calls = {"n": 0}
 
@@ -154,11 +155,16 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_path, monk
         logits, loss = forward(self, visual, tokens, targets)
         if self.training:
             calls["n"] += 1
-            if calls["n"] > 8:  # from the 5th optimizer step on (2 micro-batches per step)
+            if calls["n"] > 8:
                 loss = loss * float("nan")
         return logits, loss
 
     monkeypatch.setattr(bridges.Captioner, "forward", poisoned)
+    return calls
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_path, monkeypatch):
+    poison_from_step_4(monkeypatch)
     with pytest.raises(FloatingPointError, match="loss is nan at step 4.*ckpt_000004.pt"):
         train_caption.main(args(world, tmp_path, "linear", "--ckpt-every", "2", "--val-every", "0"))
     good = load_checkpoint(str(tmp_path / "ckpt_000004.pt"))
@@ -174,18 +180,7 @@ def test_a_nan_is_found_at_the_next_log_step_and_never_checkpointed(world, tmp_p
                                                                      ckpt_every, last_good):
     # the loop reads its losses back only every --log-every steps (and before checkpoints): a NaN from step 4
     # on is found after step 5, the steps in between having trained on it, and nothing after it is saved
-    forward = bridges.Captioner.forward
-    calls = {"n": 0}
-
-    def poisoned(self, visual, tokens, targets=None):
-        logits, loss = forward(self, visual, tokens, targets)
-        if self.training:
-            calls["n"] += 1
-            if calls["n"] > 8:  # from step 4 on (2 micro-batches per step)
-                loss = loss * float("nan")
-        return logits, loss
-
-    monkeypatch.setattr(bridges.Captioner, "forward", poisoned)
+    calls = poison_from_step_4(monkeypatch)
     with pytest.raises(FloatingPointError, match=f"loss is nan at step 4.*{last_good}"):
         train_caption.main(args(world, tmp_path, "linear", "--max-steps", "12", "--log-every", log_every,
                                 "--ckpt-every", ckpt_every, "--val-every", "0"))
