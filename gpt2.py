@@ -478,7 +478,7 @@ def load_lm(name_or_path, device="cpu"):
 
 if __name__ == "__main__":
     import argparse
-    from common import best_device, nonneg_float, positive_int, probability
+    from common import best_device, device_flag, nonneg_float, positive_int, probability
     parser = argparse.ArgumentParser(description="Generate text with GPT-2 (OpenAI weights or random init).")
     parser.add_argument("--model", default="gpt2",
                         help="gpt2..gpt2-xl, a hub id, a local hub-format dir, a train_lm.py checkpoint "
@@ -491,7 +491,7 @@ if __name__ == "__main__":
     parser.add_argument("--top-k", type=positive_int, default=50)
     parser.add_argument("--top-p", type=probability, default=None)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--device", default=best_device(),
+    parser.add_argument("--device", type=device_flag, default=best_device(),
                         help="cuda / mps / cpu (default: the best present)")
     args = parser.parse_args()
 

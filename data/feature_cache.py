@@ -34,8 +34,8 @@ from tqdm import tqdm
 # runnable as `python data/feature_cache.py` from the repo root as well as `import data.feature_cache`
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import clip_loader  # noqa: E402
-from common import (UsageError, atomic_open, best_device, lock_folder, positive_int, read_json,  # noqa: E402
-                    resolve_dtype, sha256_of, to_device, write_json)
+from common import (UsageError, atomic_open, best_device, device_flag, lock_folder, positive_int,  # noqa: E402
+                    read_json, resolve_dtype, sha256_of, to_device, write_json)
 from data.coco import load_records  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -464,7 +464,8 @@ if __name__ == "__main__":
     p.add_argument("--flush-every", type=positive_int, default=32,
                    help="batches between progress records (a hard kill redoes at most this many)")
     p.add_argument("--limit", type=positive_int, default=None, help="only the first N images (smoke runs)")
-    p.add_argument("--device", default=None, help="cuda / mps / cpu (default: the best present)")
+    p.add_argument("--device", type=device_flag, default=None,
+                   help="cuda / mps / cpu (default: the best present)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast dtype of the encoder (auto: bf16 on GPUs that have it, else fp32)")
     p.add_argument("--out", required=True)

@@ -877,3 +877,11 @@ def test_41_a_device_this_machine_lacks_is_a_flag_error(capsys, main):
                                                    "here; leave --device out to use the best device present "
                                                    "(cpu here)")
     usage_error(main, ["--device", "gpu0"], capsys, "argument --device: 'gpu0' is not a device")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("script", ["gpt2.py", "data/feature_cache.py"])
+def test_41_the_scripts_without_main_refuse_it_too(script):
+    run = subprocess.run([sys.executable, script, "--device", "cuda"], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert run.returncode == 2 and "error: argument --device: cuda: " in run.stderr, run.stderr[-1000:]
