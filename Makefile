@@ -39,7 +39,7 @@ bench: setup
 	$(BIN)/python bench/bench_lm_head.py
 	$(BIN)/python bench/bench_cpu_bf16.py
 
-# make gpu-check: the first GPU's check (bench/gpu_check.py, issue #27): one table of what the full-scale times
+# make gpu-check: the first GPU's check (bench/gpu_check.py): one table of what the full-scale times
 # rest on, its JSON in GPU_CHECK_OUT. No setup: a GPU machine runs it with its own Python and torch (python3,
 # unless .venv is there) and the other requirements (the script names any that are missing).
 GPU_CHECK_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)

@@ -478,7 +478,6 @@ def caption_folder(args):
     print(f"{len(captions)} image(s) captioned ({captions_per_s:.1f} captions/s), {len(skipped)} unreadable "
           f"skipped{': ' if skipped else ''}{', '.join(one_line(s['path']) for s in skipped)}; "
           f"{named(passed_over)}", file=sys.stderr)
-    os.makedirs(args.out, exist_ok=True)
     out_path = os.path.join(args.out, "captions_images.json")
     write_json(out_path, dict(checkpoint=args.checkpoint, decoding=decoding, captions=captions,
                               skipped=[dict(path=s["path"], reason=s["reason"]) for s in skipped],

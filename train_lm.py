@@ -26,7 +26,7 @@ import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoints import RunFolder, rng_state
-from common import autocast, natural_int, nonneg_float, positive_float, positive_int
+from common import autocast, natural_int, nonneg_float, positive_float, positive_int, to_device
 from data import fineweb, hellaswag
 from gpt2 import GPT, GPTConfig, PRESETS, SubsetTokenizer, get_tokenizer
 from microbatch import choose_micro_batch, out_of_memory_advice
@@ -69,7 +69,7 @@ def train(args, dist):
             x, y = job.train_loader.next_batch()  # (B, T) each, in CPU memory
             # on CUDA, copied from page-locked memory without waiting: the CPU goes on queueing the GPU's work
             cuda = dist.device_type == "cuda"
-            x, y = [(t.pin_memory() if cuda else t).to(dist.device, non_blocking=cuda) for t in (x, y)]
+            x, y = [to_device(t.pin_memory() if cuda else t, dist.device) for t in (x, y)]
             # DDP all-reduces gradients during backward; between micro-steps we only accumulate locally,
             # so the (expensive) sync happens once per optimizer step, on the last micro-step
             sync = nullcontext() if not dist.ddp or micro_step == grad_accum - 1 else model.no_sync()

@@ -3,7 +3,8 @@ A prefix bridge's training step at GPT-2 124M: the output layer over every posit
 the prefix and padding), against the output layer only from the last prefix position on (what
 gpt2.GPT.forward does with targets_from: a fixed slice, so torch.compile needs no graph break; the padding
 inside the slice is computed and ignored), and against a boolean mask that picks exactly the positions with a
-target (the head before issue #27: the fewest rows, but a host sync and graph break under torch.compile). With
+target (the head before commit c29d62e: the fewest rows, but a host sync and graph break under
+torch.compile). With
 a 33-token image prefix and COCO-length captions, about half the positions of a sequence have no target, and
 the output layer (768 x 50,257) is the largest matmul of a 124M GPT. Same model, same batches, same run.
 
@@ -35,7 +36,7 @@ def all_positions_loss(captioner, visual, tokens, targets):
 
 
 def masked_loss(captioner, visual, tokens, targets):
-    """The head before issue #27: logits only where the target is not -100, found with a boolean mask."""
+    """The head before commit c29d62e: logits only where the target is not -100, found with a boolean mask."""
     prefix, cross = captioner.condition(visual)
     L, B = prefix.size(1), tokens.size(0)
     full = torch.cat([targets.new_full((B, L - 1), -100), targets, targets.new_full((B, 1), -100)], dim=1)

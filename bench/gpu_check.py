@@ -1,5 +1,5 @@
 """
-The first GPU's check (issue #27): one script that measures what the full-scale times in the README and
+The first GPU's check: one script that measures what the full-scale times in the README and
 docs/full-scale.md are only estimated from, sized to fit in 8 minutes on one H100 or H200 (not yet run on a
 GPU: the parts' seconds are in its JSON), and prints ONE table:
 

@@ -34,8 +34,8 @@ from tqdm import tqdm
 # runnable as `python data/feature_cache.py` from the repo root as well as `import data.feature_cache`
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import clip_loader  # noqa: E402
-from common import (UsageError, atomic_open, best_device, device_flag, lock_folder, positive_int,  # noqa: E402
-                    read_json, resolve_dtype, sha256_of, to_device, write_json)
+from common import (UsageError, atomic_open, best_device, device_flag, lock_folder,  # noqa: E402
+                    positive_int, read_json, resolve_dtype, sha256_of, to_device, write_json)
 from data.coco import load_records  # noqa: E402
 
 # -----------------------------------------------------------------------------

@@ -785,7 +785,8 @@ def test_32_an_extra_scores_module_without_the_hook_is_a_flag_error(tmp_path, ca
 #     split over its threads), and nothing said so
 
 
-def test_38_a_resume_with_another_thread_count_says_it_is_not_bit_exact(tmp_path, shards, capsys):  # noqa: F811
+def test_38_a_resume_with_another_thread_count_is_said_not_bit_exact(tmp_path, shards,  # noqa: F811
+                                                                     capsys):
     threads = torch.get_num_threads()
     run = tmp_path / "lm"
     try:
@@ -851,8 +852,8 @@ def unwritable(tmp_path, monkeypatch, how):
 
 
 @pytest.mark.parametrize("how", ["under a file", "read-only"])
-def test_40_an_output_folder_that_cannot_be_written_stops_before_the_work(tmp_path, monkeypatch, shards,  # noqa: F811
-                                                                         capsys, how):
+def test_40_an_unwritable_output_folder_stops_before_the_work(tmp_path, monkeypatch,
+                                                              shards, capsys, how):  # noqa: F811
     out = unwritable(tmp_path, monkeypatch, how)
     reason = "Not a directory" if how == "under a file" else "Permission denied"
     usage_error(train_lm.main, lm_args(shards, out, "--max-steps", "2"), capsys,

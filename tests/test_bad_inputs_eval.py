@@ -182,8 +182,8 @@ def test_37_cider_on_one_image_says_why_it_is_zero(world, tmp_path, capsys):  # 
 
 
 @pytest.mark.parametrize("how", ["under a file", "read-only"])
-def test_40_evaluate_stops_before_decoding_when_out_cannot_be_written(world, tmp_path, monkeypatch,  # noqa: F811
-                                                                      capsys, how):
+def test_40_evaluate_stops_before_decoding_if_out_is_unwritable(world, tmp_path,  # noqa: F811
+                                                                monkeypatch, capsys, how):
     from tests.test_bad_inputs import unwritable
     out = unwritable(tmp_path, monkeypatch, how)
     decoded = []
