@@ -124,7 +124,7 @@ def setup(args, dist):
     params = parameter_counts(captioner, source.spec.encoder)
     optimizer, trained = build_optimizer(captioner, args)
     scaler = grad_scaler(dist.device_type, args.dtype)  # fp16 only: see train_utils.grad_scaler
-    model = torch.compile(captioner) if args.compile else captioner
+    model = torch.compile(captioner, backend=args.compile_backend) if args.compile else captioner
     if dist.ddp:
         model = DDP(model, device_ids=[dist.local_rank] if dist.device_type == "cuda" else None)
 

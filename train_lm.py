@@ -149,7 +149,8 @@ def setup(args, dist):
         train_loader.load_state(ckpt["loader"])
     start_step, end_step = ckpt["step"] if ckpt else 0, min(args.max_steps, args.stop_step or args.max_steps)
     del ckpt  # the optimizer state of a big model is large; it now lives in `optimizer`
-    model = torch.compile(raw_model) if args.compile else raw_model  # shares raw_model's parameters
+    # the compiled model shares raw_model's parameters
+    model = torch.compile(raw_model, backend=args.compile_backend) if args.compile else raw_model
     if dist.ddp:
         model = DDP(model, device_ids=[dist.local_rank] if dist.device_type == "cuda" else None)
 

@@ -67,6 +67,9 @@ def add_run_flags(parser):
                         help="cuda / mps / cpu (default: the best present; torchrun: per rank)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile (default: on CUDA)")
+    parser.add_argument("--compile-backend", default="inductor", choices=["inductor", "aot_eager"],
+                        help="torch.compile's backend; aot_eager traces forward and backward as inductor "
+                             "would, without generating kernels: a quick check that a model compiles")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="autocast dtype (auto: bf16 on GPUs with bf16 tensor cores, compute capability "
                              "8.0 and up; fp16 with loss scaling on older ones; else fp32)")

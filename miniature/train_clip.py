@@ -151,7 +151,7 @@ def setup(args, dist):
     optimizer = torch.optim.AdamW(decay_groups(params, args.weight_decay), lr=args.lr, betas=(0.9, 0.98),
                                   eps=1e-6, **({"fused": True} if args.fused else {}))
     scaler = grad_scaler(dist.device_type, args.dtype)
-    model = torch.compile(raw_model) if args.compile else raw_model
+    model = torch.compile(raw_model, backend=args.compile_backend) if args.compile else raw_model
     if dist.ddp:
         model = DDP(model, device_ids=[dist.local_rank] if dist.device_type == "cuda" else None)
     counts = {name: sum(p.numel() for p in part.parameters()) for name, part in

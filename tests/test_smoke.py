@@ -55,8 +55,12 @@ def test_make_smoke_runs_every_full_scale_stage(tmp_path):
         assert (manifest["count"], manifest["tokens"], features["width"], features["image_size"]) == \
             (count, 33, 1024, 224)
 
-    # every bridge on the 124M GPT-2 of the hub's layout (the Q-Former resumed); their trained-on records
+    # every bridge on the 124M GPT-2 of the hub's layout, compiled (the Q-Former by inductor, then resumed
+    # eager); their trained-on records
     for bridge in ("linear", "xattn", "qformer"):
+        first = records(smoke / "caption" / bridge / "log.jsonl")[0]["config"]["args"]
+        backend = "inductor" if bridge == "qformer" else "aot_eager"
+        assert first["compile"] and first["compile_backend"] == backend
         ckpt = load_checkpoint(str(smoke / "caption" / bridge / "ckpt_final.pt"))
         assert ckpt["step"] == 2 and ckpt["lm"]["config"]["n_layer"] == 12 and \
             ckpt["visual_features"]["width"] == 1024
