@@ -88,5 +88,19 @@ def test_committed_bands_cover_every_bridge_on_both_worlds():
     assert set(bands["worlds"]) >= {"0", "1"} and bands["machine"]
     for world in bands["worlds"].values():
         assert set(world) == set(BRIDGES) | {"blind"}
-        for measures in world.values():
-            assert set(measures) == set(study.BAND_FLOOR) and all(m["n"] >= 5 for m in measures.values())
+        for bridge, measures in world.items():
+            banded = study.BLIND_BANDED if bridge == "blind" else study.BAND_FLOOR
+            assert set(measures) == set(banded) and all(m["n"] >= 5 for m in measures.values())
+
+
+def test_a_blind_row_of_another_lm_is_judged_on_naming_the_scene_not_on_its_cider(finished_study, capsys):
+    # the study's seeds share one LM, so its blind CIDEr never varied; another CPU's LM guesses other words
+    tmp_path, _ = finished_study
+    bands_path = str(tmp_path / "bands.json")
+    study.report(str(tmp_path / "study"), str(tmp_path / "out"), bands_path, "a test CPU")
+    other_lm = write_run(tmp_path / "demo", 0, "own", 0,
+                         [row("blind (frozen LM)", 0.0, 0.0, 1.8, blind=True)])
+    assert study.check(other_lm, "0", bands_path) == []
+    sees = write_run(tmp_path / "demo", 0, "own", 1,
+                     [row("blind (frozen LM)", 0.1, 0.1, 1.5, blind=True)])
+    assert study.check(sees, "0", bands_path) == [("blind", "objects"), ("blind", "scene")]
