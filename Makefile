@@ -128,10 +128,17 @@ SEED        := 0
 LM_SEED     := $(SEED)
 CLIP_SEED   := $(SEED)
 BRIDGE_SEED := $(SEED)
-# stages side by side, each on its share of the cores (a 2-core machine does two 1-thread jobs faster than one 2-thread)
+# The cores: nproc's, or OMP_NUM_THREADS where it is set (make test runs each half on one thread).
+CORES   := $(or $(OMP_NUM_THREADS),$(shell nproc 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || echo 2))
+# Stages side by side, each on its share of the cores, except the LM and the CLIP: each runs alone on every core
+# (the demo trains the LM first, then the CLIP), since the CLIP has about twice the LM's work, and side by side the
+# LM's core would idle while the CLIP finishes (docs/miniature.md)
 JOBS    := 2
-THREADS := $(shell n=$$(nproc 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || echo 2); \
-                   echo $$(( n / $(JOBS) > 1 ? n / $(JOBS) : 1 )))
+THREADS := $(shell echo $$(( $(CORES) / $(JOBS) > 1 ? $(CORES) / $(JOBS) : 1 )))
+THREADS_lm   := $(CORES)
+THREADS_clip := $(CORES)
+# the table is made alone too, after every bridge (make study runs it beside other runs' bridges: THREADS there)
+THREADS_evaluate := $(CORES)
 
 # make passes paths to the stages as words: a path with a space would be split, so it is refused up front
 $(foreach v,SHAPES DEMO RUN STUDY,$(if $(word 2,$($(v))),$(error $(v)='$($(v))' has a space in it; make would split \
@@ -203,7 +210,7 @@ POOLS = $(sort $(foreach b,$(BRIDGES),$(call pool_of,$(b))))
 stage = @mkdir -p $(2)/logs; [ ! -f $(SHAPES)/info.json ] || cp $(SHAPES)/info.json $(2)/world.json; \
 	$(call check_settings,$(1),$(2)); \
 	echo "  $(1): started (log: $(2)/logs/$(1).log)"; start=$$(date +%s); \
-	if OMP_NUM_THREADS=$(THREADS) $(BIN)/python $(3) > $(2)/logs/$(1).log 2>&1; then \
+	if OMP_NUM_THREADS=$(or $(THREADS_$(1)),$(THREADS)) $(BIN)/python $(3) > $(2)/logs/$(1).log 2>&1; then \
 		cp $(2)/settings/$(1).txt $(2)/settings/$(1).done; \
 		echo "$(1) $$(( $$(date +%s) - start )) s" >> $(2)/times.txt; \
 		echo "  $(1): done in $$(( $$(date +%s) - start )) s"; \
@@ -235,11 +242,13 @@ it is what these settings make. To redo it: make demo-clean, or pass another DEM
 # table is quick to redo.
 .PRECIOUS: $(LM) $(CLIP)/config.json $(RUN)/caption/%/ckpt_final.pt
 
-# `demo` installs first, then runs the stages in a second make, side by side (-j$(JOBS)).
+# `demo` installs first, then trains the LM alone (on every core: THREADS_lm), then runs the other stages in a
+# third make, side by side (-j$(JOBS)): the CLIP first, alone, since every later stage reads it.
 # A world already drawn is reused as it is: first check it is the one these variables ask for, and that the run
 # folder (DEMO) was trained on it, if on anything.
 demo: setup
 	@$(CHECK_WORLD)
+	@$(MAKE) --no-print-directory $(LM)
 	@$(MAKE) --no-print-directory -j$(JOBS) demo-table
 
 demo-table: $(RUN)/results/table.md
@@ -351,7 +360,9 @@ study: setup
 
 study-world:
 	@$(CHECK_WORLD)
-	@$(MAKE) --no-print-directory -j$(JOBS) $(foreach run,$(STUDY_RUNS),$(run)/results/table.md)
+	@$(MAKE) --no-print-directory $(LM)
+	@$(MAKE) --no-print-directory -j$(JOBS) $(foreach run,$(STUDY_RUNS),$(run)/results/table.md) \
+		THREADS_evaluate=$(THREADS)
 
 # A study run: the demo's bridge and evaluate rules in another run folder, with the seed and recipe its path names.
 $(STUDY)/w$(SHAPES_SEED)/%/results/table.md: $(LM) $$(foreach p,$$(POOLS),$(CACHE)/$$(p)/train/manifest.json \
