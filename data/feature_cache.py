@@ -24,6 +24,7 @@ import hashlib
 import os
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -367,7 +368,10 @@ class FeatureCache:
         there instead of indexing the memory map and copying from the host every step. COCO's 118k x 33 x 1024
         fp16 features are 8.0 GB: they fit an 80 GB GPU easily.
         """
-        self.on_device = torch.from_numpy(np.ascontiguousarray(self.features)).to(device)  # (N, S, C) fp16
+        with warnings.catch_warnings():  # the memory map is read-only, and so is every use of this tensor
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            features = torch.from_numpy(np.ascontiguousarray(self.features))
+        self.on_device = features.to(device)  # (N, S, C) fp16
         return self
 
     @property
