@@ -1,5 +1,5 @@
 """
-COCO 2017 captions: download them, and read any COCO-format root as records.
+COCO 2017 captions: download them, and read any COCO-format root as records. VQAv2's questions and answers.
 
     python data/coco.py --root data/coco          # download and unzip train, val and the annotations
 
@@ -7,9 +7,16 @@ A COCO-format root holds annotations/captions_{split}2017.json and the images in
 writes the offline miniature in this format). With --karpathy-json dataset_coco.json the split is Karpathy's
 (train 113k incl. restval / val 5k / test 5k), the one published CIDEr numbers use; its images are found in
 train2017/ or val2017/ by their COCO id. The frozen encoder's features of a split: data/feature_cache.py.
+
+VQAv2 (visualqa.org/download.html) is two JSON files per split: the questions, and their 10 human answers each
+(v2_OpenEnded_mscoco_{split}2014_questions.json, v2_mscoco_{split}2014_annotations.json). Its images are COCO
+2014's, {split}2014/COCO_{split}2014_{image_id:012d}.jpg: the same photos as 2017's, under other names and
+splits. load_vqa takes the images as a {image_id: path} mapping, so one reader serves VQAv2 on COCO 2014
+(coco2014_image_paths) and questions about the images of any COCO-format root (its load_records).
 """
 import argparse
 import os
+import re
 import sys
 import urllib.error
 import urllib.request
@@ -134,19 +141,21 @@ def inside(folder, name, source, image_id):
     return path
 
 
-def unique_ids(records, source):
+def unique_ids(records, source, key="image_id"):
     """
     Refuse a split that lists one image id twice: its captions would be paired with either file, silently.
+    key="question_id" does the same for VQAv2's questions and answers.
     """
     seen, repeated = set(), []
     for r in records:
-        if r["image_id"] in seen:
-            repeated.append(r["image_id"])
-        seen.add(r["image_id"])
+        if r[key] in seen:
+            repeated.append(r[key])
+        seen.add(r[key])
+    what = key.removesuffix("_id")  # "image", "question"
     if repeated:
-        raise ValueError(f"{source}: image id {repeated[0]} is listed more than once"
+        raise ValueError(f"{source}: {what} id {repeated[0]} is listed more than once"
                          f"{f' (and {len(repeated) - 1} more repeated ids)' if len(repeated) > 1 else ''}; "
-                         f"every image needs an id of its own: fix or remove the repeated entries")
+                         f"every {what} needs an id of its own: fix or remove the repeated entries")
     return records
 
 
@@ -177,6 +186,131 @@ def load_karpathy_records(root, split, karpathy_json):
         raise FileNotFoundError(f"{len(missing)} images of Karpathy's {split} split are not under {root} "
                                 f"(e.g. COCO id {missing[0]}): expected train2017/ and val2017/ there")
     return unique_ids(records, karpathy_json)
+
+# -----------------------------------------------------------------------------
+# VQAv2: (image, question, its 10 human answers)
+
+VQA_FILES = {"questions": "v2_OpenEnded_mscoco_{split}2014_questions.json",
+             "annotations": "v2_mscoco_{split}2014_annotations.json"}
+
+
+def load_vqa(questions_json, annotations_json, image_paths):
+    """
+    (records, skipped) for one VQAv2 split, the records in the questions file's order:
+      records  [{"question_id", "image_id", "path", "question", "answers": [10 str], "answer_type"}, ...];
+               answer_type is "yes/no", "number" or "other"; the answers are as the humans typed them (the
+               VQA accuracy in metrics.py normalises them by the official rules)
+      skipped  [{"question_id", "file", "reason"}, ...]: entries left out, for the caller to report: an
+               annotation whose question is not in the questions file (a questions file may be a subset of
+               its split), a question whose text is empty
+    image_paths: {image_id: path} of the images questions may be about: coco2014_image_paths(root, split) for
+    VQAv2, {r["image_id"]: r["path"] for r in load_records(root, split)} for a COCO-format root.
+    Anything else wrong is an error that names the file, the question id and the fix.
+    """
+    questions = vqa_entries(questions_json, "questions", ("image_id", "question", "question_id"))
+    annotations = vqa_entries(annotations_json, "annotations",
+                              ("question_id", "image_id", "answer_type", "answers"))
+    unique_ids(questions, questions_json, key="question_id")
+    unique_ids(annotations, annotations_json, key="question_id")
+    answers = {a["question_id"]: a for a in annotations}
+    asked = {q["question_id"] for q in questions}
+    # set aside first, so that the checks below are about questions that will be asked
+    skipped = [dict(question_id=q["question_id"], file=questions_json, reason="an empty question")
+               for q in questions if not q["question"].strip()]
+    questions = [q for q in questions if q["question"].strip()]
+    skipped += [dict(question_id=a["question_id"], file=annotations_json,
+                     reason=f"an annotation whose question is not in {questions_json}")
+                for a in annotations if a["question_id"] not in asked]
+
+    unanswered = [q["question_id"] for q in questions if q["question_id"] not in answers]
+    if unanswered:
+        raise ValueError(f"{questions_json}: question {unanswered[0]} has no answers in {annotations_json}"
+                         f"{and_more(unanswered, 'such questions')}: pass the annotations of the same split "
+                         f"({VQA_FILES['annotations']} with {VQA_FILES['questions']})")
+    # two files that disagree on a question's image: its answers would be scored against the wrong picture
+    moved = [q for q in questions if q["image_id"] != answers[q["question_id"]]["image_id"]]
+    if moved:
+        q = moved[0]
+        raise ValueError(f"{questions_json}: question {q['question_id']} is about image {q['image_id']}, but "
+                         f"{annotations_json} answers it for image {answers[q['question_id']]['image_id']}"
+                         f"{and_more(moved, 'such questions')}: the two files are not of one release; "
+                         f"download both again")
+    # the official accuracy leaves each of the 10 humans out in turn: with another count it is another metric
+    miscounted = [q["question_id"] for q in questions if len(answers[q["question_id"]]["answers"]) != 10]
+    if miscounted:
+        raise ValueError(f"{annotations_json}: question {miscounted[0]} has "
+                         f"{len(answers[miscounted[0]]['answers'])} human answers instead of 10"
+                         f"{and_more(miscounted, 'such questions')}: VQA accuracy needs VQAv2's 10; restore "
+                         f"the file, or remove the question from both files")
+    asked_about = {q["image_id"] for q in questions}
+    on_disk = {i: i in image_paths and os.path.isfile(image_paths[i]) for i in asked_about}  # one stat each
+    missing = [q for q in questions if not on_disk[q["image_id"]]]
+    if missing:
+        q = missing[0]
+        why = (f"its file {image_paths[q['image_id']]} does not exist" if q["image_id"] in image_paths else
+               f"it is not among the {len(image_paths)} images given")
+        raise FileNotFoundError(f"{questions_json}: question {q['question_id']} is about image "
+                                f"{q['image_id']}, and {why}{and_more(missing, 'such questions')}: download "
+                                f"the split's images (COCO 2014's for VQAv2), or leave those questions out")
+
+    records = []
+    for q in questions:
+        a = answers[q["question_id"]]
+        records.append(dict(question_id=q["question_id"], image_id=q["image_id"],
+                            path=image_paths[q["image_id"]], question=q["question"].strip(),
+                            answers=[x["answer"] for x in a["answers"]], answer_type=a["answer_type"]))
+    return records, skipped
+
+
+def coco2014_image_paths(root, split):
+    """
+    {image_id: path} of a split's COCO 2014 images that are on disk (VQAv2's images):
+    {root}/{split}2014/COCO_{split}2014_{image_id:012d}.jpg.
+    """
+    folder = os.path.join(root, f"{split}2014")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder} not found: VQAv2's images are COCO 2014's; download "
+                                f"http://images.cocodataset.org/zips/{split}2014.zip and unzip it under "
+                                f"{root}")
+    name = re.compile(rf"COCO_{split}2014_(\d{{12}})\.jpg")
+    return {int(m.group(1)): os.path.join(folder, f) for f in sorted(os.listdir(folder))
+            if (m := name.fullmatch(f))}
+
+
+def vqa_entries(path, kind, keys):
+    """
+    The list of a VQAv2 file (kind: "questions" or "annotations"), refused unless each entry has the keys
+    the reader needs, with a str question or a list of {"answer": str, ...} answers.
+    """
+    what = f"VQAv2 {kind} file"
+    data = read_json(path, what)
+    if not isinstance(data, dict) or not isinstance(data.get(kind), list):
+        other = "annotations" if kind == "questions" else "questions"
+        found = sorted(data) if isinstance(data, dict) else type(data).__name__
+        swapped = " (are the two files swapped?)" if isinstance(data, dict) and other in data else ""
+        raise ValueError(f"{path} is not a {what}: it needs a '{kind}' list of {{{', '.join(keys)}}} "
+                         f"(found {found}){swapped}; pass {VQA_FILES[kind]} from visualqa.org")
+    for i, entry in enumerate(data[kind]):
+        lacks = [k for k in keys if not isinstance(entry, dict) or k not in entry]
+        if lacks:
+            problem = f"lacks {', '.join(lacks)}"
+        elif kind == "questions" and not isinstance(entry["question"], str):
+            problem = "has a question that is not a str"
+        elif kind == "annotations" and not (isinstance(entry["answers"], list) and all(
+                isinstance(x, dict) and isinstance(x.get("answer"), str) for x in entry["answers"])):
+            problem = 'has answers that are not a list of {"answer": str, ...}'
+        else:
+            continue
+        name = f"question {entry['question_id']}" if isinstance(entry, dict) and "question_id" in entry else \
+            f"entry {i} of '{kind}'"
+        raise ValueError(f"{path}: {name} {problem}: this is not VQAv2's layout; pass {VQA_FILES[kind]} "
+                         f"from visualqa.org, or fix the entry")
+    return data[kind]
+
+
+def and_more(offenders, what):
+    """' (and 3 more such questions)' after the first offender an error names; '' when it is the only one."""
+    return f" (and {len(offenders) - 1} more {what})" if len(offenders) > 1 else ""
 
 # -----------------------------------------------------------------------------
 

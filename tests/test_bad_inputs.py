@@ -22,7 +22,9 @@ index:
 
 Continued in tests/test_bad_inputs_corpus.py (33: a corpus changed under its shards) and
 tests/test_bad_inputs_eval.py (34-37, and 40 for evaluate.py: odd folders and file names, checkpoints on two
-LMs, a one-image set, an --out it cannot write).
+LMs, a one-image set, an --out it cannot write) and tests/test_bad_inputs_vqa.py (42-48: VQAv2 files in
+another layout, a question's image missing, not 10 answers, empty questions, questions and answers that do not
+pair up, repeated ids).
 """
 import errno
 import json
