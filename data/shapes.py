@@ -13,6 +13,10 @@ What gets written (to --out):
     annotations/captions_{train,val}2017.json    COCO caption files: 5 different captions per image
     scenes_{train,val}.json                      what was drawn, keyed by image id (for per-attribute scores)
     corpus.jsonl                                 {"text": ...} documents for pretraining the tiny LM
+and, with --questions, added to a world already drawn (which it leaves as it is), VQAv2's files: questions
+about the scenes, with their answers, none answerable from its words alone (Questions, below):
+    annotations/v2_OpenEnded_shapes_{train,val}_questions.json    the questions
+    annotations/v2_shapes_{train,val}_annotations.json            their answers (10 each, as VQAv2's)
 
 The corpus matters as much as the images. A frozen LM that has only seen single captions has no reason to
 prefer "red" over "blue" after "a small": nothing in its context ever predicted the colour. So each corpus
@@ -26,6 +30,7 @@ evaluation can report colour / shape / size / position / relation accuracy next 
 images whose caption gets both objects (objects) and also their relation (scene) entirely right.
 
     python data/shapes.py --out data/shapes --train 10000 --val 500 --seed 0
+    python data/shapes.py --out data/shapes --questions
 """
 import argparse
 import json
@@ -411,6 +416,202 @@ def check_run_folder(run_dir, out):
     return None
 
 # -----------------------------------------------------------------------------
+# Questions: visual question answering about the same scenes, in VQAv2's format
+#
+# A VQA score measures seeing only as far as the question alone does not give the answer away (in VQA v1,
+# "do you see a ...?" is mostly yes; VQAv2 pairs each question with images of different answers, and a
+# model reading the question alone still answers many). The miniature chooses what to ask so that, for every
+# question text, the answers are evenly spread; question_only_accuracy() measures what is left.
+
+PLACE = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
+QUESTIONS = {  # kind: (template, question_type = its opening words, as VQAv2 records them, answer_type)
+    "colour": ("what color is the shape {place}?", "what color is the", "other"),  # VQAv2's spelling
+    "shape": ("what shape is {place}?", "what shape is", "other"),
+    "size": ("what size is the shape {place}?", "what size is the", "other"),
+    "where": ("where is the {x}?", "where is the", "other"),
+    "compare": ("is the {x} {than} than the {y}?", "is the", "yes/no"),
+    "exists": ("is there a {x}?", "is there a", "yes/no"),
+    "count": ("how many {xs} are there?", "how many", "number"),
+}
+TYPE_ORDER = [question_type for _, question_type, _ in QUESTIONS.values()]
+COMPARATIVES = ("larger", "smaller")
+COUNTED = {"colour": (COLOURS, "{} shapes"), "shape": (SHAPES, "{}s")}  # "how many red shapes", "... circles"
+
+
+def question(kind, answer, **slots):
+    template, question_type, answer_type = QUESTIONS[kind]
+    return dict(question=template.format(**slots), answer=str(answer), question_type=question_type,
+                answer_type=answer_type)
+
+
+def name(obj, other):
+    """How a question names an object: by colour and shape, and by its size too when the other object shares
+    both (a scene's two objects always differ somewhere)."""
+    same = obj["colour"] == other["colour"] and obj["shape"] == other["shape"]
+    return f"{obj['size']} {obj['colour']} {obj['shape']}" if same else f"{obj['colour']} {obj['shape']}"
+
+
+def questions_of(scene, rng):
+    """
+    A few questions about one scene (3 to 6), each dict(question, answer, question_type, answer_type):
+        what color is the shape on the left?      where is the red circle?
+        what shape is at the top?                 is the red circle larger than the blue square?
+        what size is the shape on the right?      is there a green triangle?
+        how many circles are there?               how many red shapes are there?
+    For every question text the answers are evenly spread (the comments say how), so only the image tells.
+    """
+    a, b = objects = scene["objects"]
+    asked = []
+    # One attribute of the object at one place: each object's colour, shape and size are drawn evenly,
+    # wherever it is.
+    obj = objects[rng.integers(2)]
+    attribute = ("colour", "shape", "size")[rng.integers(3)]
+    asked.append(question(attribute, obj[attribute], place=PLACE[obj["position"]]))
+    # Where an object is: the layout, and which object comes first, are drawn regardless of what the objects
+    # look like, so every name is as often left as right, top or bottom.
+    obj, other = (a, b) if rng.integers(2) == 0 else (b, a)
+    asked.append(question("where", obj["position"], x=name(obj, other)))
+    # Is one larger than the other: only when their sizes differ and so does their colour or shape ("is the
+    # small red circle larger than ..." names its answer). The order they are named in, and "larger" or
+    # "smaller", are drawn at random: every question is answered yes half the time.
+    if a["size"] != b["size"] and (a["colour"], a["shape"]) != (b["colour"], b["shape"]):
+        obj, other = (a, b) if rng.integers(2) == 0 else (b, a)
+        than = COMPARATIVES[rng.integers(2)]
+        answer = "yes" if (obj["size"] == "large") == (than == "larger") else "no"
+        asked.append(question("compare", answer, x=name(obj, other), than=than, y=name(other, obj)))
+    asked.append(is_there(objects, rng))
+    asked += [how_many(objects, kind, rng) for kind in COUNTED]
+    return [q for q in asked if q is not None]
+
+
+def is_there(objects, rng):
+    """
+    "is there a red circle?": first yes or no, with even odds, then the colour and shape: one object's for
+    yes, any pair absent from the scene for no. Neither choice favours a pair, so every pair is answered yes
+    as often as no. (A random pair would be absent 13 times in 15.)
+    """
+    if rng.integers(2):
+        obj = objects[rng.integers(2)]
+        return question("exists", "yes", x=f"{obj['colour']} {obj['shape']}")
+    present = {(o["colour"], o["shape"]) for o in objects}
+    absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
+    colour, shape = absent[rng.integers(len(absent))]
+    return question("exists", "no", x=f"{colour} {shape}")
+
+
+def how_many(objects, kind, rng):
+    """
+    "how many red shapes are there?" (kind "colour") or "how many circles are there?" ("shape"), or None.
+    Left to chance, one colour's count is 0 in about 2 scenes of 3, and 2 in 1 of 30. So the answer is drawn
+    first, then an X that many objects have (None if no X has). A count of 2 is possible only when both
+    objects share the X (chance p: chance_shared), 1 only when they do not (1 - p), 0 always (there are more
+    values than objects): drawing each answer in inverse proportion to how often it is possible makes every X
+    as often 0 as 1 or 2.
+    """
+    values, words = COUNTED[kind]
+    p = chance_shared(kind, objects[0]["size"] == objects[1]["size"])
+    odds = np.array([1, 1 / (1 - p), 1 / p])
+    count = int(rng.choice(3, p=odds / odds.sum()))
+    candidates = [v for v in values if sum(o[kind] == v for o in objects) == count]
+    if not candidates:
+        return None
+    return question("count", count, xs=words.format(candidates[rng.integers(len(candidates))]))
+
+
+def chance_shared(kind, same_size):
+    """
+    The chance that a scene's two objects share their colour (kind "colour") or their shape, given whether
+    they share their size. sample_scene draws the second object evenly among every size, colour and shape
+    but the first's own (whether they fit depends on their sizes alone), so with the same size the second's
+    colour and shape are one of the n * m - 1 other pairs, m - 1 of which share the first's colour (n colours,
+    m shapes); with different sizes, any of the n * m.
+    """
+    n, m = (len(COLOURS), len(SHAPES)) if kind == "colour" else (len(SHAPES), len(COLOURS))
+    return (m - 1) / (n * m - 1) if same_size else 1 / n
+
+
+def question_vocabulary():
+    """Every word a question or an answer can use: a corpus that teaches the LM to answer must hold each."""
+    templates = [t for t, _, _ in QUESTIONS.values()] + list(PLACE.values()) + list(COMPARATIVES)
+    counted = [words.format(v) for values, words in COUNTED.values() for v in values]
+    words = set(re.findall(r"[a-z]+", re.sub(r"\{\w+\}", " ", " ".join(templates + counted))))
+    answers = {"yes", "no", "0", "1", "2"} | set(PLACE) | set(COLOURS) | set(SHAPES) | set(SIZES)
+    return sorted(words | answers)
+
+
+def question_only_accuracy(train, val):
+    """
+    How much of each question type the question alone answers: {question_type: dict(prior, question_only,
+    questions)} on `val` (lists of questions_of()'s dicts), both predictors fitted on `train`. prior answers
+    every question of a type with the type's most common answer; question_only answers each question text with
+    its own most common answer (the type's, for a text train never asked). question_only well above prior
+    means the wording gives answers away. `python data/shapes.py --out W --questions` prints both for a world;
+    measured on the demo's worlds: docs/miniature.md (questions about the scenes).
+    """
+    counts = {}  # (question_type, question text, or None for the whole type) -> {answer: count}
+    for q in train:
+        for key in ((q["question_type"], None), (q["question_type"], q["question"])):
+            counts.setdefault(key, {}).setdefault(q["answer"], 0)
+            counts[key][q["answer"]] += 1
+    majority = {key: max(sorted(answers), key=answers.get) for key, answers in counts.items()}
+    scores = {}
+    for q in val:
+        prior = majority.get((q["question_type"], None))
+        guess = majority.get((q["question_type"], q["question"]), prior)
+        s = scores.setdefault(q["question_type"], dict(prior=0.0, question_only=0.0, questions=0))
+        s["prior"] += prior == q["answer"]
+        s["question_only"] += guess == q["answer"]
+        s["questions"] += 1
+    for s in scores.values():
+        s["prior"] /= s["questions"]
+        s["question_only"] /= s["questions"]
+    return scores
+
+
+def write_questions(out):
+    """
+    Questions about the world already drawn in `out`, from its scenes and seed (on a random stream of their
+    own: nothing the world holds changes), in VQAv2's two files per split next to the COCO caption files. The
+    miniature's 10 "annotators" always agree: every answer is given 10 times. Returns {split: questions_of()'s
+    dicts}.
+    """
+    seed = read_json(os.path.join(out, "info.json"), "world description")["seed"]
+    asked = {}
+    for index, split in enumerate(SPLIT_ID_BASE):
+        scenes = read_json(os.path.join(out, f"scenes_{split}.json"), "scene file")
+        rng = np.random.default_rng([seed, 200 + index])  # not the images', captions' or corpus' streams
+        questions, annotations, asked[split] = [], [], []
+        for image_id in sorted(scenes, key=int):
+            for k, q in enumerate(questions_of(scenes[image_id], rng)):
+                question_id = int(image_id) * 10 + k  # image ids are unique across splits; so are these
+                questions.append(dict(image_id=int(image_id), question=q["question"],
+                                      question_id=question_id))
+                answers = [dict(answer=q["answer"], answer_confidence="yes", answer_id=i)
+                           for i in range(1, 11)]
+                annotations.append(dict(question_id=question_id, image_id=int(image_id),
+                                        question_type=q["question_type"], answer_type=q["answer_type"],
+                                        multiple_choice_answer=q["answer"], answers=answers))
+                asked[split].append(q)
+        info = dict(description=f"shapes miniature questions, {split}, seed {seed}", version="1.0")
+        folder = os.path.join(out, "annotations")
+        # compact, as VQAv2's own files are (ten answers a question)
+        write_json(os.path.join(folder, f"v2_OpenEnded_shapes_{split}_questions.json"),
+                   dict(info=info, task_type="Open-Ended", data_type="shapes", data_subtype=split,
+                        questions=questions), indent=None)
+        write_json(os.path.join(folder, f"v2_shapes_{split}_annotations.json"),
+                   dict(info=info, data_type="shapes", data_subtype=split, annotations=annotations),
+                   indent=None)
+    return asked
+
+
+def balance_table(scores):
+    """question_only_accuracy()'s scores as lines of text, one per question type."""
+    lines = [f"{'question type':<20}{'questions':>10}{'prior':>8}{'question only':>15}"]
+    for question_type, s in sorted(scores.items(), key=lambda item: TYPE_ORDER.index(item[0])):
+        lines.append(f"{question_type:<20}{s['questions']:>10}{s['prior']:>8.3f}{s['question_only']:>15.3f}")
+    return "\n".join(lines)
+
+# -----------------------------------------------------------------------------
 
 
 if __name__ == "__main__":
@@ -430,7 +631,21 @@ if __name__ == "__main__":
                              "of other settings")
     parser.add_argument("--run-dir",
                         help="with --check: also stop if this run folder was trained on another world")
+    parser.add_argument("--questions", action="store_true",
+                        help="draw nothing: add questions in VQAv2's format about the world already in --out "
+                             "(from its own scenes and seed: the flags that describe a world are not read)")
     args = parser.parse_args()
+    if args.questions:
+        if args.check or args.run_dir:
+            parser.error("--questions checks nothing: give --check and --run-dir without it")
+        if not os.path.exists(os.path.join(args.out, "info.json")):
+            parser.error(f"{args.out} holds no world to ask about: draw it first (without --questions)")
+        asked = write_questions(args.out)
+        print(balance_table(question_only_accuracy(asked["train"], asked["val"])), file=sys.stderr)
+        print(f"wrote {len(asked['train'])} train + {len(asked['val'])} val questions to "
+              f"{os.path.join(args.out, 'annotations')}; vocabulary of {len(question_vocabulary())} words",
+              file=sys.stderr)
+        sys.exit(0)
     problem = check_world(args.out, args.train, args.val, args.corpus_docs, args.seed, args.image_size)
     if problem:
         parser.error(f"{problem}. Draw this one into another folder (the Makefile's SHAPES and DEMO; "
