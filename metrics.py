@@ -156,24 +156,32 @@ def _align(predictions, references):
     """
     Image ids, sorted: the order of every per-image array. Any mismatch is an error, never a silent drop.
     """
-    unknown = sorted(set(predictions) - set(references), key=repr)
-    missing = sorted(set(references) - set(predictions), key=repr)
-    if unknown or missing:
-        raise ValueError(
-            f"predictions and references must cover the same images: {len(unknown)} predictions "
-            f"for unknown ids {unknown[:10]}{' ...' if len(unknown) > 10 else ''}, "
-            f"{len(missing)} images without a prediction {missing[:10]}{' ...' if len(missing) > 10 else ''}"
-        )
-    if not references:
-        raise ValueError("nothing to score: no images")
-    empty = [i for i, refs in references.items() if isinstance(refs, str) or len(refs) == 0]
+    image_ids = _same_ids(predictions, references, "image")
+    empty = [i for i in image_ids if isinstance(references[i], str) or len(references[i]) == 0]
     if empty:
         raise ValueError(f"every image needs a non-empty list of reference captions; "
                          f"not so for ids {empty[:10]}")
+    return image_ids
+
+
+def _same_ids(predictions, items, what):
+    """
+    The ids of items ({id: ...}), sorted; predictions must have exactly these ids. what: "image", "question".
+    """
+    unknown = sorted(set(predictions) - set(items), key=repr)
+    missing = sorted(set(items) - set(predictions), key=repr)
+    if unknown or missing:
+        raise ValueError(
+            f"predictions and {what}s must have the same ids: {len(unknown)} predictions "
+            f"for unknown ids {unknown[:10]}{' ...' if len(unknown) > 10 else ''}, "
+            f"{len(missing)} {what}s without a prediction {missing[:10]}{' ...' if len(missing) > 10 else ''}"
+        )
+    if not items:
+        raise ValueError(f"nothing to score: no {what}s")
     try:
-        return sorted(references)
+        return sorted(items)
     except TypeError as e:
-        raise ValueError("image ids must be mutually comparable (all int or all str)") from e
+        raise ValueError(f"{what} ids must be mutually comparable (all int or all str)") from e
 
 
 # -----------------------------------------------------------------------------
@@ -406,19 +414,7 @@ def score_vqa(predictions, questions, rules="2021"):
         if q["question_id"] in by_id:
             raise ValueError(f"question id {q['question_id']} is given twice: each question needs its own id")
         by_id[q["question_id"]] = q
-    unknown = sorted(set(predictions) - set(by_id), key=repr)
-    missing = sorted(set(by_id) - set(predictions), key=repr)
-    if unknown or missing:
-        raise ValueError(
-            f"predictions and questions must cover the same question ids: {len(unknown)} predictions for "
-            f"unknown ids {unknown[:10]}{' ...' if len(unknown) > 10 else ''}, {len(missing)} questions "
-            f"without a prediction {missing[:10]}{' ...' if len(missing) > 10 else ''}")
-    if not by_id:
-        raise ValueError("nothing to score: no questions")
-    try:
-        question_ids = sorted(by_id)
-    except TypeError as e:
-        raise ValueError("question ids must be mutually comparable (all int or all str)") from e
+    question_ids = _same_ids(predictions, by_id, "question")
     for i in question_ids:
         if not isinstance(predictions[i], str):
             raise TypeError(f"the prediction for question {i!r} must be one str, "

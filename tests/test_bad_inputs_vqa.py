@@ -20,6 +20,13 @@ def load(root, questions=None, annotations=None):
     return coco.load_vqa(questions_json, annotations_json, coco.coco2014_image_paths(str(root), "val"))
 
 
+def refusal(root, questions=None, annotations=None):
+    """The message load() is refused with (a ValueError)."""
+    with pytest.raises(ValueError) as e:
+        load(root, questions, annotations)
+    return str(e.value)
+
+
 def files(root):
     return (str(root / "v2_OpenEnded_mscoco_val2014_questions.json"),
             str(root / "v2_mscoco_val2014_annotations.json"))
@@ -52,17 +59,15 @@ def test_42_an_entry_of_another_layout_is_named_by_its_question_id(tmp_path):
     q, a = vqa_data()
     _, annotations_json = files(tmp_path)
     del a["annotations"][2]["answers"]
-    with pytest.raises(ValueError) as e:
-        load(tmp_path, q, a)
-    assert str(e.value) == (f"{annotations_json}: question 1390000 lacks answers: this is not VQAv2's "
-                            f"layout; pass v2_mscoco_{{split}}2014_annotations.json from visualqa.org, or "
-                            f"fix the entry")
+    assert refusal(tmp_path, q, a) == (
+        f"{annotations_json}: question 1390000 lacks answers: this is not VQAv2's "
+        f"layout; pass v2_mscoco_{{split}}2014_annotations.json from visualqa.org, or "
+        f"fix the entry")
     q, a = vqa_data()
     a["annotations"][1]["answers"] = ["yes"] * 10  # strings, not {"answer": ...}
-    with pytest.raises(ValueError) as e:
-        load(tmp_path, q, a)
-    assert str(e.value).startswith(f"{annotations_json}: question 420001 has answers that are not a list of "
-                                   f"{{\"answer\": str, ...}}")
+    assert refusal(tmp_path, q, a).startswith(
+        f"{annotations_json}: question 420001 has answers that are not a list of "
+        f"{{\"answer\": str, ...}}")
     q, a = vqa_data()
     q["questions"][3]["question"] = None
     with pytest.raises(ValueError, match="question 2850000 has a question that is not a str"):
@@ -101,11 +106,10 @@ def test_44_an_annotation_without_ten_answers_is_refused(tmp_path, count):
     q, a = vqa_data()
     a["annotations"][2]["answers"] = [dict(answer="2", answer_confidence="yes", answer_id=k + 1)
                                       for k in range(count)]
-    with pytest.raises(ValueError) as e:
-        load(tmp_path, q, a)
-    assert str(e.value) == (f"{files(tmp_path)[1]}: question 1390000 has {count} human answers instead of "
-                            f"10: VQA accuracy needs VQAv2's 10; restore the file, or remove the question "
-                            f"from both files")
+    assert refusal(tmp_path, q, a) == (
+        f"{files(tmp_path)[1]}: question 1390000 has {count} human answers instead of "
+        f"10: VQA accuracy needs VQAv2's 10; restore the file, or remove the question "
+        f"from both files")
 
 # -----------------------------------------------------------------------------
 # 45. An empty (or whitespace-only) question: nothing to ask; skipped, and counted with its id and file
@@ -134,11 +138,10 @@ def test_46_a_question_without_answers_is_refused(tmp_path):
     q, a = vqa_data()
     del a["annotations"][3]
     questions_json, annotations_json = files(tmp_path)
-    with pytest.raises(ValueError) as e:
-        load(tmp_path, q, a)
-    assert str(e.value) == (f"{questions_json}: question 2850000 has no answers in {annotations_json}: pass "
-                            f"the annotations of the same split (v2_mscoco_{{split}}2014_annotations.json "
-                            f"with v2_OpenEnded_mscoco_{{split}}2014_questions.json)")
+    assert refusal(tmp_path, q, a) == (
+        f"{questions_json}: question 2850000 has no answers in {annotations_json}: pass "
+        f"the annotations of the same split (v2_mscoco_{{split}}2014_annotations.json "
+        f"with v2_OpenEnded_mscoco_{{split}}2014_questions.json)")
     _, a = vqa_data()
     a["annotations"] = []  # another split's annotations: every question lacks its answers
     with pytest.raises(ValueError, match=r"question 420000 has no answers in .* \(and 3 more such questions"):
@@ -162,17 +165,15 @@ def test_47_a_repeated_question_id_is_refused_in_either_file(tmp_path):
     q, a = vqa_data()
     q["questions"].append(dict(q["questions"][2], question="How many circles are there?"))
     questions_json, annotations_json = files(tmp_path)
-    with pytest.raises(ValueError) as e:
-        load(tmp_path, q, a)
-    assert str(e.value) == (f"{questions_json}: question id 1390000 is listed more than once; every question "
-                            f"needs an id of its own: fix or remove the repeated entries")
+    assert refusal(tmp_path, q, a) == (
+        f"{questions_json}: question id 1390000 is listed more than once; every question "
+        f"needs an id of its own: fix or remove the repeated entries")
     q, a = vqa_data()
     a["annotations"] += a["annotations"][:2]
-    with pytest.raises(ValueError) as e:
-        load(tmp_path, q, a)
-    assert str(e.value) == (f"{annotations_json}: question id 420000 is listed more than once (and 1 more "
-                            f"repeated ids); every question needs an id of its own: fix or remove the "
-                            f"repeated entries")
+    assert refusal(tmp_path, q, a) == (
+        f"{annotations_json}: question id 420000 is listed more than once (and 1 more "
+        f"repeated ids); every question needs an id of its own: fix or remove the "
+        f"repeated entries")
 
 # -----------------------------------------------------------------------------
 # 48. A question and its annotation that disagree on the image: answers scored against the wrong picture
@@ -182,11 +183,10 @@ def test_48_question_and_annotation_on_different_images_are_refused(tmp_path):
     q, a = vqa_data()
     a["annotations"][2]["image_id"] = 285
     questions_json, annotations_json = files(tmp_path)
-    with pytest.raises(ValueError) as e:
-        load(tmp_path, q, a)
-    assert str(e.value) == (f"{questions_json}: question 1390000 is about image 139, but {annotations_json} "
-                            f"answers it for image 285: the two files are not of one release; download both "
-                            f"again")
+    assert refusal(tmp_path, q, a) == (
+        f"{questions_json}: question 1390000 is about image 139, but {annotations_json} "
+        f"answers it for image 285: the two files are not of one release; download both "
+        f"again")
 
 
 def test_the_files_written_here_are_read_without_complaint(tmp_path):
