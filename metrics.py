@@ -420,10 +420,10 @@ def score_vqa(predictions, questions, rules="2021"):
             raise TypeError(f"the prediction for question {i!r} must be one str, "
                             f"got {type(predictions[i]).__name__}")
     per_question = np.array([vqa_accuracy(predictions[i], by_id[i]["answers"], rules) for i in question_ids])
-    types = [by_id[i]["answer_type"] for i in question_ids]
+    types = np.array([by_id[i]["answer_type"] for i in question_ids])
     per_type = {}
-    for t in sorted(set(types)):
-        scores = per_question[np.array(types) == t]
+    for t in sorted(set(types.tolist())):
+        scores = per_question[types == t]
         per_type[t] = dict(accuracy=float(scores.mean()), ci=bootstrap_ci(scores), questions=len(scores))
     return {"accuracy": float(per_question.mean()), "accuracy_ci": bootstrap_ci(per_question),
             "per_answer_type": per_type, "question_ids": question_ids, "per_question": per_question}

@@ -154,7 +154,7 @@ def unique_ids(records, source, key="image_id"):
     what = key.removesuffix("_id")  # "image", "question"
     if repeated:
         raise ValueError(f"{source}: {what} id {repeated[0]} is listed more than once"
-                         f"{f' (and {len(repeated) - 1} more repeated ids)' if len(repeated) > 1 else ''}; "
+                         f"{and_more(repeated, 'repeated ids')}; "
                          f"every {what} needs an id of its own: fix or remove the repeated entries")
     return records
 

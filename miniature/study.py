@@ -120,7 +120,7 @@ def report(study_dir, out_dir, bands_path, machine):
                      fmt(summary(entry["query similarity"])) if "query similarity" in entry else "—"]
             lines.append("| " + " | ".join(cells) + " |")
             if recipe == "own":
-                banded = BLIND_BANDED if bridge == "blind" else tuple(BAND_FLOOR)
+                banded = BLIND_BANDED if bridge == "blind" else BAND_FLOOR
                 bands["worlds"].setdefault(world, {})[bridge] = band(entry, banded)
         seeds = next(iter(bridges.values()))["seeds"]
         lines += ["", "Per seed (objects / scene, CIDEr-D):", "",
@@ -140,10 +140,10 @@ def report(study_dir, out_dir, bands_path, machine):
     print(f"wrote {out_dir}/study.md, {out_dir}/study.png and {bands_path}", file=sys.stderr)
 
 
-def band(entry, banded=tuple(BAND_FLOOR)):
+def band(entry, banded):
     """
-    Where a run of this bridge should fall: mean +- max(2 std, floor) of each banded measure,
-    clipped to [0, 1].
+    Where a run of this bridge should fall: mean +- max(2 std, floor) of each banded measure (names of
+    BAND_FLOOR), clipped to [0, 1].
     """
     out = {}
     for name in banded:
