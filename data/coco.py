@@ -192,6 +192,30 @@ def load_karpathy_records(root, split, karpathy_json):
 
 VQA_FILES = {"questions": "v2_OpenEnded_mscoco_{split}2014_questions.json",
              "annotations": "v2_mscoco_{split}2014_annotations.json"}
+# How a question is put to the LM, the answer following it: BLIP-2's prompt for its frozen OPT models. The
+# trainer, the evaluation and the miniature's question-answer corpus all write it through qa_prompt().
+QA_PROMPT = "Question: {} Answer:"
+
+
+def qa_prompt(question):
+    """The text before the answer: 'Question: what color is the shape on the left? Answer:'."""
+    return QA_PROMPT.format(" ".join(question.split()))
+
+
+def answers_file(questions_json):
+    """
+    The annotations file that goes with a questions file, by VQAv2's naming
+    (v2_OpenEnded_mscoco_val2014_questions.json -> v2_mscoco_val2014_annotations.json; the miniature's
+    v2_OpenEnded_shapes_val_questions.json -> v2_shapes_val_annotations.json), or None for another name.
+    """
+    folder, name = os.path.split(questions_json)
+    m = re.fullmatch(r"v2_OpenEnded_(.+)_questions\.json", name)
+    return os.path.join(folder, f"v2_{m.group(1)}_annotations.json") if m else None
+
+
+def most_common_answer(answers):
+    """The answer most of the humans gave (the first of them on a tie): what a model is trained to say."""
+    return max(answers, key=answers.count)
 
 
 def load_vqa(questions_json, annotations_json, image_paths):
@@ -260,6 +284,28 @@ def load_vqa(questions_json, annotations_json, image_paths):
                             path=image_paths[q["image_id"]], question=q["question"].strip(),
                             answers=[x["answer"] for x in a["answers"]], answer_type=a["answer_type"]))
     return records, skipped
+
+
+def question_records(questions_json, answers_json, root, split):
+    """
+    load_vqa for a split's questions about the images under `root`: COCO 2014's ({split}2014/, VQAv2's images)
+    where that folder is there, else a COCO-format root's {split}2017 images (the miniature's). answers_json
+    None: the annotations file named after questions_json (answers_file). Skipped entries are said, not
+    silent.
+    """
+    answers_json = answers_json or answers_file(questions_json)
+    if answers_json is None:
+        raise ValueError(f"{questions_json}: not named as VQAv2's questions files are "
+                         f"({VQA_FILES['questions']}), so its answers file cannot be found: pass it too")
+    if os.path.isdir(os.path.join(root, f"{split}2014")):
+        paths = coco2014_image_paths(root, split)
+    else:
+        paths = {r["image_id"]: r["path"] for r in load_records(root, split)}
+    records, skipped = load_vqa(questions_json, answers_json, paths)
+    if skipped:
+        print(f"note: {len(skipped)} entries of {questions_json} and {answers_json} left out, e.g. question "
+              f"{skipped[0]['question_id']} ({skipped[0]['reason']})", file=sys.stderr)
+    return records
 
 
 def coco2014_image_paths(root, split):

@@ -17,6 +17,7 @@ and, with --questions, added to a world already drawn (which it leaves as it is)
 about the scenes, with their answers, none answerable from its words alone (Questions, below):
     annotations/v2_OpenEnded_shapes_{train,val}_questions.json    the questions
     annotations/v2_shapes_{train,val}_annotations.json            their answers (10 each, as VQAv2's)
+    corpus_qa.jsonl     {"text": ...} documents that also teach the tiny LM to answer (qa_documents, below)
 
 The corpus matters as much as the images. A frozen LM that has only seen single captions has no reason to
 prefer "red" over "blue" after "a small": nothing in its context ever predicted the colour. So each corpus
@@ -46,6 +47,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `python data/shapes.py`
 from common import atomic_open, int_at_least, positive_int, read_json, write_json  # noqa: E402
+from data.coco import qa_prompt  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # The world: a handful of attributes, each clearly visible at 64 px
@@ -604,6 +606,39 @@ def write_questions(out):
     return asked
 
 
+def qa_documents(count, seed, image_size=64):
+    """
+    LM pretraining text that teaches answering as well as copying: yields (document, scene). Even documents
+    are corpus_documents()'s, 3-5 captions of one scene; odd ones are 1-2 captions of a scene, then, on a
+    line of their own, 2-4 of its questions, answered: "Question: what shape is on the left? Answer: circle.
+    Question: ...". To lower its loss on an answer the LM must look it up in the description earlier in its
+    context, which is what a bridge's prefix stands in for later (as it stands in for earlier captions). The
+    questions start a line because a prompt put after the prefix starts with "Question", a GPT-2 token other
+    than " Question", and an LM trained with --vocab-subset reads only the tokens its corpus used.
+    """
+    rng = np.random.default_rng([seed, 300])  # not the images', captions', corpus' or questions' streams
+    for i in range(count):
+        scene = sample_scene(rng, image_size)
+        if i % 2 == 0:
+            yield ". ".join(captions_of(scene, rng, n=int(rng.integers(3, 6)))) + ".", scene
+            continue
+        captions = captions_of(scene, rng, n=int(rng.integers(1, 3)))
+        questions = questions_of(scene, rng)  # 3 to 6 of them
+        asked = [questions[k] for k in rng.permutation(len(questions))[:int(rng.integers(2, 5))]]
+        answered = [f"{qa_prompt(q['question'])} {q['answer']}." for q in asked]
+        yield ". ".join(captions) + ".\n" + " ".join(answered), scene
+
+
+def write_qa_corpus(out):
+    """corpus_qa.jsonl for the world in `out`: as many documents as its corpus.jsonl, from its seed (a file
+    added next to the others, which stay as they are). Returns how many documents it wrote."""
+    info = read_json(os.path.join(out, "info.json"), "world description")
+    with atomic_open(os.path.join(out, "corpus_qa.jsonl")) as f:
+        for doc, _ in qa_documents(info["corpus_docs"], info["seed"], info["image_size"]):
+            f.write(json.dumps({"text": doc}) + "\n")
+    return info["corpus_docs"]
+
+
 def balance_table(scores):
     """question_only_accuracy()'s scores as lines of text, one per question type."""
     lines = [f"{'question type':<20}{'questions':>10}{'prior':>8}{'question only':>15}"]
@@ -640,10 +675,15 @@ if __name__ == "__main__":
             parser.error("--questions checks nothing: give --check and --run-dir without it")
         if not os.path.exists(os.path.join(args.out, "info.json")):
             parser.error(f"{args.out} holds no world to ask about: draw it first (without --questions)")
+        t0 = time.time()
         asked = write_questions(args.out)
+        documents = write_qa_corpus(args.out)
         print(balance_table(question_only_accuracy(asked["train"], asked["val"])), file=sys.stderr)
         print(f"wrote {len(asked['train'])} train + {len(asked['val'])} val questions to "
               f"{os.path.join(args.out, 'annotations')}; vocabulary of {len(question_vocabulary())} words",
+              file=sys.stderr)
+        print(f"wrote {documents} question-answer corpus documents to "
+              f"{os.path.join(args.out, 'corpus_qa.jsonl')} ({time.time() - t0:.1f}s in all)",
               file=sys.stderr)
         sys.exit(0)
     problem = check_world(args.out, args.train, args.val, args.corpus_docs, args.seed, args.image_size)

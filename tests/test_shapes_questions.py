@@ -1,6 +1,6 @@
 # data/shapes.py's questions: VQAv2's layout, answers right for the scene (checked against the drawn
 # coordinates, not the generator's fields), deterministic, the world's own files untouched, and no question
-# type answerable from its wording alone.
+# type answerable from its wording alone. And corpus_qa.jsonl, the LM's text for learning to answer.
 import hashlib
 import json
 import os
@@ -17,8 +17,8 @@ from data import shapes
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPLITS = ("train", "val")
 FILES = [f"annotations/v2_OpenEnded_shapes_{split}_questions.json" for split in SPLITS] + \
-        [f"annotations/v2_shapes_{split}_annotations.json" for split in SPLITS]
-WORLD = dict(train=40, val=12, corpus_docs=30, seed=3)
+        [f"annotations/v2_shapes_{split}_annotations.json" for split in SPLITS] + ["corpus_qa.jsonl"]
+WORLD = dict(train=40, val=12, corpus_docs=300, seed=3)  # corpus_docs: enough to hold every token
 
 
 def digests(folder):
@@ -40,6 +40,7 @@ def world(tmp_path_factory):
     run = subprocess.run([sys.executable, "data/shapes.py", "--out", out, "--questions"], cwd=ROOT,
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
+    assert f"wrote {WORLD['corpus_docs']} question-answer corpus documents" in run.stderr, run.stderr
     return out, before
 
 
@@ -171,8 +172,9 @@ def test_deterministic_for_a_seed(world, tmp_path):
     again, other = str(tmp_path / "again"), str(tmp_path / "other")
     shapes.generate(again, **WORLD)
     shapes.generate(other, **{**WORLD, "seed": 4})
-    shapes.write_questions(again)
-    shapes.write_questions(other)
+    for folder in (again, other):
+        shapes.write_questions(folder)
+        shapes.write_qa_corpus(folder)
     for path in FILES:
         assert open(os.path.join(out, path), "rb").read() == open(os.path.join(again, path), "rb").read()
         assert open(os.path.join(out, path), "rb").read() != open(os.path.join(other, path), "rb").read()
@@ -228,3 +230,89 @@ def test_the_miniature_questions_read_back_through_the_vqav2_reader_and_score(wo
     right = score_vqa({r["question_id"]: r["answers"][0] for r in records}, records)
     assert right["accuracy"] == 1.0 and set(right["per_answer_type"]) == {"yes/no", "number", "other"}
     assert score_vqa({r["question_id"]: "yes" for r in records}, records)["accuracy"] < 0.5
+
+
+# -----------------------------------------------------------------------------
+# corpus_qa.jsonl: caption documents and question documents, alternating
+
+QA = r"Question: ([a-z0-9 ]+\?) Answer: ([a-z0-9]+)\."
+
+
+def qa_corpus(out):
+    return [json.loads(line)["text"] for line in open(os.path.join(out, "corpus_qa.jsonl"))]
+
+
+def split_document(doc):
+    """(captions, [(question, answer)]) of a corpus_qa document; the whole document must be made of them."""
+    described, _, asked = doc.partition("\n")
+    assert described.endswith(".") and "Question" not in described, doc
+    pairs = re.findall(QA, asked)
+    assert " ".join(f"Question: {q} Answer: {a}." for q, a in pairs) == asked, doc
+    return described[:-1].split(". "), pairs
+
+
+def described_scene(captions):
+    """The scene the captions describe (they must all agree), from their words alone: positions as
+    coordinates, and a large object's extent larger than a small one's, for answer() above."""
+    scenes = set()
+    for caption in captions:
+        parsed = shapes.parse_caption(caption)
+        objects = tuple((o["size"], o["colour"], o["shape"], region)
+                        for o, region in zip(parsed["objects"], shapes.implied_regions(parsed)))
+        assert len(objects) == 2 and None not in sum(objects, ()), caption
+        scenes.add(objects)
+    assert len(scenes) == 1, captions
+    at = {"left": (0, 0), "right": (1, 0), "top": (0, 0), "bottom": (0, 1)}
+    return dict(objects=[dict(size=size, colour=colour, shape=shape, x=at[region][0], y=at[region][1],
+                              extent={"small": 1, "large": 2}[size])
+                         for size, colour, shape, region in scenes.pop()])
+
+
+def test_qa_corpus_alternates_captions_and_questions(world):
+    out, _ = world
+    docs = qa_corpus(out)
+    assert len(docs) == WORLD["corpus_docs"]
+    for i, doc in enumerate(docs):
+        captions, pairs = split_document(doc)
+        described_scene(captions)  # one scene
+        if i % 2 == 0:  # as corpus.jsonl's documents
+            assert 3 <= len(captions) <= 5 and pairs == [], doc
+        else:
+            assert 1 <= len(captions) <= 2 and 2 <= len(pairs) <= 4 and len(set(pairs)) == len(pairs), doc
+    # the even ones are made exactly as corpus_documents() makes its own
+    assert all(re.fullmatch(r"[a-z ,]+(\. [a-z ,]+){2,4}\.", doc) for doc in docs[::2])
+
+
+def test_qa_corpus_answers_are_right_for_the_described_scene(world):
+    # every answer follows from the captions before it (read back with parse_caption), and from the drawn
+    # scene the generator yields with the document (by its coordinates)
+    out, _ = world
+    for doc in qa_corpus(out)[1::2]:
+        captions, pairs = split_document(doc)
+        for q, a in pairs:
+            assert answer(q, described_scene(captions))[0] == a, doc
+    kinds = Counter()
+    for doc, scene in shapes.qa_documents(2000, seed=5):
+        captions, pairs = split_document(doc)
+        assert all(set(shapes.score_caption(c, scene).values()) == {1.0} for c in captions), doc
+        for q, a in pairs:
+            assert answer(q, scene)[0] == a == answer(q, described_scene(captions))[0], doc
+            kinds[answer(q, scene)[1]] += 1
+    assert set(kinds) == set(shapes.TYPE_ORDER)  # every kind of question is asked
+
+
+def test_qa_corpus_holds_every_token_of_the_questions_and_captions(world):
+    # an LM trained on corpus_qa.jsonl alone (--vocab-subset) must read every question put to it, as the
+    # trainer writes it, its answer, and every caption
+    import gpt2
+    from data.coco import qa_prompt
+    out, _ = world
+    enc = gpt2.get_tokenizer()
+    tokenizer = gpt2.SubsetTokenizer({t for doc in qa_corpus(out) for t in enc.encode_ordinary(doc)})
+    for split in SPLITS:
+        questions, annotations = load(out, split)
+        for q, a in zip(questions["questions"], annotations["annotations"]):
+            tokenizer.encode_ordinary(qa_prompt(q["question"]) + " " + a["multiple_choice_answer"])
+        captions = json.load(open(os.path.join(out, f"annotations/captions_{split}2017.json")))
+        for c in captions["annotations"]:
+            tokenizer.encode_ordinary(c["caption"])
