@@ -23,6 +23,9 @@ The captioner lays each example out as
 The LM was pretrained on documents that each start after an <|endoftext|>, so the image comes right after
 one, where the LM expects the start of a new text (a prefix before it would be read as the end of some
 previous document and largely ignored). The loss covers c_1 .. c_n and the final <|endoftext|> only.
+A question about the image is a prompt the LM reads before it answers (BLIP-2's "Question: ... Answer:"):
+    [<|endoftext|>] [prefix p_1 .. p_P] [prompt q_1 .. q_m] [answer a_1 .. a_k] [<|endoftext|>]
+with the loss on a_1 .. a_k and the final <|endoftext|> only: the question is given, never predicted.
 """
 import dataclasses
 import hashlib
@@ -296,13 +299,14 @@ def grid_sincos(rows, cols, dim, tokens):
 # The captioner: a bridge joined to a frozen GPT
 
 
-def caption_batch(token_lists, eot, complete=None):
+def caption_batch(token_lists, eot, complete=None, prompt=None):
     """
     Captions (lists of token ids) -> tokens (B, T) and targets (B, T) for Captioner.forward.
     Each row is the caption followed by <|endoftext|>; rows are padded with <|endoftext|> in `tokens`
     (any valid id would do: the causal mask keeps padding from affecting real positions) and with -100
     in `targets`, so padding carries no loss. complete[i] False marks a caption cut short (at a token limit):
-    its <|endoftext|> is no target, or the model would learn to stop mid-sentence.
+    its <|endoftext|> is no target, or the model would learn to stop mid-sentence. prompt[i] > 0: row i's
+    first prompt[i] tokens are a question, read but not predicted (-100), and the rest is its answer.
     """
     T = max(len(t) for t in token_lists) + 1
     tokens = torch.full((len(token_lists), T), eot, dtype=torch.long)
@@ -310,7 +314,8 @@ def caption_batch(token_lists, eot, complete=None):
     for i, t in enumerate(token_lists):
         tokens[i, :len(t)] = torch.tensor(t, dtype=torch.long)
         ends = complete is None or complete[i]
-        targets[i, :len(t) + ends] = tokens[i, :len(t) + ends]
+        start = 0 if prompt is None else prompt[i]
+        targets[i, start:len(t) + ends] = tokens[i, start:len(t) + ends]
     return tokens, targets
 
 
@@ -381,16 +386,19 @@ class Captioner(nn.Module):
         return logits[:, L - 1:-1], None  # (B, T, V)
 
     @torch.no_grad()
-    def generate(self, visual, max_new_tokens=30, temperature=0.0, top_k=None, top_p=None, generator=None):
+    def generate(self, visual, max_new_tokens=30, temperature=0.0, top_k=None, top_p=None, generator=None,
+                 prompt=None):
         """
         Caption token lists for a batch of images, through the GPT's KV-cache generate (greedy by default).
+        prompt (B, m): the same number of prompt tokens per row (a question), read before the new tokens.
         """
         prefix, cross = self.condition(visual)  # once per image
-        empty = torch.zeros(visual.size(0), 0, dtype=torch.long, device=visual.device)  # (B, 0): no text yet
-        out = self.lm.generate(empty, max_new_tokens, temperature, top_k, top_p, prefix=prefix, cross=cross,
+        if prompt is None:
+            prompt = torch.zeros(visual.size(0), 0, dtype=torch.long, device=visual.device)  # (B, 0): no text
+        out = self.lm.generate(prompt, max_new_tokens, temperature, top_k, top_p, prefix=prefix, cross=cross,
                                eot=self.eot, generator=generator, n_vocab=self.n_vocab)
         captions = []
-        for row in out.tolist():
+        for row in out[:, prompt.size(1):].tolist():  # the new tokens only
             captions.append(row[:row.index(self.eot)] if self.eot in row else row)
         return captions
 

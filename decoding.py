@@ -19,21 +19,22 @@ from torch.nn import functional as F
 
 @torch.no_grad()
 def decode_batch(captioner, visual, method="beam", beam=3, max_new_tokens=30, length_penalty=1.0,
-                 temperature=1.0, top_p=None, generator=None):
+                 temperature=1.0, top_p=None, generator=None, prompt=None):
     """
     One batch of images (B, S, C_vis) -> B token lists, by greedy, beam search (beam 1 = greedy) or sampling.
+    prompt (B, m): text every row reads first (a question; the same length in every row), or None.
     """
     if method == "greedy" or (method == "beam" and beam == 1):
-        return captioner.generate(visual, max_new_tokens, temperature=0.0)
+        return captioner.generate(visual, max_new_tokens, temperature=0.0, prompt=prompt)
     if method == "beam":
-        return beam_search(captioner, visual, beam, max_new_tokens, length_penalty)
+        return beam_search(captioner, visual, beam, max_new_tokens, length_penalty, prompt)
     if method == "sample":
         return captioner.generate(visual, max_new_tokens, temperature=temperature, top_p=top_p,
-                                  generator=generator)
+                                  generator=generator, prompt=prompt)
     raise ValueError(f"unknown decoding method {method!r}: choose greedy, beam or sample")
 
 
-def start_beams(captioner, visual, K, max_new_tokens):
+def start_beams(captioner, visual, K, max_new_tokens, prompt=None):
     """
     All K beams of an image start from the same prefix: prefill it once per image, then give each beam a copy
     of its image's keys and values. Rows b*K .. b*K+K-1 are then image b's beams, and the cross-attention
@@ -42,9 +43,10 @@ def start_beams(captioner, visual, K, max_new_tokens):
     """
     lm, B = captioner.lm, visual.size(0)
     prefix, cross = captioner.condition(visual)  # (B, L, C)
-    cache = lm.new_cache(B, prefix.size(1) + max_new_tokens)
-    empty = torch.zeros(B, 0, dtype=torch.long, device=visual.device)  # (B, 0): no text yet
-    logits, _ = lm(empty, prefix=prefix, cross=cross, cache=cache, last_only=True)  # (B, 1, V)
+    if prompt is None:
+        prompt = torch.zeros(B, 0, dtype=torch.long, device=visual.device)  # (B, 0): no text yet
+    cache = lm.new_cache(B, prefix.size(1) + prompt.size(1) + max_new_tokens)
+    logits, _ = lm(prompt, prefix=prefix, cross=cross, cache=cache, last_only=True)  # (B, 1, V)
     per_beam = torch.arange(B, device=visual.device).repeat_interleave(K)  # (B*K,) the image of each beam
     cache.reorder(per_beam)
     # from here on beams are reshuffled within an image only: their prefixes stay put
@@ -55,10 +57,11 @@ def start_beams(captioner, visual, K, max_new_tokens):
 
 
 @torch.no_grad()
-def beam_search(captioner, visual, beam=3, max_new_tokens=30, length_penalty=1.0):
+def beam_search(captioner, visual, beam=3, max_new_tokens=30, length_penalty=1.0, prompt=None):
     """
     Beam search for a batch of images: visual (B, S, C_vis) -> B captions (lists of token ids, without the
-    final <|endoftext|>). All B * beam hypotheses advance together, one LM call per step.
+    final <|endoftext|>). All B * beam hypotheses advance together, one LM call per step. prompt (B, m):
+    text read first (a question), as in decode_batch.
 
     A hypothesis ends when it emits <|endoftext|>; it is then scored by
         sum of its tokens' log-probabilities / length ** length_penalty   (length counts the <|endoftext|>)
@@ -74,7 +77,7 @@ def beam_search(captioner, visual, beam=3, max_new_tokens=30, length_penalty=1.0
     """
     lm, eot, K, n_vocab = captioner.lm, captioner.eot, beam, captioner.n_vocab
     B = visual.size(0)
-    cache, cross, logprobs = start_beams(captioner, visual, K, max_new_tokens)  # logprobs (B*K, V)
+    cache, cross, logprobs = start_beams(captioner, visual, K, max_new_tokens, prompt)  # (B*K, V)
     V = logprobs.size(-1)
 
     # At the start all K beams of an image are the same empty caption: keep only the first alive, or the

@@ -7,6 +7,10 @@ Evaluate captioners: decode captions for a set of images, score them, compare br
         --coco-root data/shapes --split val --features data/cache/shapes_val \
         --extra-scores data.shapes --out results/
     python evaluate.py --images my_photos/ --checkpoint runs/caption/qformer/ckpt_final.pt   # your own images
+    # questions too: a VQA column (VQAv2's accuracy), and answers for your own images
+    python evaluate.py --checkpoints ... \
+        --questions data/shapes/annotations/v2_OpenEnded_shapes_val_questions.json
+    python evaluate.py --images my_photos/ --checkpoint ... --question "what color is the shape on the left?"
 
 In this file: decoding a set of images (the methods, greedy, sampling and beam search, are decoding.py's),
 where the visual tokens come from, the blind baseline, the comparison, and captioning a folder. The metrics
@@ -16,12 +20,15 @@ drew).
 
 The table carries a blind baseline: a checkpoint's frozen LM with no image at all, decoded the same way (its
 first sentence after <|endoftext|>): the LM's caption prior, one row per distinct LM among the checkpoints. A
-bridge that does not beat its LM's row clearly has not learned to use the image.
+bridge that does not beat its LM's row clearly has not learned to use the image. With --questions, every row
+also answers VQAv2-format questions about the images (the blind row: the question alone), scored by VQA
+accuracy per answer type.
 """
 import argparse
 import errno
 import importlib
 import os
+import re
 import stat
 import sys
 import time
@@ -37,7 +44,7 @@ from common import (UsageError, autocast, best_device, check_writable, device_fl
                     nonneg_float, positive_int, probability, resolve_dtype, write_json)
 from data import coco, feature_cache
 from decoding import decode_batch
-from metrics import METRICS, score_captions
+from metrics import METRICS, score_captions, score_vqa
 
 # -----------------------------------------------------------------------------
 # Decoding every image of a set (the methods themselves: decoding.py), timed
@@ -144,6 +151,66 @@ def blind_captions(captioner, tokenizer, image_ids, batch_size, decoding, dtype)
     return {i: first_sentence(c) for i, c in captions.items()}, captions_per_s
 
 # -----------------------------------------------------------------------------
+# Questions about the images: each answered after its question, greedily, scored by VQAv2's accuracy
+
+ANSWER_TOKENS = 10  # VQAv2's answers are a word or three
+
+
+def answer_of(text):
+    """An answer as decoded, up to the end of its first sentence: the blind LM goes on to another question."""
+    return re.split(r"\.(?:\s|$)|\n|Question:", text)[0].strip()
+
+
+def answer_questions(captioner, tokenizer, questions, source, batch_size, dtype, desc="answering"):
+    """
+    ({question_id: answer}, answers per second) for data.coco.load_vqa's records; source None: no image (the
+    blind row). Each batch holds questions of one prompt length, so every row reads its question at the same
+    positions and no padding comes between a question and its answer. Timed as decode() times captions.
+    """
+    device = next(captioner.parameters()).device
+    by_length = {}
+    for q in questions:
+        by_length.setdefault(len(question_tokens(tokenizer, q)), []).append(q)
+    answers, seconds = {}, 0.0
+    chunks = [group[i:i + batch_size] for group in by_length.values()
+              for i in range(0, len(group), batch_size)]
+    for chunk in tqdm(chunks, desc=desc, unit="batch", leave=False):
+        if source is None:
+            visual = torch.zeros(len(chunk), 0, 0)  # (B, 0, 0): the blind captioner reads nothing
+        else:
+            kept, visual = source.tokens([q["image_id"] for q in chunk])  # unreadable images: left out
+            chunk = [q for q in chunk if q["image_id"] in set(kept)]
+        prompt = torch.tensor([question_tokens(tokenizer, q) for q in chunk], device=device)  # (B, m)
+        with autocast(device.type, dtype):
+            _sync(device)
+            t0 = time.perf_counter()
+            token_lists = decode_batch(captioner, visual.to(device), "greedy", max_new_tokens=ANSWER_TOKENS,
+                                       prompt=prompt)
+            _sync(device)
+        seconds += time.perf_counter() - t0
+        for q, tokens in zip(chunk, token_lists):
+            text = tokenizer.decode([t for t in tokens if t < tokenizer.n_vocab])
+            answers[q["question_id"]] = answer_of(text)
+    return answers, len(answers) / max(seconds, 1e-9)
+
+
+def question_tokens(tokenizer, q):
+    """The prompt's tokens; a word the LM never saw (a --vocab-subset LM) is an error naming the question."""
+    try:
+        return tokenizer.encode_ordinary(coco.qa_prompt(q["question"]))
+    except ValueError as e:
+        raise ValueError(f"question {q['question_id']} ({q['question']!r}) cannot be put to this LM: {e}. "
+                         f"Its LM must have read such questions: the miniature's is pretrained on "
+                         f"corpus_qa.jsonl (data/shapes.py --questions)") from e
+
+
+def vqa_row(answers, questions):
+    """The VQA scores of a row: accuracy, its interval, and per answer type."""
+    scores = score_vqa(answers, [q for q in questions if q["question_id"] in answers])
+    return dict(VQA=scores["accuracy"], VQA_ci=list(scores["accuracy_ci"]), questions=len(answers),
+                VQA_types={t: s["accuracy"] for t, s in scores["per_answer_type"].items()})
+
+# -----------------------------------------------------------------------------
 # The comparison: several bridge checkpoints on the same images, one table
 
 
@@ -192,7 +259,15 @@ def in_cache(records, cache, path, where):
     return [r for r in records if r["image_id"] in cache]
 
 
-def check_unseen(ckpt, records, path, where):
+KARPATHY_FIX = ("Karpathy's val and test images come from COCO 2014 val, and most of those are in train2017: "
+                "for Karpathy-test numbers, cache features and train with --karpathy-json (his train split); "
+                "to evaluate a model trained on all of train2017, use COCO 2017 val (no --karpathy-json).")
+VQA_FIX = ("VQAv2's val questions are about COCO 2014 val images, and most of those are in train2017 (and "
+           "Karpathy's train split): to score VQAv2 val, train on COCO 2014 train's images only (VQAv2 "
+           "train's questions, and those images' captions).")
+
+
+def check_unseen(ckpt, image_ids, path, where, fix=KARPATHY_FIX):
     """ValueError if the checkpoint was trained on any image it is about to be scored on (a leak)."""
     trained_on = ckpt.get("trained_on")
     if trained_on is None:
@@ -200,14 +275,33 @@ def check_unseen(ckpt, records, path, where):
               file=sys.stderr)
         return
     seen = set(trained_on["image_ids"].tolist())
-    overlap = [r["image_id"] for r in records if r["image_id"] in seen]
+    image_ids = sorted(set(image_ids))
+    overlap = [i for i in image_ids if i in seen]
     if overlap:
-        raise ValueError(
-            f"{path} was trained on {len(overlap)} of the {len(records)} images of {where} (e.g. COCO id "
-            f"{overlap[0]}): scores on them measure memory, not captioning. Karpathy's val and test images "
-            f"come from COCO 2014 val, and most of those are in train2017: for Karpathy-test numbers, cache "
-            f"features and train with --karpathy-json (his train split); to evaluate a model trained on all "
-            f"of train2017, use COCO 2017 val (no --karpathy-json).")
+        raise ValueError(f"{path} was trained on {len(overlap)} of the {len(image_ids)} images of {where} "
+                         f"(e.g. COCO id {overlap[0]}): scores on them measure memory, not seeing. {fix}")
+
+
+def question_set(args, split, cache):
+    """--questions' records (None without): about images the feature cache holds, when there is one."""
+    if not args.questions:
+        return None
+    questions = coco.question_records(args.questions, args.answers, args.coco_root, split)
+    if args.max_images:  # the questions about the images scored
+        first = {r["image_id"] for r in evaluation_set(args)[0]}
+        questions = [q for q in questions if q["image_id"] in first]
+    if cache is not None:
+        questions = in_cache(questions, cache, args.features, f"the questions of {args.questions}")
+    if not questions:
+        raise ValueError(f"{args.questions}: no questions about the images evaluated")
+    return questions
+
+
+def write_answers(path, answers, questions):
+    """Each question's answer beside the humans' (for reading, as captions_*.json are)."""
+    by_id = {q["question_id"]: q for q in questions}
+    write_json(path, {str(i): dict(question=by_id[i]["question"], answer=a, answers=by_id[i]["answers"])
+                      for i, a in answers.items()})
 
 
 def extra_scorer(module, root, split):
@@ -242,6 +336,7 @@ def compare(args):
     if cache is not None:
         records = in_cache(records, cache, args.features, where)
     references = {r["image_id"]: r["captions"] for r in records}
+    questions = question_set(args, split, cache)
     extra = extra_scorer(args.extra_scores, args.coco_root, split)
     decoding = dict(method=args.method, beam=args.beam, max_new_tokens=args.max_new_tokens,
                     length_penalty=args.length_penalty, temperature=args.temperature, top_p=args.top_p,
@@ -254,7 +349,10 @@ def compare(args):
     runs, sources, names = [], {}, set()
     for path in args.checkpoints:
         captioner, tokenizer, ckpt = load_captioner(path, lm=args.lm, device=args.device)
-        check_unseen(ckpt, records, path, where)
+        check_unseen(ckpt, [r["image_id"] for r in records], path, where)
+        if questions:  # the images the questions are about (COCO 2014's, for VQAv2) must be unseen too
+            check_unseen(ckpt, [q["image_id"] for q in questions], path, f"the questions of {args.questions}",
+                         VQA_FIX)
         spec = clip_loader.VisualFeatures.from_dict(ckpt["visual_features"], path)
         if cache is not None:
             check_features(cache, spec, path)
@@ -269,6 +367,10 @@ def compare(args):
         runs.append(dict(name=name, path=path, captioner=captioner, tokenizer=tokenizer, ckpt=ckpt,
                          captions=captions, source=source, captions_per_s=captions_per_s))
         print(f"{name}: {captions_per_s:.1f} captions/s", file=sys.stderr)
+        if questions:
+            runs[-1]["answers"], answers_per_s = answer_questions(captioner, tokenizer, questions, source,
+                                                                  args.batch_size, args.dtype, desc=name)
+            print(f"{name}: {answers_per_s:.1f} answers/s", file=sys.stderr)
     # The blind baseline: if a bridge's scores are not clearly above its LM's row, the bridge has not learned
     # to use the image: everything it gets right, the LM guesses on its own. One row per distinct frozen LM:
     # bridges on two LMs have two priors to beat.
@@ -278,6 +380,11 @@ def compare(args):
                                                   list(first["captions"]), args.batch_size, decoding,
                                                   args.dtype)
         blinds.append(dict(run=first, captions=captions, captions_per_s=captions_per_s))
+        if questions:  # the question alone: what the LM answers without looking
+            blind = Captioner(first["captioner"].lm, NoImage(), first["captioner"].eot,
+                              n_vocab=first["captioner"].n_vocab).eval()
+            blinds[-1]["answers"], _ = answer_questions(blind, first["tokenizer"], questions, None,
+                                                        args.batch_size, args.dtype, desc="blind")
 
     clear_outputs(args.out)  # only now: a run refused above (a leak, other features) leaves the old results
     rows = []
@@ -296,6 +403,9 @@ def compare(args):
         rows.append(row)
         write_json(os.path.join(args.out, f"captions_{run['name']}.json"),
                    {str(i): dict(caption=c, references=references[i]) for i, c in captions.items()})
+        if questions:
+            row.update(vqa_row(run["answers"], questions))
+            write_answers(os.path.join(args.out, f"answers_{run['name']}.json"), run["answers"], questions)
         print(f"{run['name']}: CIDEr {row.get('CIDEr', float('nan')):.3f}", file=sys.stderr)
     for blind in blinds:
         first, captions = blind["run"], blind["captions"]
@@ -304,18 +414,23 @@ def compare(args):
         row.update(kind="blind", checkpoint=first["path"], lm=first["ckpt"]["lm"]["name"],
                    captions_per_s=blind["captions_per_s"], blind=True)
         rows.append(row)
-        name = "captions_blind.json" if len(blinds) == 1 else f"captions_blind_{first['name']}.json"
-        write_json(os.path.join(args.out, name),
+        name = "blind.json" if len(blinds) == 1 else f"blind_{first['name']}.json"
+        write_json(os.path.join(args.out, "captions_" + name),
                    {str(i): dict(caption=c, references=references[i]) for i, c in captions.items()})
+        if questions:
+            row.update(vqa_row(blind["answers"], questions))
+            write_answers(os.path.join(args.out, "answers_" + name), blind["answers"], questions)
 
     pictures = draw_pictures(args, runs, records)
     skipped = {s["image_id"]: s for source in sources.values() for s in source.skipped}
     scored = len(runs[0]["captions"])  # images left out as unreadable are not in any row
     result = dict(split=split, where=where, images=scored, skipped=list(skipped.values()), decoding=decoding,
                   metrics=list(args.metrics), features=args.features, device=str(args.device), rows=rows,
-                  pictures=[p for p in pictures if p])
+                  pictures=[p for p in pictures if p], questions=args.questions)
     write_json(os.path.join(args.out, "results.json"), result)
     table = markdown_table(rows, decoding, where, scored, extra)
+    if questions:
+        table += vqa_table(rows, args.questions)
     note = single_image_cider_note(scored, args.metrics)
     if note is not None:
         print(f"note: {note}", file=sys.stderr)
@@ -353,7 +468,8 @@ def clear_outputs(out):
     table's folder but not in its table. Other files (and folder mode's captions_images.json) are left alone.
     """
     old = sorted(f for f in os.listdir(out) if f in ("table.md", "results.json", "val_loss.png") or
-                 (f.startswith(("captions_", "grid_", "attention_")) and f.endswith((".json", ".png"))
+                 (f.startswith(("captions_", "answers_", "grid_", "attention_"))
+                  and f.endswith((".json", ".png"))
                   and f != "captions_images.json"))
     for name in old:
         os.remove(os.path.join(out, name))
@@ -450,6 +566,23 @@ def markdown_table(rows, decoding, where, images, extra=None):
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
+def vqa_table(rows, path):
+    """The VQA scores of every row as a second markdown table."""
+    types = sorted({t for row in rows for t in row.get("VQA_types", {})})
+    lines = ["", f"VQA accuracy (VQAv2's: min(humans who gave the answer / 3, 1), averaged over the 10 "
+             f"leave-one-out sets, after its answer normalisation) on the questions of {path}, greedy, at "
+             f"most {ANSWER_TOKENS} tokens, with its 95% bootstrap interval over questions. The blind row "
+             f"answers the question alone.", "",
+             "| bridge | questions | VQA [95% CI] | " + " | ".join(types) + " |",
+             "|" + "---|" * (3 + len(types))]
+    for row in rows:
+        if "VQA" in row:
+            low, high = row["VQA_ci"]
+            cells = [row["bridge"], str(row["questions"]), f"{row['VQA']:.3f} [{low:.3f}, {high:.3f}]"]
+            cells += [_fmt(row["VQA_types"].get(t)) for t in types]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
 # -----------------------------------------------------------------------------
 # Captioning a folder of your own images
 
@@ -472,14 +605,19 @@ def caption_folder(args):
                     seed=args.seed)
     captions, captions_per_s = decode(captioner, tokenizer, batches(source, paths, args.batch_size),
                                       dtype=args.dtype, **decoding)
+    answers = {}
+    if args.question:  # the same question about every image
+        asked = [dict(question_id=p, image_id=p, question=args.question) for p in captions]
+        answers, _ = answer_questions(captioner, tokenizer, asked, source, args.batch_size, args.dtype)
     for path, caption in captions.items():
-        print(f"{one_line(path)}\t{one_line(caption)}")
+        print(f"{one_line(path)}\t{one_line(caption)}" + (f"\t{one_line(answers[path])}" if answers else ""))
     skipped = source.skipped
     print(f"{len(captions)} image(s) captioned ({captions_per_s:.1f} captions/s), {len(skipped)} unreadable "
           f"skipped{': ' if skipped else ''}{', '.join(one_line(s['path']) for s in skipped)}; "
           f"{named(passed_over)}", file=sys.stderr)
     out_path = os.path.join(args.out, "captions_images.json")
     write_json(out_path, dict(checkpoint=args.checkpoint, decoding=decoding, captions=captions,
+                              question=args.question, answers=answers,
                               skipped=[dict(path=s["path"], reason=s["reason"]) for s in skipped],
                               passed_over=passed_over, captions_per_s=captions_per_s))
     print(f"wrote {out_path}", file=sys.stderr)
@@ -565,6 +703,12 @@ def parse_args(argv=None):
                         help="dataset_coco.json: evaluate on Karpathy's split")
     parser.add_argument("--features", default=None,
                         help="a feature cache of the split (else: encode on the fly)")
+    parser.add_argument("--questions", default=None,
+                        help="also answer these VQAv2-format questions about the split's images "
+                             "(v2_OpenEnded_*_questions.json): a VQA column")
+    parser.add_argument("--answers", default=None,
+                        help="their annotations file (default: found next to --questions by VQAv2's naming)")
+    parser.add_argument("--question", default=None, help="folder mode: also ask this about every image")
     parser.add_argument("--max-images", type=positive_int, default=None, help="only the first N images")
     parser.add_argument("--lm", default=None, help="path of the frozen LM, if it moved since training")
     parser.add_argument("--out", default="results")
@@ -593,6 +737,11 @@ def parse_args(argv=None):
         parser.error("give --checkpoints (compare mode) or --images DIR --checkpoint CKPT (folder mode)")
     if args.images is not None and args.checkpoint is None:
         parser.error("--images needs --checkpoint")
+    if args.question is not None and args.images is None:
+        parser.error("--question is folder mode's (--images DIR); to score questions, --questions FILE")
+    if args.questions and args.karpathy_json:
+        parser.error("--questions with --karpathy-json: VQAv2's questions are about COCO 2014's own val "
+                     "images; evaluate them without --karpathy-json")
     if args.extra_scores:  # a module that is not there, or offers no hook, is a mistyped flag: say so now
         try:
             hook = getattr(importlib.import_module(args.extra_scores), "extra_scores", None)

@@ -8,7 +8,13 @@ Train any bridge (see bridges.BRIDGES) between a frozen vision encoder and a fro
     # without a feature cache the encoder runs on every batch (slower; see bench/bench_caption.py)
     python train_caption.py --bridge linear --lm runs/lm/ckpt_019073.pt --coco-root data/coco
 
+    # questions about the images (VQAv2's files; the answers file is found next to the questions by its name)
+    python train_caption.py --bridge qformer --task mix \
+        --questions data/vqa/v2_OpenEnded_mscoco_train2014_questions.json ...
+
 One example is one (image, caption) pair: COCO's ~118k train images x ~5 captions = ~590k examples per epoch.
+With --task questions or mix, an example may instead be (image, question, answer): the LM reads the question
+after the image (data.coco.qa_prompt: "Question: ... Answer:") and the loss covers the answer alone.
 Only the bridge trains (plus the last --unfreeze-last GPT blocks, if asked): the LM and the encoder are
 frozen, so they get no gradient and no optimizer state. Writes to --out-dir (default runs/caption/<bridge>):
 log.jsonl and checkpoints ckpt_<step>.pt / ckpt_final.pt, read by bridges.load_captioner and by --resume
@@ -128,10 +134,10 @@ def setup(args, dist):
     if dist.ddp:
         model = DDP(model, device_ids=[dist.local_rank] if dist.device_type == "cuda" else None)
 
-    pairs, left_out = make_pairs(train_records, source, tokenizer, args.max_caption_tokens)
+    pairs, left_out = training_pairs(args, train_records, source, tokenizer)
     # evaluate.py refuses to score these images
     trained_on = {"split": "train", "karpathy_json": args.karpathy_json,
-                  "image_ids": torch.tensor(sorted({image_id for image_id, _, _ in pairs}), dtype=torch.long)}
+                  "image_ids": torch.tensor(sorted({pair[0] for pair in pairs}), dtype=torch.long)}
     order = PairOrder(len(pairs), args.total_batch, args.seed, dist.rank, dist.world_size)
     max_steps = args.max_steps or max(1, int(args.epochs * order.steps_per_epoch))
     ckpt = run.resume(optimizer, args)  # optimizer moments and RNGs; the bridge's weights next
@@ -144,7 +150,7 @@ def setup(args, dist):
                                    "captions_left_out": {"count": len(left_out), "first": left_out[:10]},
                                    "max_steps": max_steps, "grad_accum": grad_accum,
                                    "world_size": dist.world_size}, dist.device)
-    print0(f"{args.bridge} bridge: {len(pairs):,} pairs, {order.steps_per_epoch:,} steps/epoch, "
+    print0(f"{args.bridge} bridge, {args.task}: {len(pairs):,} pairs, {order.steps_per_epoch:,} steps/epoch, "
            f"{max_steps:,} steps of {args.total_batch} = {args.batch_size} x {dist.world_size} process(es) "
            f"x {grad_accum} accumulation")
     return SimpleNamespace(
@@ -303,12 +309,24 @@ def parameter_counts(captioner, encoder):
 # The examples: every (image, caption) pair, tokenized once, and which of them each step reads
 
 
+def training_pairs(args, records, source, tokenizer):
+    """The examples --task asks for: caption pairs, question pairs (--questions), or both in one list."""
+    pairs, left_out = [], []
+    if args.task != "questions":
+        pairs, left_out = make_pairs(records, source, tokenizer, args.max_caption_tokens)
+    if args.task != "captions":
+        questions = coco.question_records(args.questions, args.answers, args.coco_root, "train")
+        asked, skipped = question_pairs(questions, source, tokenizer, args.max_caption_tokens, args.questions)
+        pairs, left_out = pairs + asked, left_out + skipped
+    return pairs, left_out
+
+
 def make_pairs(records, source, tokenizer, max_tokens):
     """
-    [(image_id, caption tokens, complete)] for the records whose image the visual source has (a cache skips
-    unreadable files), cut at max_tokens (complete=False then). A caption without a single word (empty,
+    [(image_id, caption tokens, complete, 0)] for the records whose image the visual source has (a cache
+    skips unreadable files), cut at max_tokens (complete=False then). A caption without a single word (empty,
     spaces, emoji only) or with a token outside a --vocab-subset LM's vocabulary is left out, counted and
-    named.
+    named. (The 0: no prompt before the caption; question_pairs' examples have one.)
     """
     pairs, unreadable, absent, left_out = [], 0, [], []
     for r in records:
@@ -327,7 +345,7 @@ def make_pairs(records, source, tokenizer, max_tokens):
             except ValueError as e:  # SubsetTokenizer: a token this LM never saw
                 left_out.append(dict(image_id=r["image_id"], caption=caption, reason=str(e)))
                 continue
-            pairs.append((r["image_id"], tokens[:max_tokens], len(tokens) <= max_tokens))
+            pairs.append((r["image_id"], tokens[:max_tokens], len(tokens) <= max_tokens, 0))
     if absent:  # a cache of another split or image list: never train on less than was asked for, silently
         raise ValueError(f"{len(absent)} of the {len(records)} images are not in the feature cache (e.g. "
                          f"{absent[0]['path']}): was it built from another split? Build one from this split "
@@ -343,12 +361,56 @@ def make_pairs(records, source, tokenizer, max_tokens):
     return pairs, left_out
 
 
+def question_pairs(questions, source, tokenizer, max_tokens, path):
+    """
+    [(image_id, prompt + answer tokens, True, prompt length)] for data.coco.load_vqa's records: the answer is
+    the one most of the humans gave. A question whose image the visual source lacks is an error, as in
+    make_pairs; one the LM cannot read (a token outside a --vocab-subset LM's vocabulary) or too long for
+    max_tokens is left out, counted and named. Returns (pairs, left out).
+    """
+    absent = [q for q in questions if q["image_id"] not in source and q["image_id"] not in source.unreadable]
+    if absent:
+        q = absent[0]
+        raise ValueError(f"{len(absent)} of the {len(questions)} questions of {path} are about images the "
+                         f"visual source does not have (e.g. question {q['question_id']}, {q['path']}): "
+                         f"build the feature cache from the images the questions are about")
+    pairs, left_out = [], []
+    for q in questions:
+        if q["image_id"] not in source:  # unreadable when the cache was built: reported there
+            continue
+        answer = coco.most_common_answer(q["answers"])
+        try:
+            prompt = tokenizer.encode_ordinary(coco.qa_prompt(q["question"]))
+            tokens = prompt + tokenizer.encode_ordinary(" " + answer)
+        except ValueError as e:  # SubsetTokenizer: a word this LM never saw
+            left_out.append(dict(image_id=q["image_id"], question_id=q["question_id"], reason=str(e)))
+            continue
+        if len(tokens) > max_tokens:  # a question cut short would lose its answer
+            left_out.append(dict(image_id=q["image_id"], question_id=q["question_id"],
+                                 reason=f"{len(tokens)} tokens > --max-caption-tokens {max_tokens}"))
+            continue
+        pairs.append((q["image_id"], tokens, True, len(prompt)))
+    if left_out:
+        print0(f"note: {len(left_out)} of {len(questions)} questions of {path} left out, e.g. question "
+               f"{left_out[0]['question_id']} ({left_out[0]['reason']})")
+    if not pairs:
+        raise ValueError(f"no question could be read from {path}: is the LM one that knows its words?")
+    return pairs, left_out
+
+
 def val_subset(args, val_source, tokenizer):
     """
     The first --val-pairs pairs of the val split: a fixed subset, the same at every evaluation (None: no val).
+    The val split's captions; with --task questions, its questions (--val-questions; None without).
     """
     if val_source is None:
         return None
+    if args.task == "questions":
+        if not args.val_questions:
+            return None
+        questions = coco.question_records(args.val_questions, None, args.coco_root, "val")
+        return question_pairs(questions, val_source, tokenizer, args.max_caption_tokens,
+                              args.val_questions)[0][:args.val_pairs]
     records = coco.load_records(args.coco_root, "val", args.karpathy_json)
     return make_pairs(records, val_source, tokenizer, args.max_caption_tokens)[0][:args.val_pairs]
 
@@ -381,12 +443,13 @@ class PairOrder:
 def batch_of(pairs, index, source, eot, device):
     """Visual tokens (B, S, C), caption tokens and targets (B, T) of the pairs at `index`."""
     chosen = [pairs[i] for i in index]
-    ids, v = source.tokens([image_id for image_id, _, _ in chosen])
+    ids, v = source.tokens([pair[0] for pair in chosen])
     if len(ids) < len(chosen):  # training data must be readable; a feature cache skips such files instead
         bad = source.skipped[-1]
         raise ValueError(f"cannot read {bad['path']}: {bad['reason']} "
                          "(data/feature_cache.py skips such files)")
-    tokens, targets = caption_batch([t for _, t, _ in chosen], eot, [complete for _, _, complete in chosen])
+    _, token_lists, complete, prompt = zip(*chosen)  # (image id, tokens, complete, prompt length) each
+    tokens, targets = caption_batch(token_lists, eot, complete, prompt)
     if torch.device(device).type == "cuda" and v.device.type == "cpu":
         # page-locked, so the copy to the GPU below does not wait for the GPU's queue; pinning is itself a
         # host copy (features preloaded on the GPU, --preload-features, avoid both)
@@ -487,6 +550,15 @@ def get_args(argv=None):
                    help="standardise visual tokens with the train cache's per-(token, channel) mean and std")
     p.add_argument("--out-dir", default=None, help="default runs/caption/<bridge>")
     p.add_argument("--seed", type=int, default=1337)
+    # what the bridge learns to do: caption the image, answer questions about it, or both at once
+    p.add_argument("--task", default="captions", choices=["captions", "questions", "mix"],
+                   help="train on the captions, on --questions, or on both (one list of examples)")
+    p.add_argument("--questions", default=None,
+                   help="VQAv2-format questions of the train split (v2_OpenEnded_*_questions.json)")
+    p.add_argument("--answers", default=None,
+                   help="their annotations file (default: found next to --questions by VQAv2's naming)")
+    p.add_argument("--val-questions", default=None,
+                   help="--task questions: val split questions for the val loss (answers found by name)")
     # the bridge: one flag per field of bridges.BridgeConfig
     for f in dataclasses.fields(BridgeConfig):
         if "help" not in f.metadata:
@@ -529,6 +601,8 @@ def get_args(argv=None):
                         "NaN stops the run, there")
     add_run_flags(p)  # --resume, --overwrite, --device, --compile, --dtype, --fused
     args = p.parse_args(argv)
+    if args.task != "captions" and not args.questions:
+        p.error(f"--task {args.task} needs --questions (a VQAv2-format questions file of the train split)")
     args.out_dir = args.out_dir or os.path.join("runs", "caption", args.bridge)
     return args
 

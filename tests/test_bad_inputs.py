@@ -329,8 +329,8 @@ def test_11_unusable_captions_are_left_out_counted_and_named(world, capsys):  # 
     records_ = [dict(image_id=ids[0], captions=["a red square", "a zebra", ""]),
                 dict(image_id=ids[1], captions=["  \u200b ", "\U0001F600\U0001F600", "a red circle"])]
     pairs, left_out = train_caption.make_pairs(records_, cache, tokenizer, 40)
-    assert [(i, tokenizer.decode(t), complete) for i, t, complete in pairs] == \
-        [(ids[0], "a red square", True), (ids[1], "a red circle", True)]
+    assert [(i, tokenizer.decode(t), complete, prompt) for i, t, complete, prompt in pairs] == \
+        [(ids[0], "a red square", True, 0), (ids[1], "a red circle", True, 0)]
     assert [(c["image_id"], c["caption"]) for c in left_out] == \
         [(ids[0], "a zebra"), (ids[0], ""), (ids[1], "  \u200b "), (ids[1], "\U0001F600\U0001F600")]
     assert "zebra" in left_out[0]["reason"] and left_out[1]["reason"] == "no words"

@@ -7,10 +7,15 @@ The small VQAv2 split (4 questions on COCO 2014 images 42, 139, 285) is tests/te
 """
 import json
 import os
+import shutil
 
 import pytest
 
-from data import coco
+import evaluate
+import train_caption
+from data import coco, feature_cache
+from gpt2 import SubsetTokenizer, get_tokenizer
+from tests.test_questions import train_args, trained, world  # noqa: F401 (fixtures)
 from tests.test_vqa import vqa_data, write_vqa
 
 
@@ -194,3 +199,67 @@ def test_the_files_written_here_are_read_without_complaint(tmp_path):
     records, skipped = load(tmp_path)
     assert len(records) == 4 and skipped == []
     assert json.load(open(files(tmp_path)[0]))["data_subtype"] == "val2014"
+
+# -----------------------------------------------------------------------------
+# 49-53. Training and evaluating on questions (the world, its LM and checkpoints: tests/test_questions.py's)
+
+
+def test_49_a_question_task_without_questions_is_refused_at_once(world, tmp_path, capsys):  # noqa: F811
+    for task in ("questions", "mix"):
+        with pytest.raises(SystemExit) as e:
+            train_caption.main(["--bridge", "linear", "--task", task])
+        assert e.value.code == 2
+        assert f"--task {task} needs --questions (a VQAv2-format questions file of the train split)" in \
+            capsys.readouterr().err
+
+
+def test_50_questions_about_images_the_features_lack_are_refused(world, tmp_path):  # noqa: F811
+    flags = train_args(world, tmp_path, "questions")
+    flags[flags.index("--features") + 1] = world["val"]  # the val split's cache, for train questions
+    with pytest.raises(ValueError, match=r"of the \d+ questions of .*v2_OpenEnded_shapes_train_questions"
+                                         r".json are about images the visual source does not have \(e.g. "
+                                         r"question \d+, .*train2017.*\): build the feature cache from the"):
+        train_caption.main(flags + ["--max-steps", "1", "--val-every", "0"])
+
+
+def test_51_a_question_the_lm_never_read_is_named(world, capsys):  # noqa: F811
+    captions_only = SubsetTokenizer(get_tokenizer().encode_ordinary("a red circle"))
+    cache = feature_cache.FeatureCache(world["train"])
+    asked = [dict(question_id=7, image_id=int(cache.image_ids[0]), question="what color is it?",
+                  answers=["red"])]
+    # training: left out, counted and named; nothing left: an error
+    with pytest.raises(ValueError, match="no question could be read from q.json"):
+        train_caption.question_pairs(asked, cache, captions_only, 40, "q.json")
+    assert "1 of 1 questions of q.json left out, e.g. question 7 (" in capsys.readouterr().out
+    # evaluation: an error naming the question and the fix
+    with pytest.raises(ValueError, match=r"question 7 \('what color is it\?'\) cannot be put to this LM: "
+                                         r".* corpus_qa.jsonl \(data/shapes.py --questions\)"):
+        evaluate.question_tokens(captions_only, asked[0])
+
+
+def test_52_question_flags_that_do_not_fit_are_refused(capsys):
+    for flags, message in [(["--checkpoints", "c.pt", "--question", "why?"], "--question is folder mode's"),
+                           (["--checkpoints", "c.pt", "--questions", "q.json", "--karpathy-json", "k.json"],
+                            "--questions with --karpathy-json")]:
+        with pytest.raises(SystemExit):
+            evaluate.parse_args(flags)
+        assert message in capsys.readouterr().err
+
+
+def test_53_questions_about_images_a_bridge_was_trained_on_are_refused(world, trained, tmp_path):  # noqa: F811
+    # VQAv2's val images are COCO 2014 val's, most of them in train2017: the leak refusal covers questions.
+    # Here: questions about the world's train images, laid out as VQAv2 val on COCO 2014 file names.
+    root = tmp_path / "coco"
+    shutil.copytree(world["root"], root, symlinks=True)
+    os.makedirs(root / "val2014")
+    for r in coco.load_records(world["root"], "train"):
+        os.symlink(r["path"], root / "val2014" / f"COCO_val2014_{r['image_id']:012d}.jpg")
+    for kind, name in [("questions", "v2_OpenEnded_mscoco_val2014_questions.json"),
+                       ("annotations", "v2_mscoco_val2014_annotations.json")]:
+        opened = "_OpenEnded" if kind == "questions" else ""
+        shutil.copy(root / "annotations" / f"v2{opened}_shapes_train_{kind}.json", root / name)
+    with pytest.raises(ValueError, match=r"was trained on 40 of the 40 images of the questions of "
+                                         r".*v2_OpenEnded_mscoco_val2014_questions.json .*VQAv2's val"):
+        evaluate.main(["--checkpoints", trained[0], "--coco-root", str(root), "--out", str(tmp_path / "o"),
+                       "--questions", str(root / "v2_OpenEnded_mscoco_val2014_questions.json"),
+                       "--device", "cpu", "--metrics", "bleu"])

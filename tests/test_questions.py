@@ -1,0 +1,206 @@
+"""
+Visual question answering, the model side: the prompt layout (the question read, only the answer predicted),
+prompted decoding (cached against uncached), train_caption.py on questions and on the mix, and evaluate.py's
+VQA column with its blind row and folder mode's --question. The data and the metric: test_shapes_questions.py,
+test_vqa.py; bad input: test_bad_inputs_vqa.py.
+"""
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+import decoding
+import evaluate
+import train_caption
+from bridges import BRIDGES, build_captioner, caption_batch
+from data import coco, feature_cache, shapes
+from gpt2 import GPT, GPTConfig, SubsetTokenizer, get_tokenizer
+from metrics import score_vqa
+
+ENCODER = "random-vit:tiny:seed0"
+SMALL = dict(xattn_heads=2, queries=4, qformer_layers=2, qformer_width=32, qformer_heads=2)
+
+
+def questions_file(root, split):
+    return os.path.join(root, "annotations", f"v2_OpenEnded_shapes_{split}_questions.json")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny world with its questions, feature caches of both splits, and an LM over corpus_qa.jsonl's
+    vocabulary (train_lm.py's checkpoint format; a little pretraining on that corpus)."""
+    tmp = tmp_path_factory.mktemp("questions")
+    root = str(tmp / "shapes")
+    shapes.generate(root, train=40, val=12, corpus_docs=300, seed=0, image_size=32)
+    shapes.write_questions(root)
+    shapes.write_qa_corpus(root)
+    for split in ("train", "val"):
+        feature_cache.build_feature_cache(coco.load_records(root, split), ENCODER, str(tmp / f"feat_{split}"),
+                                          batch_size=16, num_workers=1)
+    gpt2 = get_tokenizer()
+    docs = [json.loads(line)["text"] for line in open(os.path.join(root, "corpus_qa.jsonl"))]
+    tok = SubsetTokenizer({t for d in docs for t in gpt2.encode_ordinary(d)})
+    torch.manual_seed(0)
+    lm = GPT(GPTConfig(block_size=128, vocab_size=tok.n_vocab, n_layer=2, n_head=2, n_embd=32))
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-2)
+    texts = [tok.encode_ordinary(d) for d in docs]
+    tokens, targets = caption_batch(texts, tok.eot_token)
+    x = torch.cat([torch.full((len(texts), 1), tok.eot_token), tokens], dim=1)  # <|endoftext|> document ...
+    for step in range(150):  # enough that it answers from a description in its context, sometimes
+        rows = torch.arange(step * 32, step * 32 + 32) % len(texts)  # 32 documents a step
+        _, loss = lm(x[rows, :-1], targets[rows])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    torch.save({"model": lm.state_dict(), "config": dataclasses.asdict(lm.config), "vocab": tok.ids},
+               tmp / "lm.pt")
+    return dict(root=root, train=str(tmp / "feat_train"), val=str(tmp / "feat_val"), lm=str(tmp / "lm.pt"),
+                tok=tok, tmp=tmp)
+
+
+def train_args(world, out_dir, task, bridge="linear", *extra):
+    return ["--bridge", bridge, "--lm", world["lm"], "--coco-root", world["root"], "--task", task,
+            "--questions", questions_file(world["root"], "train"), "--features", world["train"],
+            "--val-features", world["val"], "--out-dir", str(out_dir), "-B", "16", "--total-batch", "16",
+            "--warmup-steps", "2", "--lr", "3e-3", "--ckpt-every", "0", "--log-every", "5", "--device", "cpu",
+            "--qformer-width", "32", "--qformer-heads", "2", "--queries", "4", *map(str, extra)]
+
+
+def val_losses(out_dir):
+    log = map(json.loads, open(os.path.join(out_dir, "log.jsonl")))
+    return [r["val_loss"] for r in log if "val_loss" in r]
+
+# -----------------------------------------------------------------------------
+# The layout and prompted decoding
+
+
+def test_the_question_is_read_and_only_the_answer_predicted():
+    tokens, targets = caption_batch([[5, 6, 7, 8], [9, 3]], eot=0, prompt=[3, 0])
+    assert tokens.tolist() == [[5, 6, 7, 8, 0], [9, 3, 0, 0, 0]]
+    # row 0: three prompt tokens, then its one-token answer and <|endoftext|>; row 1: a caption, all predicted
+    assert targets.tolist() == [[-100, -100, -100, 8, 0], [9, 3, 0, -100, -100]]
+
+
+def tiny_captioner(kind, seed=0, vocab=12):
+    torch.manual_seed(seed)
+    lm = GPT(GPTConfig(block_size=64, vocab_size=vocab, n_layer=2, n_head=2, n_embd=32))
+    captioner, _ = build_captioner(lm, 0, kind, 16, 5, **SMALL)
+    with torch.no_grad():  # a random LM that reads its input (std 0.1), and open cross-attention gates
+        for name, p in captioner.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.1)
+            if name.endswith("gate"):
+                p.fill_(0.5)
+    return captioner.eval()
+
+
+@pytest.mark.parametrize("kind", list(BRIDGES))
+def test_prompted_generation_equals_uncached_greedy(kind):
+    # the KV-cache path with a prompt against the plainest reference: the whole sequence again at every step
+    captioner = tiny_captioner(kind)
+    visual, prompt = torch.randn(3, 5, 16), torch.randint(1, 12, (3, 4))  # (B, S, C_vis), (B, m)
+    got = captioner.generate(visual, max_new_tokens=6, prompt=prompt)
+    with torch.no_grad():
+        for b in range(3):
+            prefix, cross = captioner.condition(visual[b:b + 1])
+            text, expected = prompt[b:b + 1], []
+            for _ in range(6):
+                logits, _ = captioner.lm(text, prefix=prefix, cross=cross)
+                token = int(logits[0, -1].argmax())
+                if token == 0:
+                    break
+                expected.append(token)
+                text = torch.cat([text, torch.tensor([[token]])], dim=1)
+            assert got[b] == expected
+    # beam search of width 1 reads the prompt the same way
+    assert decoding.beam_search(captioner, visual, beam=1, max_new_tokens=6, prompt=prompt) == got
+
+
+def test_an_answer_ends_at_its_first_sentence():
+    assert evaluate.answer_of(" red. Question: what shape is on the left? Answer: circle.") == "red"
+    assert evaluate.answer_of(" 1.5 \nQuestion") == "1.5"
+    assert evaluate.answer_of(" yes") == "yes"
+
+# -----------------------------------------------------------------------------
+# Training on questions, on captions and questions at once
+
+
+def test_training_on_questions_lowers_the_answer_loss(world, tmp_path):
+    out = tmp_path / "q"
+    val = questions_file(world["root"], "val")
+    train_caption.main(train_args(world, out, "questions", "linear", "--max-steps", "120", "--lr", "1e-2",
+                                  "--val-every", "60", "--val-questions", val))
+    first, *_, last = val_losses(out)
+    assert last < 0.6 * first, (first, last)  # on the answers of held-out questions
+
+
+def test_the_mix_holds_every_caption_and_every_question(world, tmp_path, capsys):
+    train_caption.main(train_args(world, tmp_path / "mix", "mix", "qformer", "--max-steps", "2",
+                                  "--val-every", "0"))
+    captions = sum(len(r["captions"]) for r in coco.load_records(world["root"], "train"))
+    questions = len(coco.question_records(questions_file(world["root"], "train"), None, world["root"],
+                                          "train"))
+    assert f"qformer bridge, mix: {captions + questions:,} pairs" in capsys.readouterr().out
+    ckpt = torch.load(tmp_path / "mix" / "ckpt_final.pt", weights_only=False)
+    assert ckpt["args"]["task"] == "mix" and len(ckpt["trained_on"]["image_ids"]) == 40
+
+
+def test_question_pairs_hold_the_prompt_then_the_humans_answer(world):
+    cache = feature_cache.FeatureCache(world["train"])
+    questions = coco.question_records(questions_file(world["root"], "train"), None, world["root"], "train")
+    pairs, left_out = train_caption.question_pairs(questions, cache, world["tok"], 40, "q.json")
+    assert len(pairs) == len(questions) and not left_out
+    for (image_id, tokens, complete, m), q in zip(pairs, questions):
+        assert image_id == q["image_id"] and complete
+        assert world["tok"].decode(tokens[:m]) == f"Question: {q['question']} Answer:"
+        assert world["tok"].decode(tokens[m:]) == f" {q['answers'][0]}"
+
+# -----------------------------------------------------------------------------
+# Evaluation: a VQA column, a blind row, answers for your own images
+
+
+@pytest.fixture(scope="module")
+def trained(world, tmp_path_factory):
+    """Every bridge trained briefly on the mix."""
+    runs = tmp_path_factory.mktemp("runs")
+    paths = []
+    for kind in BRIDGES:
+        train_caption.main(train_args(world, runs / kind, "mix", kind, "--max-steps", "4",
+                                      "--val-every", "0"))
+        paths.append(str(runs / kind / "ckpt_final.pt"))
+    return paths
+
+
+def test_evaluate_scores_the_questions_with_a_blind_row(world, trained, tmp_path):
+    out = str(tmp_path / "results")
+    result = evaluate.main(["--checkpoints", *trained, "--coco-root", world["root"],
+                            "--features", world["val"], "--questions", questions_file(world["root"], "val"),
+                            "--out", out, "--max-new-tokens", "6", "--batch-size", "8", "--metrics", "bleu",
+                            "--device", "cpu"])
+    val = coco.question_records(questions_file(world["root"], "val"), None, world["root"], "val")
+    rows = {row["bridge"]: row for row in result["rows"]}
+    assert len(rows) == len(BRIDGES) + 1
+    for name, row in rows.items():
+        file = "answers_blind.json" if row.get("blind") else f"answers_{name}.json"
+        answers = {int(i): a["answer"] for i, a in json.load(open(os.path.join(out, file))).items()}
+        assert row["questions"] == len(val) == len(answers)  # every question answered, by every row
+        assert row["VQA"] == pytest.approx(score_vqa(answers, val)["accuracy"])
+        assert row["VQA_ci"][0] <= row["VQA"] <= row["VQA_ci"][1]
+    table = open(os.path.join(out, "table.md")).read()
+    assert "VQA accuracy" in table and table.count("| blind (frozen LM of linear, no image) |") == 2
+
+
+def test_evaluate_answers_a_question_about_your_own_images(world, trained, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for r in coco.load_records(world["root"], "val")[:2]:
+        os.symlink(r["path"], folder / os.path.basename(r["path"]))
+    result = evaluate.main(["--images", str(folder), "--checkpoint", trained[0], "--out", str(tmp_path / "o"),
+                            "--question", "what color is the shape on the left?", "--device", "cpu",
+                            "--max-new-tokens", "4"])
+    lines = capsys.readouterr().out.strip().split("\n")
+    assert len(lines) == 2 and all(len(line.split("\t")) == 3 for line in lines)  # path, caption, answer
+    saved = json.load(open(result["path"]))
+    assert saved["question"] == "what color is the shape on the left?" and len(saved["answers"]) == 2
