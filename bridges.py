@@ -14,7 +14,9 @@ The bridge contract (all a new bridge must do):
     cross   a list of n_layer callables-or-None, cross[i] updating block i's residual stream (B, T, C),
             or None;
 - optionally attention_maps(visual) -> (B, heads, Q, S) weights over the visual tokens: evaluate.py then draws
-  where the bridge looks.
+  where the bridge looks;
+- optionally reads_prompt = True: forward(visual, prompt) then also gets the question it answers, prompt =
+  (its token embeddings (B, m, n_embd), mask (B, m), True where a token is real), or None for a caption.
 The GPT itself is never copied or edited: the bridge is the only trainable part. BRIDGES is the one list of
 bridges: train_caption.py's --bridge choices, the Makefile's demo, the tests and the benches all read it.
 
@@ -155,18 +157,26 @@ class QFormerLayer(nn.Module):
         self.ln_3 = nn.LayerNorm(width)
         self.mlp = MLP(width)
 
-    def forward(self, q, context):
-        h = self.ln_1(q)
-        q = q + self.self_attn(h, context=h)  # (B, Q, W)
+    def forward(self, q, context, text=None):
+        q = self.exchange(q, text)  # (B, Q, W)
         q = q + self.cross_attn(self.ln_2(q), context=context)
         q = q + self.mlp(self.ln_3(q))
         return q
 
-    def read_weights(self, q, context):
-        """Where this layer's queries look in the image: the cross-attention weights (B, nh, Q, S)."""
+    def exchange(self, q, text):
+        """Self-attention of the queries; text (instruction-aware): (the question (B, m, W), its mask (B, m)),
+        whose tokens join the keys and values, so each query can read the question (InstructBLIP)."""
         h = self.ln_1(q)
-        q = q + self.self_attn(h, context=h)
-        return self.cross_attn.weights(self.ln_2(q), context)
+        if text is None:
+            return q + self.self_attn(h, context=h)
+        words, real = text
+        context = torch.cat([h, words], dim=1)  # (B, Q + m, W)
+        mask = torch.cat([torch.ones_like(real[:, :1]).expand(-1, h.size(1)), real], dim=1)  # (B, Q + m)
+        return q + self.self_attn(h, context=context, mask=mask[:, None, None, :])
+
+    def read_weights(self, q, context, text=None):
+        """Where this layer's queries look in the image: the cross-attention weights (B, nh, Q, S)."""
+        return self.cross_attn.weights(self.ln_2(self.exchange(q, text)), context)
 
 
 @register("qformer")
@@ -189,12 +199,26 @@ class QFormerBridge(nn.Module):
         self.k = config.prefix_len
         self.proj = (nn.Linear(config.queries * W, self.k * config.n_embd) if self.k
                      else nn.Linear(W, config.n_embd))
+        # instruction-aware (--qformer-instruction): the question's token embeddings, from the frozen LM,
+        # mapped to the Q-Former's width, join every layer's self-attention
+        self.reads_prompt = config.qformer_instruction
+        self.text = nn.Sequential(nn.LayerNorm(config.n_embd), nn.Linear(config.n_embd, W)) \
+            if self.reads_prompt else None
 
-    def forward(self, visual):
+    def read(self, prompt):
+        """The question as the layers read it: ((B, m, W), mask (B, m)), or None (no question, or a plain
+        Q-Former)."""
+        if prompt is None or self.text is None:
+            return None
+        embeddings, real = prompt
+        return self.text(embeddings), real
+
+    def forward(self, visual, prompt=None):
         context = self.input(visual)  # (B, S, W)
         q = self.queries.expand(visual.size(0), -1, -1)  # (B, Q, W)
+        text = self.read(prompt)
         for layer in self.layers:
-            q = layer(q, context)
+            q = layer(q, context, text)
         q = self.ln_f(q)
         if self.k:
             prefix = self.proj(q.flatten(1)).view(q.size(0), self.k, -1)  # (B, k, C)
@@ -202,13 +226,14 @@ class QFormerBridge(nn.Module):
             prefix = self.proj(q)  # (B, Q, C): Q word-like embeddings, whatever the number of patches
         return prefix, None
 
-    def attention_maps(self, visual):
+    def attention_maps(self, visual, prompt=None):
         """The last layer's cross-attention weights (B, nh, Q, S): where each query looks in the image."""
         context = self.input(visual)
         q = self.queries.expand(visual.size(0), -1, -1)
+        text = self.read(prompt)
         for layer in self.layers[:-1]:
-            q = layer(q, context)
-        return self.layers[-1].read_weights(q, context)
+            q = layer(q, context, text)
+        return self.layers[-1].read_weights(q, context, text)
 
 
 # -----------------------------------------------------------------------------
@@ -231,11 +256,12 @@ class Attention(nn.Module):
         k, v = self.kv(context).chunk(2, dim=-1)  # 2 x (B, S, C)
         return [t.view(B, S, self.n_head, -1).transpose(1, 2) for t in (k, v)]  # 2 x (B, nh, S, hs)
 
-    def forward(self, x, context=None, kv=None):
+    def forward(self, x, context=None, kv=None, mask=None):
+        """mask: None, or (B, 1, 1, S) True where a context token may be read."""
         B, T, C = x.shape
         k, v = kv if kv is not None else self.keys_values(context)
         q = self.q(x).view(B, T, self.n_head, -1).transpose(1, 2)  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hs)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
 
     def weights(self, x, context):
@@ -359,22 +385,40 @@ class Captioner(nn.Module):
             return (visual - self.visual_mean) / (self.visual_std + 1e-6)
         return visual
 
-    def condition(self, visual):
-        """visual (B, S, C_vis) -> the GPT's prefix (B, 1 + P, C) and cross-attention callables (or None)."""
-        prefix, cross = self.bridge(self.standardized(visual))
+    def condition(self, visual, prompt=None, prompt_len=None):
+        """
+        visual (B, S, C_vis) -> the GPT's prefix (B, 1 + P, C) and cross-attention callables (or None).
+        A bridge that reads the question (reads_prompt) also gets prompt (B, m) token ids, their first
+        prompt_len (B,) real (None: all m); the others never see it.
+        """
+        if getattr(self.bridge, "reads_prompt", False) and prompt is not None:
+            prefix, cross = self.bridge(self.standardized(visual), self.prompt_embeddings(prompt, prompt_len))
+        else:
+            prefix, cross = self.bridge(self.standardized(visual))
         B = visual.size(0)
         start = self.lm.transformer.wte.weight[self.eot].expand(B, 1, -1)  # (B, 1, C): <|endoftext|>
         prefix = start if prefix is None else torch.cat([start, prefix.to(start.dtype)], dim=1)
         return prefix, cross
 
-    def forward(self, visual, tokens, targets=None):
+    def prompt_embeddings(self, prompt, prompt_len=None):
+        """The question as the frozen LM embeds it, (B, m, C) with its positions, and the mask (B, m) of its
+        real tokens."""
+        m = prompt.size(1)
+        positions = torch.arange(m, device=prompt.device)
+        embeddings = self.lm.transformer.wte(prompt) + self.lm.transformer.wpe(positions)  # (B, m, C)
+        if prompt_len is None:
+            return embeddings, torch.ones(prompt.shape, dtype=torch.bool, device=prompt.device)
+        return embeddings, positions[None, :] < prompt_len[:, None]
+
+    def forward(self, visual, tokens, targets=None, prompt_len=None):
         """
-        visual (B, S, C_vis); tokens, targets (B, T) from caption_batch.
+        visual (B, S, C_vis); tokens, targets (B, T) from caption_batch; prompt_len (B,): how many of a row's
+        tokens are a question (a bridge that reads the question sees them; None: none are).
         With targets: (None, the mean loss over caption tokens); the LM computes logits only from the last
         prefix position on.
         Without: (logits over the text positions (B, T, V), None), row t predicting tokens[:, t].
         """
-        prefix, cross = self.condition(visual)
+        prefix, cross = self.condition(visual, tokens if prompt_len is not None else None, prompt_len)
         L = prefix.size(1)
         # The logits at position j predict the token at j + 1: the last prefix position predicts the first
         # caption token, and the caption's own positions predict the rest and the final <|endoftext|>. So
@@ -392,7 +436,7 @@ class Captioner(nn.Module):
         Caption token lists for a batch of images, through the GPT's KV-cache generate (greedy by default).
         prompt (B, m): the same number of prompt tokens per row (a question), read before the new tokens.
         """
-        prefix, cross = self.condition(visual)  # once per image
+        prefix, cross = self.condition(visual, prompt)  # once per image (and question)
         if prompt is None:
             prompt = torch.zeros(visual.size(0), 0, dtype=torch.long, device=visual.device)  # (B, 0): no text
         out = self.lm.generate(prompt, max_new_tokens, temperature, top_k, top_p, prefix=prefix, cross=cross,
@@ -453,6 +497,8 @@ class BridgeConfig:
     qformer_layers: int = flag(2, "Q-Former: layers", minimum=1)
     qformer_width: int = flag(768, "Q-Former: width", minimum=1)
     qformer_heads: int = flag(12, "Q-Former: attention heads (must divide --qformer-width)", minimum=1)
+    qformer_instruction: bool = flag(False, "Q-Former: the question's tokens join the queries' self-"
+                                            "attention, so the queries read what is asked (InstructBLIP)")
 
 # -----------------------------------------------------------------------------
 # Building a captioner: from flags, from a checkpoint

@@ -42,7 +42,7 @@ def start_beams(captioner, visual, K, max_new_tokens, prompt=None):
     Returns (the KV cache, the cross-attention callables, the first token's log-probabilities (B*K, V)).
     """
     lm, B = captioner.lm, visual.size(0)
-    prefix, cross = captioner.condition(visual)  # (B, L, C)
+    prefix, cross = captioner.condition(visual, prompt)  # (B, L, C)
     if prompt is None:
         prompt = torch.zeros(B, 0, dtype=torch.long, device=visual.device)  # (B, 0): no text yet
     cache = lm.new_cache(B, prefix.size(1) + prompt.size(1) + max_new_tokens)
@@ -52,7 +52,7 @@ def start_beams(captioner, visual, K, max_new_tokens, prompt=None):
     # from here on beams are reshuffled within an image only: their prefixes stay put
     cache.shared = cache.pos
     if cross is not None:
-        _, cross = captioner.condition(visual[per_beam])  # (B*K rows) keys and values of each beam's image
+        _, cross = captioner.condition(visual[per_beam], None if prompt.size(1) == 0 else prompt[per_beam])
     return cache, cross, F.log_softmax(logits[per_beam, -1, :captioner.n_vocab].float(), dim=-1)
 
 

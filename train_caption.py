@@ -67,8 +67,8 @@ def train(args, dist):
         optimizer.zero_grad(set_to_none=True)
         loss_accum = torch.zeros((), device=dist.device)
         for k in range(grad_accum):
-            v, tokens, targets = batch_of(job.pairs, mine[k * B:(k + 1) * B], job.source, job.eot,
-                                          dist.device)
+            v, tokens, targets, prompt = batch_of(job.pairs, mine[k * B:(k + 1) * B], job.source, job.eot,
+                                                  dist.device)
             # DDP all-reduces gradients in backward: between micro-steps only accumulate, sync on the last
             sync = nullcontext() if not dist.ddp or k == grad_accum - 1 else model.no_sync()
             with sync:
@@ -79,7 +79,7 @@ def train(args, dist):
                     for t in (tokens, targets):
                         torch._dynamo.maybe_mark_dynamic(t, 1)
                 with autocast(dist.device_type, args.dtype):
-                    _, loss = model(v, tokens, targets)  # v (B, S, C_vis); tokens, targets (B, T)
+                    _, loss = model(v, tokens, targets, prompt)  # v (B, S, C_vis); tokens, targets (B, T)
                 loss = loss / grad_accum  # backward() adds micro-batch gradients up: make the sum a mean
                 loss_accum += loss.detach()
                 scaler.scale(loss).backward()
@@ -441,7 +441,8 @@ class PairOrder:
 
 
 def batch_of(pairs, index, source, eot, device):
-    """Visual tokens (B, S, C), caption tokens and targets (B, T) of the pairs at `index`."""
+    """Visual tokens (B, S, C), caption tokens and targets (B, T), and how many tokens of each row are a
+    question (B,), of the pairs at `index`."""
     chosen = [pairs[i] for i in index]
     ids, v = source.tokens([pair[0] for pair in chosen])
     if len(ids) < len(chosen):  # training data must be readable; a feature cache skips such files instead
@@ -455,7 +456,8 @@ def batch_of(pairs, index, source, eot, device):
         # host copy (features preloaded on the GPU, --preload-features, avoid both)
         v = v.pin_memory()
     # non-blocking on CUDA only: on MPS a non-blocking copy of these temporaries can read freed memory
-    return to_device(v, device), to_device(tokens, device), to_device(targets, device)
+    prompt = torch.tensor(prompt, dtype=torch.long)  # (B,)
+    return tuple(to_device(t, device) for t in (v, tokens, targets, prompt))
 
 # -----------------------------------------------------------------------------
 # Model, optimizer, validation
@@ -507,9 +509,9 @@ def val_loss(captioner, val_pairs, val_source, eot, batch_size, dist, dtype):
     total = torch.zeros(2, device=dist.device)  # (loss sum, pairs)
     for start in range(dist.rank * batch_size, len(val_pairs), batch_size * dist.world_size):
         index = range(start, min(start + batch_size, len(val_pairs)))
-        v, tokens, targets = batch_of(val_pairs, index, val_source, eot, dist.device)
+        v, tokens, targets, prompt = batch_of(val_pairs, index, val_source, eot, dist.device)
         with autocast(dist.device_type, dtype):
-            _, loss = captioner(v, tokens, targets)
+            _, loss = captioner(v, tokens, targets, prompt)
         total[0] += loss.float() * len(index)
         total[1] += len(index)  # (a Python number: no host-to-device copy to wait for)
     if dist.ddp:

@@ -46,7 +46,7 @@ def time_steps(captioner, pairs, visual, eot, batch_size, steps, device):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         index = torch.randint(0, len(pairs), (batch_size,), generator=g).tolist()
-        v, tokens, targets = batch_of(pairs, index, visual, eot, device)
+        v, tokens, targets, _ = batch_of(pairs, index, visual, eot, device)
         _, loss = captioner(v, tokens, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

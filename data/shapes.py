@@ -609,8 +609,8 @@ def write_questions(out):
 def qa_documents(count, seed, image_size=64):
     """
     LM pretraining text that teaches answering as well as copying: yields (document, scene). Even documents
-    are corpus_documents()'s, 3-5 captions of one scene; odd ones are 1-2 captions of a scene, then, on a
-    line of their own, 2-4 of its questions, answered: "Question: what shape is on the left? Answer: circle.
+    are corpus_documents()'s, 3-5 captions of one scene; odd ones are the same, then, on a line of their
+    own, 2-4 of its questions, answered: "Question: what shape is on the left? Answer: circle.
     Question: ...". To lower its loss on an answer the LM must look it up in the description earlier in its
     context, which is what a bridge's prefix stands in for later (as it stands in for earlier captions). The
     questions start a line because a prompt put after the prefix starts with "Question", a GPT-2 token other
@@ -619,14 +619,14 @@ def qa_documents(count, seed, image_size=64):
     rng = np.random.default_rng([seed, 300])  # not the images', captions', corpus' or questions' streams
     for i in range(count):
         scene = sample_scene(rng, image_size)
+        captions = ". ".join(captions_of(scene, rng, n=int(rng.integers(3, 6)))) + "."
         if i % 2 == 0:
-            yield ". ".join(captions_of(scene, rng, n=int(rng.integers(3, 6)))) + ".", scene
+            yield captions, scene
             continue
-        captions = captions_of(scene, rng, n=int(rng.integers(1, 3)))
         questions = questions_of(scene, rng)  # 3 to 6 of them
         asked = [questions[k] for k in rng.permutation(len(questions))[:int(rng.integers(2, 5))]]
         answered = [f"{qa_prompt(q['question'])} {q['answer']}." for q in asked]
-        yield ". ".join(captions) + ".\n" + " ".join(answered), scene
+        yield captions + "\n" + " ".join(answered), scene
 
 
 def write_qa_corpus(out):

@@ -162,7 +162,7 @@ class ToyLM(nn.Module):
 class ToyCaptioner:
     lm, eot, n_vocab = ToyLM(), 0, None
 
-    def condition(self, visual):
+    def condition(self, visual, prompt=None):
         return visual[:, :1, :], None  # (B, 1, C) prefix: the world flag
 
     def generate(self, visual, max_new_tokens=30, temperature=0.0, **kw):

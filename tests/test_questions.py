@@ -43,7 +43,7 @@ def world(tmp_path_factory):
     docs = [json.loads(line)["text"] for line in open(os.path.join(root, "corpus_qa.jsonl"))]
     tok = SubsetTokenizer({t for d in docs for t in gpt2.encode_ordinary(d)})
     torch.manual_seed(0)
-    lm = GPT(GPTConfig(block_size=128, vocab_size=tok.n_vocab, n_layer=2, n_head=2, n_embd=32))
+    lm = GPT(GPTConfig(block_size=256, vocab_size=tok.n_vocab, n_layer=2, n_head=2, n_embd=32))
     optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-2)
     texts = [tok.encode_ordinary(d) for d in docs]
     tokens, targets = caption_batch(texts, tok.eot_token)
@@ -83,10 +83,14 @@ def test_the_question_is_read_and_only_the_answer_predicted():
     assert targets.tolist() == [[-100, -100, -100, 8, 0], [9, 3, 0, -100, -100]]
 
 
-def tiny_captioner(kind, seed=0, vocab=12):
+KINDS = [(kind, False) for kind in BRIDGES] + [("qformer", True)]  # (bridge, instruction-aware)
+
+
+def tiny_captioner(kind, seed=0, vocab=12, instruction=False):
     torch.manual_seed(seed)
     lm = GPT(GPTConfig(block_size=64, vocab_size=vocab, n_layer=2, n_head=2, n_embd=32))
-    captioner, _ = build_captioner(lm, 0, kind, 16, 5, **SMALL)
+    captioner, _ = build_captioner(lm, 0, kind, 16, 5, **SMALL, **({"qformer_instruction": True}
+                                                                   if instruction else {}))
     with torch.no_grad():  # a random LM that reads its input (std 0.1), and open cross-attention gates
         for name, p in captioner.named_parameters():
             if p.dim() == 2:
@@ -96,15 +100,15 @@ def tiny_captioner(kind, seed=0, vocab=12):
     return captioner.eval()
 
 
-@pytest.mark.parametrize("kind", list(BRIDGES))
-def test_prompted_generation_equals_uncached_greedy(kind):
+@pytest.mark.parametrize("kind, instruction", KINDS)
+def test_prompted_generation_equals_uncached_greedy(kind, instruction):
     # the KV-cache path with a prompt against the plainest reference: the whole sequence again at every step
-    captioner = tiny_captioner(kind)
+    captioner = tiny_captioner(kind, instruction=instruction)
     visual, prompt = torch.randn(3, 5, 16), torch.randint(1, 12, (3, 4))  # (B, S, C_vis), (B, m)
     got = captioner.generate(visual, max_new_tokens=6, prompt=prompt)
     with torch.no_grad():
         for b in range(3):
-            prefix, cross = captioner.condition(visual[b:b + 1])
+            prefix, cross = captioner.condition(visual[b:b + 1], prompt[b:b + 1])
             text, expected = prompt[b:b + 1], []
             for _ in range(6):
                 logits, _ = captioner.lm(text, prefix=prefix, cross=cross)
@@ -116,6 +120,25 @@ def test_prompted_generation_equals_uncached_greedy(kind):
             assert got[b] == expected
     # beam search of width 1 reads the prompt the same way
     assert decoding.beam_search(captioner, visual, beam=1, max_new_tokens=6, prompt=prompt) == got
+
+
+def test_the_instruction_aware_qformer_reads_the_question_and_only_the_question():
+    captioner = tiny_captioner("qformer", instruction=True)
+    visual = torch.randn(2, 5, 16)
+    question, other = torch.tensor([[3, 4, 5]]).expand(2, -1), torch.tensor([[3, 4, 6]]).expand(2, -1)
+    with torch.no_grad():
+        asked, _ = captioner.condition(visual, question)
+        assert not torch.allclose(asked, captioner.condition(visual, other)[0])  # the question matters
+        # in a training batch the question is the first prompt_len tokens of a longer row: the answer and the
+        # padding after it are masked out, and a caption (prompt_len 0) reads no text at all
+        rows = torch.tensor([[3, 4, 5, 9, 0, 0], [7, 8, 9, 0, 0, 0]])
+        padded, _ = captioner.condition(visual, rows, torch.tensor([3, 0]))
+        torch.testing.assert_close(padded[:1], asked[:1])
+        torch.testing.assert_close(padded[1:], captioner.condition(visual[1:])[0])
+    # a plain Q-Former is never shown the question
+    plain = tiny_captioner("qformer")
+    with torch.no_grad():
+        torch.testing.assert_close(plain.condition(visual, question)[0], plain.condition(visual)[0])
 
 
 def test_an_answer_ends_at_its_first_sentence():
@@ -134,6 +157,22 @@ def test_training_on_questions_lowers_the_answer_loss(world, tmp_path):
                                   "--val-every", "60", "--val-questions", val))
     first, *_, last = val_losses(out)
     assert last < 0.6 * first, (first, last)  # on the answers of held-out questions
+
+
+def test_the_instruction_aware_qformer_learns_from_the_question(world, tmp_path):
+    out = tmp_path / "iq"
+    train_caption.main(train_args(world, out, "questions", "qformer", "--max-steps", "60", "--lr", "1e-2",
+                                  "--val-every", "30", "--qformer-instruction",
+                                  "--val-questions", questions_file(world["root"], "val")))
+    first, *_, last = val_losses(out)
+    assert last < 0.6 * first, (first, last)
+    ckpt = torch.load(out / "ckpt_final.pt", weights_only=False)
+    assert ckpt["bridge_config"]["qformer_instruction"]
+    start = build_captioner(GPT(GPTConfig(**ckpt["lm"]["config"])), 0, "qformer", 32, 5, prefix_len=0,
+                            **SMALL, qformer_instruction=True)[0]  # the same shapes, freshly made
+    trained = ckpt["trainable"]["bridge"]
+    assert set(trained) == set(start.bridge.state_dict())  # the question's projection is saved too
+    assert not torch.equal(trained["text.1.weight"], start.bridge.state_dict()["text.1.weight"])
 
 
 def test_the_mix_holds_every_caption_and_every_question(world, tmp_path, capsys):

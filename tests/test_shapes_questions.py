@@ -278,7 +278,7 @@ def test_qa_corpus_alternates_captions_and_questions(world):
         if i % 2 == 0:  # as corpus.jsonl's documents
             assert 3 <= len(captions) <= 5 and pairs == [], doc
         else:
-            assert 1 <= len(captions) <= 2 and 2 <= len(pairs) <= 4 and len(set(pairs)) == len(pairs), doc
+            assert 3 <= len(captions) <= 5 and 2 <= len(pairs) <= 4 and len(set(pairs)) == len(pairs), doc
     # the even ones are made exactly as corpus_documents() makes its own
     assert all(re.fullmatch(r"[a-z ,]+(\. [a-z ,]+){2,4}\.", doc) for doc in docs[::2])
 

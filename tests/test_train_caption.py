@@ -151,8 +151,8 @@ def poison_from_step_4(monkeypatch):
     forward = bridges.Captioner.forward
     calls = {"n": 0}
 
-    def poisoned(self, visual, tokens, targets=None):
-        logits, loss = forward(self, visual, tokens, targets)
+    def poisoned(self, visual, tokens, targets=None, prompt_len=None):
+        logits, loss = forward(self, visual, tokens, targets, prompt_len)
         if self.training:
             calls["n"] += 1
             if calls["n"] > 8:
