@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 
 .PHONY: FORCE setup test bench smoke smoke-run demo demo-table demo-pictures demo-clean clip clip-run study study-world \
-        clean-venv gpu-check
+        clean-venv gpu-check vqa
 
 setup: $(VENV)/.installed
 	@$(BIN)/python -c "import torch, tiktoken, PIL" 2>/dev/null || { echo "$(VENV) is stale: its Python cannot import \
@@ -104,6 +104,18 @@ smoke-run: $(WORLD)/done.json
 		--karpathy-json $(WORLD)/coco/dataset_coco.json --features $(SMOKE)/features/karpathy_test \
 		--out $(SMOKE)/results/leak 2> $(SMOKE)/leak.txt
 	grep -q "was trained on 1 of the 2 images of Karpathy test" $(SMOKE)/leak.txt
+	@echo "== VQAv2 (COCO 2014 images): the instruction-aware Q-Former on captions and questions, VQAv2 val answered \
+	(cached features), and its leak refused (val2014's questions about an image in train2017)"
+	$(BIN)/python train_caption.py $(CAPTION_SMOKE) --bridge qformer --qformer-instruction --task mix \
+		--questions $(WORLD)/coco/v2_OpenEnded_mscoco_train2014_questions.json --features $(SMOKE)/features/train \
+		--val-features $(SMOKE)/features/val --out-dir $(SMOKE)/caption/vqa
+	$(BIN)/python evaluate.py $(EVAL_SMOKE) --checkpoints $(SMOKE)/caption/vqa/ckpt_final.pt \
+		--questions $(WORLD)/coco/v2_OpenEnded_mscoco_val2014_questions.json --features $(SMOKE)/features/val \
+		--out $(SMOKE)/results/vqa --dtype bf16
+	! $(BIN)/python evaluate.py $(EVAL_SMOKE) --checkpoints $(SMOKE)/caption/vqa/ckpt_final.pt \
+		--questions $(WORLD)/coco/leak/v2_OpenEnded_mscoco_val2014_questions.json \
+		--out $(SMOKE)/results/leak_vqa 2> $(SMOKE)/leak_vqa.txt
+	grep -q "was trained on 1 of the 4 images of the questions of" $(SMOKE)/leak_vqa.txt
 	@echo "smoke: every full-scale stage ran"
 
 $(WORLD)/done.json:
@@ -120,9 +132,15 @@ $(WORLD)/done.json:
 SHAPES_SEED := 0
 SEED_SUFFIX := $(if $(filter 0,$(SHAPES_SEED)),,-$(SHAPES_SEED))
 SHAPES      := data/shapes$(SEED_SUFFIX)
-# the world's trained parts (LM, CLIP, feature caches), and where the bridges and the table go (make study: elsewhere)
+# What the bridges learn: captions, or (make vqa) questions about the scenes too: TASK=mix (or questions alone).
+# Then the LM is pretrained on corpus_qa.jsonl, which also holds answered questions (a corpus of captions alone
+# never shows it a question), into lm-qa/ (QA = -qa); the CLIP and its caches stay the demo's.
+TASK := captions
+QA   := $(if $(filter captions,$(TASK)),,-qa)
+# the world's trained parts (LM, CLIP, feature caches), and where the bridges and the table go (make study: elsewhere;
+# make vqa: runs/demo/mix)
 DEMO        := runs/demo$(SEED_SUFFIX)
-RUN         := $(DEMO)
+RUN         := $(DEMO)$(if $(QA),/$(TASK))
 # the training seed of every trained part; make study varies the bridges'
 SEED        := 0
 LM_SEED     := $(SEED)
@@ -136,6 +154,7 @@ CORES   := $(or $(OMP_NUM_THREADS),$(shell nproc 2>/dev/null || sysctl -n hw.ncp
 JOBS    := 2
 THREADS := $(shell echo $$(( $(CORES) / $(JOBS) > 1 ? $(CORES) / $(JOBS) : 1 )))
 THREADS_lm   := $(CORES)
+THREADS_lm-qa := $(CORES)
 THREADS_clip := $(CORES)
 # the table is made alone too, after every bridge (make study runs it beside other runs' bridges: THREADS there)
 THREADS_evaluate := $(CORES)
@@ -150,7 +169,7 @@ CORPUS_DOCS  := 20000
 SHARD_SIZE   := 200000
 # the LM: long enough that the prefix bridges can read it, not only that it copies text
 LM_STEPS     := 1500
-LM          := $(DEMO)/lm/ckpt_$(shell printf %06d $(LM_STEPS)).pt
+LM          := $(DEMO)/lm$(QA)/ckpt_$(shell printf %06d $(LM_STEPS)).pt
 # CLIP, the bridges' frozen encoder, saved in the hub's CLIP layout; the ablation is an untrained ViT of the same
 # family: `make demo ENCODER=random-vit:mini:seed0 DEMO=runs/demo-random`. Its steps: at 600 its tokens' quality
 # swung with the seed and the world, and the prefix bridges with it; 1,200 steady it (docs/miniature.md)
@@ -257,6 +276,10 @@ demo-table: $(RUN)/results/table.md
 	@echo; cat $(RUN)/results/table.md
 	@$(BIN)/python -m miniature.study check $(RUN)/results/results.json --world $(SHAPES_SEED)
 
+# make vqa: make demo with TASK=mix (TASK=questions: the bridges train on questions alone)
+vqa:
+	@$(MAKE) --no-print-directory demo TASK=$(if $(filter captions,$(TASK)),mix,$(TASK))
+
 WORLD_FLAGS := --out $(SHAPES) --train $(TRAIN_IMAGES) --val $(VAL_IMAGES) --corpus-docs $(CORPUS_DOCS) \
                --seed $(SHAPES_SEED)
 CHECK_WORLD := $(BIN)/python data/shapes.py $(WORLD_FLAGS) --check --run-dir $(DEMO)
@@ -266,20 +289,29 @@ $(SHAPES)/info.json:
 	@mkdir -p $(DEMO)/settings; printf '%s\n' '$(WORLD_FLAGS)' > $(DEMO)/settings/data.txt
 	$(call stage,data,$(DEMO),data/shapes.py $(WORLD_FLAGS))
 
-SHARDS_ARGS = data/fineweb.py --data-files $(SHAPES)/corpus.jsonl --out-dir $(DEMO)/lm_shards \
+# the questions about the world's scenes, in VQAv2's files, and corpus_qa.jsonl (make vqa)
+QUESTIONS_ARGS := data/shapes.py --out $(SHAPES) --questions
+QUESTIONS = $(SHAPES)/annotations/v2_OpenEnded_shapes_$(1)_questions.json
+$(SHAPES)/corpus_qa.jsonl: $(SHAPES)/info.json $(call settings,$(DEMO),questions)
+	$(call stage,questions,$(DEMO),$(QUESTIONS_ARGS))
+$(call settings,$(DEMO),questions): FORCE
+	$(call record,$(QUESTIONS_ARGS))
+
+CORPUS := $(SHAPES)/corpus$(subst -,_,$(QA)).jsonl
+SHARDS_ARGS = data/fineweb.py --data-files $(CORPUS) --out-dir $(DEMO)/lm_shards$(QA) \
               --shard-size $(SHARD_SIZE) --workers 1
-$(DEMO)/lm_shards/manifest.json: $(SHAPES)/info.json $(call settings,$(DEMO),shards)
-	$(call stage,shards,$(DEMO),$(SHARDS_ARGS))
-$(call settings,$(DEMO),shards): FORCE
+$(DEMO)/lm_shards$(QA)/manifest.json: $(SHAPES)/info.json $(if $(QA),$(CORPUS)) $(call settings,$(DEMO),shards$(QA))
+	$(call stage,shards$(QA),$(DEMO),$(SHARDS_ARGS))
+$(call settings,$(DEMO),shards$(QA)): FORCE
 	$(call record,$(SHARDS_ARGS))
 
 # lr 1e-3: the LM has to learn to copy a scene's words from an earlier caption, which is what the bridges use
-LM_ARGS = train_lm.py --preset mini --data-dir $(DEMO)/lm_shards --vocab-subset --out-dir $(DEMO)/lm \
+LM_ARGS = train_lm.py --preset mini --data-dir $(DEMO)/lm_shards$(QA) --vocab-subset --out-dir $(DEMO)/lm$(QA) \
           --max-steps $(LM_STEPS) --warmup-steps 50 --lr 1e-3 -B 16 -T 128 --total-batch 2048 --val-every 500 \
           --sample-every 500 --ckpt-every 500 --log-every 100 --seed $(LM_SEED) --resume auto
-$(LM): $(DEMO)/lm_shards/manifest.json $(call settings,$(DEMO),lm)
-	$(call stage,lm,$(DEMO),$(LM_ARGS))
-$(call settings,$(DEMO),lm): FORCE
+$(LM): $(DEMO)/lm_shards$(QA)/manifest.json $(call settings,$(DEMO),lm$(QA))
+	$(call stage,lm$(QA),$(DEMO),$(LM_ARGS))
+$(call settings,$(DEMO),lm$(QA)): FORCE
 	$(call record,$(LM_ARGS))
 
 CLIP_ARGS = -m miniature.train_clip --root $(SHAPES) --out-dir $(CLIP) --max-steps $(CLIP_STEPS) $(CLIP_FLAGS) \
@@ -301,7 +333,8 @@ $(DEMO)/settings/features-%.txt: FORCE
 	$(call record,$(call features_args,$(subst -,/,$*)))
 
 # A bridge needs the caches of its own pooling.
-bridge_args = train_caption.py --bridge $(1) --lm $(LM) --coco-root $(SHAPES) \
+TASK_FLAGS = $(if $(QA),--task $(TASK) --questions $(call QUESTIONS,train))
+bridge_args = train_caption.py --bridge $(1) --lm $(LM) --coco-root $(SHAPES) $(TASK_FLAGS) \
               --features $(CACHE)/$(call pool_of,$(1))/train --val-features $(CACHE)/$(call pool_of,$(1))/val --out-dir $(RUN)/caption/$(1) $(CAPTION_FLAGS) \
               --seed $(BRIDGE_SEED) --max-steps $(or $(STEPS_$(1)),$(BRIDGE_STEPS)) --lr $(or $(LR_$(1)),$(LR)) \
               $(FLAGS_$(1)) --resume auto
@@ -317,7 +350,8 @@ $(RUN)/settings/bridge-%.txt: FORCE
 # The bridges train longest first (side by side, the short ones then share the other core); the table keeps BRIDGES' order.
 LONGEST_FIRST = $(filter qformer linear,$(BRIDGES)) $(filter-out qformer linear,$(BRIDGES))
 EVAL_ARGS = evaluate.py --checkpoints $(foreach b,$(BRIDGES),$(RUN)/caption/$(b)/ckpt_final.pt) --coco-root $(SHAPES) \
-            --split val --out $(RUN)/results --method greedy --extra-scores data.shapes $(EVAL_FLAGS)
+            --split val --out $(RUN)/results --method greedy --extra-scores data.shapes \
+            $(if $(QA),--questions $(call QUESTIONS,val)) $(EVAL_FLAGS)
 $(RUN)/results/table.md: $(foreach b,$(LONGEST_FIRST),$(RUN)/caption/$(b)/ckpt_final.pt) \
                          $(call settings,$(RUN),evaluate)
 	$(if $(BRIDGES),,$(error no bridges: bridges.py has no @register("name") line))

@@ -16,7 +16,8 @@ import evaluate
 import train_caption
 from bridges import BRIDGES, build_captioner, caption_batch
 from data import coco, feature_cache, shapes
-from gpt2 import GPT, GPTConfig, SubsetTokenizer, get_tokenizer
+from gpt2 import GPT, GPTConfig, SubsetTokenizer, get_tokenizer, load_lm
+from miniature import qa_probe
 from metrics import score_vqa
 
 ENCODER = "random-vit:tiny:seed0"
@@ -243,3 +244,18 @@ def test_evaluate_answers_a_question_about_your_own_images(world, trained, tmp_p
     assert len(lines) == 2 and all(len(line.split("\t")) == 3 for line in lines)  # path, caption, answer
     saved = json.load(open(result["path"]))
     assert saved["question"] == "what color is the shape on the left?" and len(saved["answers"]) == 2
+
+
+def test_the_lm_probe_asks_with_a_caption_and_without(world):
+    scores = qa_probe.probe(world["lm"], world["root"])
+    assert set(scores) == {"caption", "question alone"}
+    asked = len(coco.question_records(questions_file(world["root"], "val"), None, world["root"], "val"))
+    assert all(0.0 <= s["accuracy"] <= 1.0 and len(s["per_question"]) == asked for s in scores.values())
+    # alone, an answer depends on the question's words only: the same text, the same answer
+    lm, tokenizer = load_lm(world["lm"])
+    questions = coco.question_records(questions_file(world["root"], "val"), None, world["root"], "val")
+    alone = qa_probe.answers(lm.eval(), tokenizer, questions, {q["image_id"]: "" for q in questions})
+    by_text = {}
+    for q in questions:
+        by_text.setdefault(q["question"], set()).add(alone[q["question_id"]])
+    assert all(len(answers) == 1 for answers in by_text.values())
