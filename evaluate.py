@@ -262,9 +262,9 @@ def in_cache(records, cache, path, where):
 KARPATHY_FIX = ("Karpathy's val and test images come from COCO 2014 val, and most of those are in train2017: "
                 "for Karpathy-test numbers, cache features and train with --karpathy-json (his train split); "
                 "to evaluate a model trained on all of train2017, use COCO 2017 val (no --karpathy-json).")
-VQA_FIX = ("VQAv2's val questions are about COCO 2014 val images, and most of those are in train2017 (and "
-           "Karpathy's train split): to score VQAv2 val, train on COCO 2014 train's images only (VQAv2 "
-           "train's questions, and those images' captions).")
+VQA_FIX = ("VQAv2's val questions are about COCO 2014 val images, and most of those are in train2017 (and in "
+           "Karpathy's train split): to score VQAv2 val, train on VQAv2 train's questions alone (--task "
+           "questions: COCO 2014 train images), not on COCO 2017's or Karpathy's train captions.")
 
 
 def check_unseen(ckpt, image_ids, path, where, fix=KARPATHY_FIX):

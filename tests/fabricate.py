@@ -14,12 +14,20 @@ tests) feed to the real scripts, so that every full-scale path runs here at full
   annotations/captions_{train,val}2017.json), and dataset_coco.json in Karpathy's format, whose paths name
   COCO 2014 files (val2014/COCO_val2014_000000391895.jpg) and one of whose test images lives in train2017/,
   as most do.
+- coco/ again, VQAv2 on COCO 2014: train2014/COCO_train2014_{id:012d}.jpg and val2014/COCO_val2014_*.jpg (hard
+  links to the 2017 files of the same ids: the same photos under other names and splits), and VQAv2's four
+  files in the root, v2_OpenEnded_mscoco_{train,val}2014_questions.json and v2_mscoco_{train,val}2014_
+  annotations.json: three questions an image, 10 human answers each (who sometimes disagree), answer types
+  yes/no, number and other. As in COCO, 2014's train and val are disjoint and one val2014 image (391895) is
+  in train2017: the root's val files ask only about the val2014 images in val2017; coco/leak/ holds the same
+  two files for all of val2014, that image too (evaluating on them a model trained on train2017 is a leak).
 - fineweb/: FineWeb-Edu-like parquet files in the hub dataset's layout (sample/10BT/000_00000.parquet with its
   text, id, dump, url, ... columns), and hellaswag/hellaswag_val.jsonl in the real schema.
 """
 import argparse
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -188,6 +196,90 @@ def coco_world(root, train=6, val=3, seed=0):
     return dict(ids, karpathy=splits)
 
 # -----------------------------------------------------------------------------
+# VQAv2 on COCO 2014
+
+THINGS = {"dog": "dogs", "cat": "cats", "person": "people", "bus": "buses", "train": "trains",
+          "horse": "horses", "bike": "bikes", "plate": "plates", "table": "tables", "building": "buildings"}
+# (question_type, answer_type, question, the answers humans give: most of them one, shuffled, the rest any)
+VQA_KINDS = (
+    ("what color is the", "other", "What color is the {}?", ("red", "blue", "green", "white", "black")),
+    ("is there a", "yes/no", "Is there a {} in the picture?", ("yes", "no")),
+    ("how many", "number", "How many {} are there?", ("2", "3", "1", "4", "two")),
+    ("is the", "yes/no", "Is the {} on the street?", ("no", "yes")),
+    ("what is the", "other", "What is the {} near?", ("table", "bus", "water", "building", "grass")),
+)
+VQA_INFO = {"description": "This is v2.0 of the VQA dataset.", "url": "http://visualqa.org", "version": "2.0",
+            "year": 2017, "contributor": "VQA Team", "date_created": "2017-04-26 17:07:13"}
+VQA_LICENSE = {"url": "http://creativecommons.org/licenses/by/4.0/",
+               "name": "Creative Commons Attribution 4.0 International License"}
+
+
+def vqa_split(image_ids, split, rng, per_image=3):
+    """
+    VQAv2's two files for per_image questions about each of image_ids, with their keys:
+    (questions file's dict, annotations file's dict).
+    """
+    common = dict(info=VQA_INFO, license=VQA_LICENSE, data_type="mscoco", data_subtype=f"{split}2014")
+    questions, annotations = [], []
+    for image_id in image_ids:
+        for k, kind in enumerate(rng.choice(len(VQA_KINDS), size=per_image, replace=False)):
+            question_type, answer_type, template, options = VQA_KINDS[kind]
+            thing = str(rng.choice(list(THINGS)))
+            options = [str(o) for o in rng.permutation(options)]
+            agree = int(rng.integers(4, 11))  # most humans say one answer; the others, any (that one too)
+            answers = [str(a) for a in rng.permutation(
+                [options[0]] * agree + [str(rng.choice(options)) for _ in range(10 - agree)])]
+            qid = image_id * 1000 + k  # VQAv2's question ids: the image's id and the question's number
+            text = template.format(THINGS[thing] if question_type == "how many" else thing)
+            questions.append(dict(image_id=image_id, question=text, question_id=qid))
+            confidence = rng.choice(["yes", "yes", "yes", "maybe", "no"], size=10)
+            annotations.append(dict(
+                question_type=question_type, multiple_choice_answer=max(answers, key=answers.count),
+                answers=[dict(answer=a, answer_confidence=str(c), answer_id=j + 1)
+                         for j, (a, c) in enumerate(zip(answers, confidence))],
+                image_id=image_id, answer_type=answer_type, question_id=qid))
+    return dict(common, task_type="Open-Ended", questions=questions), dict(common, annotations=annotations)
+
+
+def vqa_world(root, ids, seed=0):
+    """
+    VQAv2 over coco_world's images (ids: its return), in COCO 2014's layout: train2014/ holds its train2017
+    images but the first, val2014/ its val2017 images and that first train2017 one (391895, which is
+    COCO_val2014_000000391895.jpg in COCO too: most of val2014 is in train2017), each a hard link to the 2017
+    file. The root's VQAv2 files: train2014's questions, and val2014's about its images in val2017 only;
+    coco/leak/ holds val2014's two files over all its images. Returns {"train2014", "val2014", "leak": ids}.
+    """
+    rng = np.random.default_rng(seed + 1)
+    leak = ids["train"][0]
+    splits = {"train": [("train", i) for i in ids["train"][1:]],
+              "val": [("val", i) for i in ids["val"]] + [("train", leak)]}
+    for split, images in splits.items():
+        os.makedirs(os.path.join(root, f"{split}2014"), exist_ok=True)
+        for split2017, image_id in images:
+            source = os.path.join(root, f"{split2017}2017", f"{image_id:012d}.jpg")
+            target = os.path.join(root, f"{split}2014", f"COCO_{split}2014_{image_id:012d}.jpg")
+            if os.path.exists(target):
+                os.remove(target)
+            try:
+                os.link(source, target)
+            except OSError:  # a file system without hard links
+                shutil.copyfile(source, target)
+
+    def write(folder, split, questions, annotations):
+        write_json(os.path.join(folder, f"v2_OpenEnded_mscoco_{split}2014_questions.json"), questions)
+        write_json(os.path.join(folder, f"v2_mscoco_{split}2014_annotations.json"), annotations)
+
+    write(root, "train", *vqa_split([i for _, i in splits["train"]], "train", rng))
+    questions, annotations = vqa_split([i for _, i in splits["val"]], "val", rng)
+    write(os.path.join(root, "leak"), "val", questions, annotations)
+    # the root's val files: the questions about val2014's images that are not in train2017
+    unseen = [q for q in questions["questions"] if q["image_id"] != leak]
+    write(root, "val", dict(questions, questions=unseen),
+          dict(annotations, annotations=[a for a in annotations["annotations"] if a["image_id"] != leak]))
+    return {"train2014": [i for _, i in splits["train"]], "val2014": [i for _, i in splits["val"]],
+            "leak": [leak]}
+
+# -----------------------------------------------------------------------------
 # FineWeb-Edu's parquet layout and HellaSwag's jsonl
 
 
@@ -238,9 +330,9 @@ if __name__ == "__main__":
     args = parser.parse_args()
     gpt2_hub_folder(os.path.join(args.out, "gpt2"))
     clip_hub_folder(os.path.join(args.out, "clip-vit-large-patch14"))
-    coco_world(os.path.join(args.out, "coco"))
+    vqa_world(os.path.join(args.out, "coco"), coco_world(os.path.join(args.out, "coco")))
     fineweb_parquet(os.path.join(args.out, "fineweb"))
     hellaswag_jsonl(os.path.join(args.out, "hellaswag"))
     write_json(os.path.join(args.out, "done.json"), {"complete": True})
-    print(f"{args.out}: GPT-2 124M and CLIP ViT-L/14 (random, hub layouts), COCO + Karpathy, FineWeb-Edu "
-          f"parquet, HellaSwag", file=sys.stderr)
+    print(f"{args.out}: GPT-2 124M and CLIP ViT-L/14 (random, hub layouts), COCO + Karpathy + VQAv2, "
+          f"FineWeb-Edu parquet, HellaSwag", file=sys.stderr)

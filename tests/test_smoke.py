@@ -1,8 +1,8 @@
 """
 `make smoke`: every full-scale stage at full size (GPT-2 124M, CLIP ViT-L/14, real-size JPEGs, T = 1024) for a
 step or two, with the GPU-only branches on through their CPU analogues. Run here through the Makefile's own
-rule, then the outputs are checked: what each stage wrote, and that the leak into Karpathy's test split was
-refused.
+rule, then the outputs are checked: what each stage wrote, and that the leaks into Karpathy's test split and
+into VQAv2 val's questions were refused. The fabricated VQAv2 files are also read alone, as VQAv2's.
 """
 import json
 import os
@@ -13,6 +13,8 @@ import sys
 import pytest
 
 from common import load_checkpoint
+from data import coco
+from tests import fabricate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,3 +76,61 @@ def test_make_smoke_runs_every_full_scale_stage(tmp_path):
     karpathy = json.load(open(smoke / "results" / "karpathy_test" / "results.json"))
     assert karpathy["images"] == 2 and karpathy["where"].startswith("Karpathy test")
     assert "was trained on 1 of the 2 images of Karpathy test" in (smoke / "leak.txt").read_text()
+
+    # VQAv2 on COCO 2014's images: the instruction-aware Q-Former trained on captions and questions at once,
+    # at full size; VQAv2 val answered by it and by its blind LM; the val2014 image in train2017 refused
+    vqa = load_checkpoint(str(smoke / "caption" / "vqa" / "ckpt_final.pt"))
+    assert vqa["step"] == 2 and vqa["args"]["task"] == "mix" and vqa["bridge_config"]["qformer_instruction"]
+    assert vqa["args"]["questions"].endswith("coco/v2_OpenEnded_mscoco_train2014_questions.json")
+    assert vqa["lm"]["config"]["n_layer"] == 12 and vqa["visual_features"]["width"] == 1024
+    # the captions' train2017 images, of which train2014's (the questions') are all but one
+    assert sorted(vqa["trained_on"]["image_ids"].tolist()) == [391895 + 1000 * i for i in range(6)]
+    pairs = records(smoke / "caption" / "vqa" / "log.jsonl")[0]["config"]["pairs"]
+    assert pairs == 6 * 5 + 5 * 3  # 5 captions an image, 3 questions an image
+    answered = json.load(open(smoke / "results" / "vqa" / "results.json"))
+    rows = answered["rows"]
+    assert [bool(r.get("blind")) for r in rows] == [False, True]
+    for row in rows:
+        assert row["questions"] == 9 and 0 <= row["VQA"] <= 1 and len(row["VQA_ci"]) == 2
+        assert set(row["VQA_types"]) <= {"yes/no", "number", "other"} and row["VQA_types"]
+    assert answered["images"] == 3
+    leak = (smoke / "leak_vqa.txt").read_text()
+    assert "was trained on 1 of the 4 images of the questions of" in leak and \
+        "leak/v2_OpenEnded_mscoco_val2014_questions.json" in leak and \
+        "VQAv2's val questions are about COCO 2014 val images" in leak
+
+
+def test_fabricated_vqav2_is_read_as_vqav2(tmp_path):
+    """The smoke's VQAv2 stand-ins: COCO 2014's file names and VQAv2's files, read by the real reader."""
+    root = str(tmp_path / "coco")
+    ids = fabricate.coco_world(root)
+    vqa = fabricate.vqa_world(root, ids)
+    leak = ids["train"][0]
+    assert vqa == {"train2014": ids["train"][1:], "val2014": ids["val"] + [leak], "leak": [leak]}
+    assert os.path.samefile(os.path.join(root, "val2014", f"COCO_val2014_{leak:012d}.jpg"),
+                            os.path.join(root, "train2017", f"{leak:012d}.jpg"))
+    train = coco.question_records(os.path.join(root, "v2_OpenEnded_mscoco_train2014_questions.json"), None,
+                                  root, "train")
+    val = coco.question_records(os.path.join(root, "v2_OpenEnded_mscoco_val2014_questions.json"), None,
+                                root, "val")
+    leaked = coco.question_records(os.path.join(root, "leak", "v2_OpenEnded_mscoco_val2014_questions.json"),
+                                   None, root, "val")
+    assert sorted({q["image_id"] for q in train}) == ids["train"][1:] and len(train) == 15
+    assert sorted({q["image_id"] for q in val}) == ids["val"] and len(val) == 9
+    assert {q["image_id"] for q in leaked} == set(ids["val"]) | {leak} and len(leaked) == 12
+    assert val == [q for q in leaked if q["image_id"] != leak]
+    assert train[0]["path"].endswith(f"train2014/COCO_train2014_{train[0]['image_id']:012d}.jpg")
+    everything = train + leaked
+    assert {q["answer_type"] for q in everything} == {"yes/no", "number", "other"}
+    assert all(len(q["answers"]) == 10 for q in everything)
+    assert any(len(set(q["answers"])) > 1 for q in everything)  # the humans sometimes disagree
+    assert any(len(set(q["answers"])) == 1 for q in everything)
+    # the real files' top-level keys
+    questions = json.load(open(os.path.join(root, "v2_OpenEnded_mscoco_val2014_questions.json")))
+    annotations = json.load(open(os.path.join(root, "v2_mscoco_val2014_annotations.json")))
+    assert set(questions) == {"info", "license", "task_type", "data_type", "data_subtype", "questions"}
+    assert set(annotations) == {"info", "license", "data_type", "data_subtype", "annotations"}
+    assert questions["data_subtype"] == "val2014" and questions["task_type"] == "Open-Ended"
+    assert set(annotations["annotations"][0]) == {"question_id", "image_id", "question_type", "answer_type",
+                                                   "multiple_choice_answer", "answers"}
+    assert set(annotations["annotations"][0]["answers"][0]) == {"answer", "answer_confidence", "answer_id"}
