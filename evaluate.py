@@ -141,9 +141,14 @@ def first_sentence(text):
     return text.split(".")[0].strip()
 
 
+def blind_of(captioner):
+    """The blind baseline of a captioner: its frozen LM behind NoImage."""
+    return Captioner(captioner.lm, NoImage(), captioner.eot, n_vocab=captioner.n_vocab).eval()
+
+
 def blind_captions(captioner, tokenizer, image_ids, batch_size, decoding, dtype):
     """The blind baseline's captions of image_ids (its LM is the captioner's), and its captions/s."""
-    blind = Captioner(captioner.lm, NoImage(), captioner.eot, n_vocab=captioner.n_vocab).eval()
+    blind = blind_of(captioner)
     nothing = torch.zeros(0, 0)  # (0, 0) per image: the blind captioner reads nothing
     chunks = ((image_ids[i:i + batch_size], nothing.expand(len(image_ids[i:i + batch_size]), 0, 0))
               for i in range(0, len(image_ids), batch_size))
@@ -168,9 +173,10 @@ def answer_questions(captioner, tokenizer, questions, source, batch_size, dtype,
     positions and no padding comes between a question and its answer. Timed as decode() times captions.
     """
     device = next(captioner.parameters()).device
+    prompts = {q["question_id"]: question_tokens(tokenizer, q) for q in questions}
     by_length = {}
     for q in questions:
-        by_length.setdefault(len(question_tokens(tokenizer, q)), []).append(q)
+        by_length.setdefault(len(prompts[q["question_id"]]), []).append(q)
     answers, seconds = {}, 0.0
     chunks = [group[i:i + batch_size] for group in by_length.values()
               for i in range(0, len(group), batch_size)]
@@ -180,7 +186,7 @@ def answer_questions(captioner, tokenizer, questions, source, batch_size, dtype,
         else:
             kept, visual = source.tokens([q["image_id"] for q in chunk])  # unreadable images: left out
             chunk = [q for q in chunk if q["image_id"] in set(kept)]
-        prompt = torch.tensor([question_tokens(tokenizer, q) for q in chunk], device=device)  # (B, m)
+        prompt = torch.tensor([prompts[q["question_id"]] for q in chunk], device=device)  # (B, m)
         with autocast(device.type, dtype):
             _sync(device)
             t0 = time.perf_counter()
@@ -381,10 +387,9 @@ def compare(args):
                                                   args.dtype)
         blinds.append(dict(run=first, captions=captions, captions_per_s=captions_per_s))
         if questions:  # the question alone: what the LM answers without looking
-            blind = Captioner(first["captioner"].lm, NoImage(), first["captioner"].eot,
-                              n_vocab=first["captioner"].n_vocab).eval()
-            blinds[-1]["answers"], _ = answer_questions(blind, first["tokenizer"], questions, None,
-                                                        args.batch_size, args.dtype, desc="blind")
+            blinds[-1]["answers"], _ = answer_questions(blind_of(first["captioner"]), first["tokenizer"],
+                                                        questions, None, args.batch_size, args.dtype,
+                                                        desc="blind")
 
     clear_outputs(args.out)  # only now: a run refused above (a leak, other features) leaves the old results
     rows = []
