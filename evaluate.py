@@ -211,10 +211,16 @@ def question_tokens(tokenizer, q):
 
 
 def vqa_row(answers, questions):
-    """The VQA scores of a row: accuracy, its interval, and per answer type."""
+    """The VQA scores of a row: accuracy, its interval, per answer type, and per question type (results.json
+    only: VQAv2 has 65 of them, the miniature 7)."""
     scores = score_vqa(answers, [q for q in questions if q["question_id"] in answers])
+    kind = {q["question_id"]: q.get("question_type") for q in questions}
+    by_kind = {}
+    for question_id, accuracy in zip(scores["question_ids"], scores["per_question"].tolist()):
+        by_kind.setdefault(kind[question_id], []).append(accuracy)
     return dict(VQA=scores["accuracy"], VQA_ci=list(scores["accuracy_ci"]), questions=len(answers),
-                VQA_types={t: s["accuracy"] for t, s in scores["per_answer_type"].items()})
+                VQA_types={t: s["accuracy"] for t, s in scores["per_answer_type"].items()},
+                VQA_question_types={str(k): sum(v) / len(v) for k, v in sorted(by_kind.items(), key=str)})
 
 # -----------------------------------------------------------------------------
 # The comparison: several bridge checkpoints on the same images, one table

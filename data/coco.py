@@ -221,8 +221,10 @@ def most_common_answer(answers):
 def load_vqa(questions_json, annotations_json, image_paths):
     """
     (records, skipped) for one VQAv2 split, the records in the questions file's order:
-      records  [{"question_id", "image_id", "path", "question", "answers": [10 str], "answer_type"}, ...];
-               answer_type is "yes/no", "number" or "other"; the answers are as the humans typed them (the
+      records  [{"question_id", "image_id", "path", "question", "answers": [10 str], "answer_type",
+               "question_type"}, ...]; answer_type is "yes/no", "number" or "other", question_type the
+               question's first words ("what color is the"; None where the file has none); the answers are as
+               the humans typed them (the
                VQA accuracy in metrics.py normalises them by the official rules)
       skipped  [{"question_id", "file", "reason"}, ...]: entries left out, for the caller to report: an
                annotation whose question is not in the questions file (a questions file may be a subset of
@@ -282,7 +284,8 @@ def load_vqa(questions_json, annotations_json, image_paths):
         a = answers[q["question_id"]]
         records.append(dict(question_id=q["question_id"], image_id=q["image_id"],
                             path=image_paths[q["image_id"]], question=q["question"].strip(),
-                            answers=[x["answer"] for x in a["answers"]], answer_type=a["answer_type"]))
+                            answers=[x["answer"] for x in a["answers"]], answer_type=a["answer_type"],
+                            question_type=a.get("question_type")))
     return records, skipped
 
 

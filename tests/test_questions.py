@@ -228,6 +228,11 @@ def test_evaluate_scores_the_questions_with_a_blind_row(world, trained, tmp_path
         assert row["questions"] == len(val) == len(answers)  # every question answered, by every row
         assert row["VQA"] == pytest.approx(score_vqa(answers, val)["accuracy"])
         assert row["VQA_ci"][0] <= row["VQA"] <= row["VQA_ci"][1]
+        # per question type: the mean of its questions' accuracies, every type of the world's questions
+        assert set(row["VQA_question_types"]) == {q["question_type"] for q in val}
+        kind = [q for q in val if q["question_type"] == "is there a"]
+        assert row["VQA_question_types"]["is there a"] == pytest.approx(
+            score_vqa({q["question_id"]: answers[q["question_id"]] for q in kind}, kind)["accuracy"])
     table = open(os.path.join(out, "table.md")).read()
     assert "VQA accuracy" in table and table.count("| blind (frozen LM of linear, no image) |") == 2
 
