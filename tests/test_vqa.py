@@ -213,7 +213,7 @@ def test_load_vqa_reads_the_real_layout(tmp_path):
     assert [r["question_id"] for r in records] == [420000, 420001, 1390000, 2850000]  # the file's order
     assert records[0] == dict(question_id=420000, image_id=42, path=images[42],
                               question="What color is the square?", answers=["red"] * 8 + ["dark red"] * 2,
-                              answer_type="other")
+                              answer_type="other", question_type="what color is the")
     assert records[3]["question"] == "What is on the table?"  # stripped
     assert records[3]["answers"] == ["book"] * 3 + ["a book"] * 2 + ["laptop"] * 5  # as the humans typed them
     assert [r["answer_type"] for r in records] == ["other", "yes/no", "number", "other"]
