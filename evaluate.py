@@ -175,7 +175,7 @@ def answer_questions(captioner, tokenizer, questions, source, batch_size, dtype,
     device = next(captioner.parameters()).device
     prompts = {q["question_id"]: question_tokens(tokenizer, q) for q in questions}
     by_length = {}
-    for q in questions:
+    for q in sorted(questions, key=lambda q: q["image_id"]):  # an image's questions side by side: read once
         by_length.setdefault(len(prompts[q["question_id"]]), []).append(q)
     answers, seconds = {}, 0.0
     chunks = [group[i:i + batch_size] for group in by_length.values()
@@ -183,9 +183,11 @@ def answer_questions(captioner, tokenizer, questions, source, batch_size, dtype,
     for chunk in tqdm(chunks, desc=desc, unit="batch", leave=False):
         if source is None:
             visual = torch.zeros(len(chunk), 0, 0)  # (B, 0, 0): the blind captioner reads nothing
-        else:
-            kept, visual = source.tokens([q["image_id"] for q in chunk])  # unreadable images: left out
-            chunk = [q for q in chunk if q["image_id"] in set(kept)]
+        else:  # each image of the batch read (or encoded) once; unreadable images: left out
+            kept, visual = source.tokens(sorted({q["image_id"] for q in chunk}))
+            row = {image_id: i for i, image_id in enumerate(kept)}
+            chunk = [q for q in chunk if q["image_id"] in row]
+            visual = visual[[row[q["image_id"]] for q in chunk]]  # (B, S, C): one row per question
         prompt = torch.tensor([prompts[q["question_id"]] for q in chunk], device=device)  # (B, m)
         with autocast(device.type, dtype):
             _sync(device)

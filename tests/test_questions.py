@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 
+import bridges
 import decoding
 import evaluate
 import train_caption
@@ -235,6 +236,20 @@ def test_evaluate_scores_the_questions_with_a_blind_row(world, trained, tmp_path
             score_vqa({q["question_id"]: answers[q["question_id"]] for q in kind}, kind)["accuracy"])
     table = open(os.path.join(out, "table.md")).read()
     assert "VQA accuracy" in table and table.count("| blind (frozen LM of linear, no image) |") == 2
+
+
+def test_each_image_is_read_once_per_batch_of_questions(world, trained, monkeypatch):
+    cache = feature_cache.FeatureCache(world["val"])
+    read, tokens = [], cache.tokens
+    monkeypatch.setattr(cache, "tokens", lambda ids: read.append(list(ids)) or tokens(ids))
+    questions = coco.question_records(questions_file(world["root"], "val"), None, world["root"], "val")
+    captioner, tokenizer, _ = bridges.load_captioner(trained[0])
+    answers, _ = evaluate.answer_questions(captioner, tokenizer, questions, cache, 64, "fp32")
+    assert all(len(ids) == len(set(ids)) for ids in read)  # no image twice in a read
+    assert sum(map(len, read)) < len(questions)
+    # and each question is answered about its own image: as when it is asked alone
+    alone, _ = evaluate.answer_questions(captioner, tokenizer, questions, cache, 1, "fp32")
+    assert answers == alone
 
 
 def test_evaluate_answers_a_question_about_your_own_images(world, trained, tmp_path, capsys):
