@@ -166,14 +166,17 @@ def answer_of(text):
     return re.split(r"\.(?:\s|$)|\n|Question:", text)[0].strip()
 
 
-def answer_questions(captioner, tokenizer, questions, source, batch_size, dtype, desc="answering"):
+def answer_questions(captioner, tokenizer, questions, source, batch_size, dtype, desc="answering",
+                     before=None):
     """
     ({question_id: answer}, answers per second) for data.coco.load_vqa's records; source None: no image (the
     blind row). Each batch holds questions of one prompt length, so every row reads its question at the same
     positions and no padding comes between a question and its answer. Timed as decode() times captions.
+    before: {image_id: text} put before each question about that image (miniature/qa_probe.py's captions).
     """
     device = next(captioner.parameters()).device
-    prompts = {q["question_id"]: question_tokens(tokenizer, q) for q in questions}
+    prompts = {q["question_id"]: question_tokens(tokenizer, q, before[q["image_id"]] if before else "")
+               for q in questions}
     by_length = {}
     for q in sorted(questions, key=lambda q: q["image_id"]):  # an image's questions side by side: read once
         by_length.setdefault(len(prompts[q["question_id"]]), []).append(q)
@@ -202,10 +205,11 @@ def answer_questions(captioner, tokenizer, questions, source, batch_size, dtype,
     return answers, len(answers) / max(seconds, 1e-9)
 
 
-def question_tokens(tokenizer, q):
-    """The prompt's tokens; a word the LM never saw (a --vocab-subset LM) is an error naming the question."""
+def question_tokens(tokenizer, q, before=""):
+    """The prompt's tokens (after `before`); a word the LM never saw (a --vocab-subset LM) is an error naming
+    the question."""
     try:
-        return tokenizer.encode_ordinary(coco.qa_prompt(q["question"]))
+        return tokenizer.encode_ordinary(before + coco.qa_prompt(q["question"]))
     except ValueError as e:
         raise ValueError(f"question {q['question_id']} ({q['question']!r}) cannot be put to this LM: {e}. "
                          f"Its LM must have read such questions: the miniature's is pretrained on "

@@ -9,39 +9,23 @@ layout), and alone (the LM's prior for that wording).
 """
 import argparse
 
-import torch
-
+from bridges import Captioner
 from data import coco
-from evaluate import answer_of
+from evaluate import NoImage, answer_questions
 from gpt2 import load_lm
 from metrics import score_vqa
 
 
-@torch.no_grad()
 def answers(lm, tokenizer, questions, context, batch_size=256):
-    """{question_id: answer} for each question after context[image_id] (a string, maybe empty): greedy,
-    batches of one prompt length, as evaluate.py answers."""
-    by_length = {}
-    for q in questions:
-        text = context[q["image_id"]] + coco.qa_prompt(q["question"])
-        tokens = [tokenizer.eot_token] + tokenizer.encode_ordinary(text)  # a new document, as in pretraining
-        by_length.setdefault(len(tokens), []).append((q, tokens))
-    found = {}
-    for group in by_length.values():
-        for i in range(0, len(group), batch_size):
-            chunk = group[i:i + batch_size]
-            x = torch.tensor([tokens for _, tokens in chunk])  # (B, T)
-            out = lm.generate(x, 4, temperature=0.0, eot=tokenizer.eot_token, n_vocab=tokenizer.n_vocab)
-            for (q, _), row in zip(chunk, out[:, x.size(1):].tolist()):
-                row = row[:row.index(tokenizer.eot_token)] if tokenizer.eot_token in row else row
-                found[q["question_id"]] = answer_of(tokenizer.decode(row))
-    return found
+    """{question_id: answer} for each question after context[image_id] (a string, maybe empty), answered as
+    evaluate.py answers: the LM alone (the blind captioner: a new document after <|endoftext|>), greedy."""
+    lm_alone = Captioner(lm, NoImage(), tokenizer.eot_token, n_vocab=tokenizer.n_vocab).eval()
+    return answer_questions(lm_alone, tokenizer, questions, None, batch_size, "fp32", before=context)[0]
 
 
 def probe(lm_path, root, split="val"):
     """{"caption": score_vqa's result, "question alone": ...} for the questions of a world's split."""
     lm, tokenizer = load_lm(lm_path)
-    lm.eval()
     questions = coco.question_records(f"{root}/annotations/v2_OpenEnded_shapes_{split}_questions.json", None,
                                       root, split)
     captions = {r["image_id"]: r["captions"][0] for r in coco.load_records(root, split)}
