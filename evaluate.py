@@ -300,13 +300,14 @@ def check_unseen(ckpt, image_ids, path, where, fix=KARPATHY_FIX):
                          f"(e.g. COCO id {overlap[0]}): scores on them measure memory, not seeing. {fix}")
 
 
-def question_set(args, split, cache):
-    """--questions' records (None without): about images the feature cache holds, when there is one."""
+def question_set(args, split, cache, records):
+    """--questions' records (None without): about images the feature cache holds, when there is one, and with
+    --max-images about those of `records` (evaluation_set's)."""
     if not args.questions:
         return None
     questions = coco.question_records(args.questions, args.answers, args.coco_root, split)
     if args.max_images:  # the questions about the images scored
-        first = {r["image_id"] for r in evaluation_set(args)[0]}
+        first = {r["image_id"] for r in records}
         questions = [q for q in questions if q["image_id"] in first]
     if cache is not None:
         questions = in_cache(questions, cache, args.features, f"the questions of {args.questions}")
@@ -351,10 +352,10 @@ def compare(args):
     check_writable(args.out, "--out")  # now, not after the decoding and scoring
     records, split, where = evaluation_set(args)
     cache = feature_cache.FeatureCache(args.features) if args.features else None
+    questions = question_set(args, split, cache, records)
     if cache is not None:
         records = in_cache(records, cache, args.features, where)
     references = {r["image_id"]: r["captions"] for r in records}
-    questions = question_set(args, split, cache)
     extra = extra_scorer(args.extra_scores, args.coco_root, split)
     decoding = dict(method=args.method, beam=args.beam, max_new_tokens=args.max_new_tokens,
                     length_penalty=args.length_penalty, temperature=args.temperature, top_p=args.top_p,
