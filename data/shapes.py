@@ -360,8 +360,12 @@ def corpus_documents(count, seed, image_size=64):
     """LM pretraining text: each document is 3-5 different captions of one scene, joined by '. '."""
     rng = np.random.default_rng([seed, 100])  # its own stream: these scenes are not the train/val images
     for _ in range(count):
-        scene = sample_scene(rng, image_size)
-        yield ". ".join(captions_of(scene, rng, n=int(rng.integers(3, 6)))) + "."
+        yield caption_document(sample_scene(rng, image_size), rng)
+
+
+def caption_document(scene, rng):
+    """3-5 different captions of one scene, joined by '. ': a document of the corpus."""
+    return ". ".join(captions_of(scene, rng, n=int(rng.integers(3, 6)))) + "."
 
 
 def write_corpus(path, count, seed, image_size=64):
@@ -619,7 +623,7 @@ def qa_documents(count, seed, image_size=64):
     rng = np.random.default_rng([seed, 300])  # not the images', captions', corpus' or questions' streams
     for i in range(count):
         scene = sample_scene(rng, image_size)
-        captions = ". ".join(captions_of(scene, rng, n=int(rng.integers(3, 6)))) + "."
+        captions = caption_document(scene, rng)
         if i % 2 == 0:
             yield captions, scene
             continue
