@@ -43,16 +43,16 @@ def start_beams(captioner, visual, K, max_new_tokens, prompt=None):
     """
     lm, B = captioner.lm, visual.size(0)
     prefix, cross = captioner.condition(visual, prompt)  # (B, L, C)
-    if prompt is None:
-        prompt = torch.zeros(B, 0, dtype=torch.long, device=visual.device)  # (B, 0): no text yet
-    cache = lm.new_cache(B, prefix.size(1) + prompt.size(1) + max_new_tokens)
-    logits, _ = lm(prompt, prefix=prefix, cross=cross, cache=cache, last_only=True)  # (B, 1, V)
+    empty = torch.zeros(B, 0, dtype=torch.long, device=visual.device)  # (B, 0): no text yet
+    text = empty if prompt is None else prompt  # (B, m)
+    cache = lm.new_cache(B, prefix.size(1) + text.size(1) + max_new_tokens)
+    logits, _ = lm(text, prefix=prefix, cross=cross, cache=cache, last_only=True)  # (B, 1, V)
     per_beam = torch.arange(B, device=visual.device).repeat_interleave(K)  # (B*K,) the image of each beam
     cache.reorder(per_beam)
     # from here on beams are reshuffled within an image only: their prefixes stay put
     cache.shared = cache.pos
     if cross is not None:
-        _, cross = captioner.condition(visual[per_beam], None if prompt.size(1) == 0 else prompt[per_beam])
+        _, cross = captioner.condition(visual[per_beam], None if prompt is None else prompt[per_beam])
     return cache, cross, F.log_softmax(logits[per_beam, -1, :captioner.n_vocab].float(), dim=-1)
 
 
