@@ -246,7 +246,7 @@ def test_52_question_flags_that_do_not_fit_are_refused(capsys):
         assert message in capsys.readouterr().err
 
 
-def test_53_questions_about_images_a_bridge_was_trained_on_are_refused(world, trained, tmp_path):  # noqa: F811
+def test_53_questions_about_trained_on_images_are_refused(world, trained, tmp_path):  # noqa: F811
     # VQAv2's val images are COCO 2014 val's, most of them in train2017: the leak refusal covers questions.
     # Here: questions about the world's train images, laid out as VQAv2 val on COCO 2014 file names.
     root = tmp_path / "coco"

@@ -168,7 +168,7 @@ def test_the_instruction_aware_qformer_learns_from_the_question(world, tmp_path)
                                   "--val-questions", questions_file(world["root"], "val")))
     first, *_, last = val_losses(out)
     assert last < 0.6 * first, (first, last)
-    ckpt = torch.load(out / "ckpt_final.pt", weights_only=False)
+    ckpt = torch.load(out / "ckpt_final.pt", weights_only=True)
     assert ckpt["bridge_config"]["qformer_instruction"]
     start = build_captioner(GPT(GPTConfig(**ckpt["lm"]["config"])), 0, "qformer", 32, 5, prefix_len=0,
                             **SMALL, qformer_instruction=True)[0]  # the same shapes, freshly made
@@ -184,7 +184,7 @@ def test_the_mix_holds_every_caption_and_every_question(world, tmp_path, capsys)
     questions = len(coco.question_records(questions_file(world["root"], "train"), None, world["root"],
                                           "train"))
     assert f"qformer bridge, mix: {captions + questions:,} pairs" in capsys.readouterr().out
-    ckpt = torch.load(tmp_path / "mix" / "ckpt_final.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "mix" / "ckpt_final.pt", weights_only=True)
     assert ckpt["args"]["task"] == "mix" and len(ckpt["trained_on"]["image_ids"]) == 40
 
 
