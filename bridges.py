@@ -213,13 +213,17 @@ class QFormerBridge(nn.Module):
         embeddings, real = prompt
         return self.text(embeddings), real
 
-    def forward(self, visual, prompt=None):
+    def read_image(self, visual, text=None):
+        """The queries' outputs (B, Q, W) once they have read the image (and text: ((B, m, W), mask (B, m)),
+        joining their self-attention; BLIP-2's first stage reads a caption this way, qformer_stage1.py)."""
         context = self.input(visual)  # (B, S, W)
         q = self.queries.expand(visual.size(0), -1, -1)  # (B, Q, W)
-        text = self.read(prompt)
         for layer in self.layers:
             q = layer(q, context, text)
-        q = self.ln_f(q)
+        return self.ln_f(q)
+
+    def forward(self, visual, prompt=None):
+        q = self.read_image(visual, self.read(prompt))  # (B, Q, W)
         if self.k:
             prefix = self.proj(q.flatten(1)).view(q.size(0), self.k, -1)  # (B, k, C)
         else:

@@ -25,7 +25,8 @@ import torch.distributed as torch_dist
 from common import UsageError, atomic_open, load_checkpoint, lock_folder, save_checkpoint
 from train_utils import from_rank0, print0
 
-TRAINERS = ("train_lm.py", "train_caption.py", "miniature/train_clip.py")  # a checkpoint's "trainer" wrote it
+TRAINERS = ("train_lm.py", "train_caption.py", "miniature/train_clip.py",  # a checkpoint's "trainer" wrote it
+            "qformer_stage1.py")
 
 
 class RunFolder:

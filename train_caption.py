@@ -35,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import clip_loader
+import qformer_stage1
 from bridges import BRIDGES, BridgeConfig, build_captioner, caption_batch, lm_fingerprint
 from checkpoints import RunFolder, rng_state
 from common import UsageError, autocast, natural_int, nonneg_float, positive_float, positive_int, to_device
@@ -125,6 +126,9 @@ def setup(args, dist):
 
     torch.manual_seed(args.seed)  # the same fresh bridge on every rank
     captioner, bridge_config = new_captioner(args, lm, eot, source.spec, stats)
+    if args.qformer_init:  # BLIP-2's second stage: the Q-Former starts where its first stage left it
+        qformer_stage1.start_from(captioner.bridge, bridge_config, args.qformer_init, source.spec,
+                                  args.standardize)
     check_resumable(run.ckpt, run.resumed_from, bridge_config, fingerprint, source.spec, args)
     captioner.to(dist.device)
     params = parameter_counts(captioner, source.spec.encoder)
@@ -572,6 +576,8 @@ def get_args(argv=None):
         else:
             kind = positive_int if f.metadata["minimum"] == 1 else natural_int
             p.add_argument(name, type=kind, default=f.default, help=f.metadata["help"])
+    p.add_argument("--qformer-init", default=None,
+                   help="Q-Former: start from BLIP-2's first stage, a qformer_stage1.py checkpoint")
     p.add_argument("--unfreeze-last", type=natural_int, default=0, help="also train the last K GPT blocks")
     # optimisation
     p.add_argument("--epochs", type=positive_float, default=1.0,

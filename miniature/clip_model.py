@@ -79,13 +79,17 @@ class TextTransformer(nn.Module):
                 nn.init.normal_(p, std=0.02 * scale)
 
     def forward(self, tokens, eot_index):
-        B, T = tokens.shape
-        positions = torch.arange(T, device=tokens.device)
+        x = self.states(tokens)  # (B, T, C)
+        return x[torch.arange(len(x), device=tokens.device), eot_index]  # (B, C): the state at <|endoftext|>
+
+    def states(self, tokens):
+        """Every position's final state (B, T, C) (BLIP-2's first stage reads the words, not only the
+        summary)."""
+        positions = torch.arange(tokens.size(1), device=tokens.device)
         x = self.token_embedding(tokens) + self.position_embedding(positions)  # (B, T, C)
         for block in self.blocks:
             x = block(x)
-        x = self.final_layer_norm(x)  # (B, T, C)
-        return x[torch.arange(B, device=tokens.device), eot_index]  # (B, C): the state at <|endoftext|>
+        return self.final_layer_norm(x)  # (B, T, C)
 
 # -----------------------------------------------------------------------------
 # CLIP: two towers, two projections into one space, one learned temperature
@@ -124,10 +128,17 @@ class CLIP(nn.Module):
                                 self.logit_scale)
 
 
+def similarity(image, text):
+    """(B, B): row i = image i against every caption. image (B, D), or (B, Q, D) with several embeddings per
+    image (BLIP-2's queries): then an image is as similar to a caption as its closest query."""
+    sim = image @ text.t()  # (B, B) or (B, Q, B)
+    return sim if image.dim() == 2 else sim.amax(dim=1)
+
+
 def contrastive_loss(image, text, logit_scale):
-    """Symmetric InfoNCE over normalised embeddings image, text (B, D): the matching pair sits on the
-    diagonal."""
-    logits = logit_scale.exp() * image @ text.t()  # (B, B): row i = image i against every caption
+    """Symmetric InfoNCE over normalised embeddings image (B, D) or (B, Q, D), text (B, D): the matching
+    pair sits on the diagonal."""
+    logits = logit_scale.exp() * similarity(image, text)  # (B, B)
     labels = torch.arange(len(image), device=image.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 

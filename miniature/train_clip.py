@@ -233,8 +233,8 @@ def epoch_plan(data, epoch, seed):
     image).
     """
     g = torch.Generator().manual_seed(seed * 1000 + epoch)
-    order = torch.randperm(len(data["pixels"]), generator=g)
-    caption_of = data["first"] + (torch.rand(len(data["pixels"]), generator=g) * data["count"]).long()
+    order = torch.randperm(len(data["first"]), generator=g)
+    caption_of = data["first"] + (torch.rand(len(data["first"]), generator=g) * data["count"]).long()
     return order, caption_of
 
 # -----------------------------------------------------------------------------

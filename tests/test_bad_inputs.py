@@ -24,7 +24,9 @@ Continued in tests/test_bad_inputs_corpus.py (33: a corpus changed under its sha
 tests/test_bad_inputs_eval.py (34-37, and 40 for evaluate.py: odd folders and file names, checkpoints on two
 LMs, a one-image set, an --out it cannot write) and tests/test_bad_inputs_vqa.py (42-48: VQAv2 files in
 another layout, a question's image missing, not 10 answers, empty questions, questions and answers that do not
-pair up, repeated ids).
+pair up, repeated ids; 49-53 for training and evaluating on questions) and tests/test_bad_inputs_stage1.py
+(54-56: BLIP-2's first stage for another Q-Former, bridge or file, on another split's cache, resumed with
+other flags).
 """
 import errno
 import json
