@@ -67,7 +67,7 @@ smoke: setup
 	@$(MAKE) --no-print-directory smoke-run
 
 smoke-run: $(WORLD)/done.json
-	rm -rf $(SMOKE)/shards $(SMOKE)/lm $(SMOKE)/features $(SMOKE)/caption $(SMOKE)/results
+	rm -rf $(SMOKE)/shards $(SMOKE)/lm $(SMOKE)/features $(SMOKE)/caption $(SMOKE)/results $(SMOKE)/stage1
 	@echo "== FineWeb-Edu: parquet files in the hub dataset's layout -> GPT-2 token shards"
 	$(BIN)/python data/fineweb.py --data-files $(WORLD)/fineweb/sample/10BT/*.parquet --out-dir $(SMOKE)/shards \
 		--shard-size 100000 --workers 2
@@ -90,6 +90,13 @@ smoke-run: $(WORLD)/done.json
 		if [ $$bridge = qformer ]; then $(BIN)/python train_caption.py $$flags --stop-step 1 && \
 			$(BIN)/python train_caption.py $$flags --resume auto --no-compile || exit 1; \
 		else $(BIN)/python train_caption.py $$flags --compile-backend aot_eager || exit 1; fi; done
+	@echo "== BLIP-2's two stages at full size: the Q-Former (768 wide, 32 queries) against the captions, then into GPT-2"
+	$(BIN)/python qformer_stage1.py --coco-root $(WORLD)/coco --features $(SMOKE)/features/train \
+		--val-features $(SMOKE)/features/val --out-dir $(SMOKE)/stage1 -B 2 --max-steps 2 --warmup-steps 1 \
+		--val-every 1 --log-every 1 --ckpt-every 0 --text-layers 4 --text-width 512 --text-heads 8 --embed-dim 256 \
+		$(GPU_PATHS)
+	$(BIN)/python train_caption.py $(CAPTION_SMOKE) --bridge qformer --qformer-init $(SMOKE)/stage1/ckpt_final.pt \
+		--features $(SMOKE)/features/train --out-dir $(SMOKE)/caption/stage2 --max-steps 1 --val-every 0
 	@echo "== a bridge on the pretrained 124M LM, encoding the images on the fly; one on Karpathy's train split"
 	$(BIN)/python train_caption.py $(CAPTION_SMOKE) --bridge linear --lm $(SMOKE)/lm/ckpt_000002.pt \
 		--encoder $(WORLD)/clip-vit-large-patch14 --out-dir $(SMOKE)/caption/on-the-fly --max-steps 1 --val-every 0
@@ -200,8 +207,9 @@ LR_linear    := 3e-3
 LR_xattn     := 3e-3
 LR_qformer   := 2e-3
 VAL_PAIRS    := 500
+QFORMER_SIZES := --qformer-width 128 --qformer-heads 4 --queries 16
 CAPTION_FLAGS := -B 64 --total-batch 64 --warmup-steps 30 --val-every 150 --fused --val-pairs $(VAL_PAIRS) \
-                 $(STANDARDIZE) --qformer-width 128 --qformer-heads 4 --queries 16
+                 $(STANDARDIZE) $(QFORMER_SIZES)
 # the prefix bridges read their input out whole: every prefix slot is a Linear of the whole image (linear, ClipCap's
 # mapping in one layer) or of all 16 queries' outputs (Q-Former), not one slot per token or query
 FLAGS_linear  := --prefix-len 12
@@ -219,6 +227,13 @@ LR            := 2e-3
 LR_linear     :=
 LR_xattn      :=
 LR_qformer    :=
+endif
+# BLIP-2's first stage (qformer_stage1.py): the Q-Former trained against the captions for STAGE1_STEPS steps before
+# its captioning run starts from it (0: no first stage; docs/miniature.md measures it)
+STAGE1_STEPS := 0
+STAGE1_FLAGS := -B 64 --warmup-steps 30 --lr 1e-3 --val-every 100 --ckpt-every 0 --vis-pos-grid
+ifneq ($(STAGE1_STEPS),0)
+FLAGS_qformer += --qformer-init $(RUN)/stage1/ckpt_final.pt
 endif
 pool_of = $(or $(POOL_$(1)),$(POOL))
 POOLS = $(sort $(foreach b,$(BRIDGES),$(call pool_of,$(b))))
@@ -343,6 +358,18 @@ $(RUN)/caption/%/ckpt_final.pt: $(LM) $$(CACHE)/$$(call pool_of,$$*)/train/manif
 	$(call stage,bridge-$*,$(RUN),$(call bridge_args,$*))
 $(RUN)/settings/bridge-%.txt: FORCE
 	$(call record,$(call bridge_args,$*))
+
+STAGE1_ARGS = qformer_stage1.py --coco-root $(SHAPES) --features $(CACHE)/$(call pool_of,qformer)/train \
+              --val-features $(CACHE)/$(call pool_of,qformer)/val --out-dir $(RUN)/stage1 $(STANDARDIZE) \
+              $(QFORMER_SIZES) $(STAGE1_FLAGS) --max-steps $(STAGE1_STEPS) --seed $(BRIDGE_SEED) --resume auto
+ifneq ($(STAGE1_STEPS),0)
+$(RUN)/caption/qformer/ckpt_final.pt: $(RUN)/stage1/ckpt_final.pt
+endif
+$(RUN)/stage1/ckpt_final.pt: $$(CACHE)/$$(call pool_of,qformer)/train/manifest.json \
+                             $$(CACHE)/$$(call pool_of,qformer)/val/manifest.json $$(call settings,$(RUN),stage1)
+	$(call stage,stage1,$(RUN),$(STAGE1_ARGS))
+$(RUN)/settings/stage1.txt: FORCE
+	$(call record,$(STAGE1_ARGS))
 
 # EVAL_FLAGS: more evaluate.py flags (the tests' shortened demo: --metrics bleu cider).
 # No --features: the bridges read caches of different poolings, so evaluate.py encodes the val images once per

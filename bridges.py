@@ -188,7 +188,7 @@ class QFormerBridge(nn.Module):
         if W % config.qformer_heads:
             raise ValueError(f"qformer_heads {config.qformer_heads} does not divide qformer_width {W}")
         self.input = VisualInput(config, W)
-        self.queries = nn.Parameter(torch.randn(config.queries, W) * 0.02)  # (Q, W)
+        self.queries = nn.Parameter(torch.randn(config.queries, W) * config.query_std)  # (Q, W)
         self.layers = nn.ModuleList([QFormerLayer(W, config.qformer_heads)
                                      for _ in range(config.qformer_layers)])
         self.ln_f = nn.LayerNorm(W)
@@ -497,6 +497,7 @@ class BridgeConfig:
     xattn_every: int = flag(1, "cross-attention: a gated layer in every k-th GPT block", minimum=1)
     xattn_heads: int = flag(0, "cross-attention heads (0: as many as the GPT has)", minimum=0)
     queries: int = flag(32, "Q-Former: learnable queries (= prefix length)", minimum=1)
+    query_std: float = flag(0.02, "Q-Former: the std of the queries' initial values (BLIP-2's: 0.02)")
     # sizes of Laurent, Lenain and Mebille's Q-Former
     qformer_layers: int = flag(2, "Q-Former: layers", minimum=1)
     qformer_width: int = flag(768, "Q-Former: width", minimum=1)

@@ -573,6 +573,8 @@ def get_args(argv=None):
         if isinstance(f.default, bool):
             p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default,
                            help=f.metadata["help"])
+        elif isinstance(f.default, float):
+            p.add_argument(name, type=positive_float, default=f.default, help=f.metadata["help"])
         else:
             kind = positive_int if f.metadata["minimum"] == 1 else natural_int
             p.add_argument(name, type=kind, default=f.default, help=f.metadata["help"])

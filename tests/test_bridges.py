@@ -7,6 +7,7 @@ from torch.nn import functional as F
 from bridges import (BRIDGES, BridgeConfig, Captioner, caption_batch, build_captioner, captioner_from_config,
                      count_params)
 from gpt2 import GPT, GPTConfig
+import train_caption
 
 KINDS = list(BRIDGES)  # every registered bridge
 # and each way of using one: the prefix bridges per token / per query (their defaults) or read out whole
@@ -211,6 +212,13 @@ def test_qformer_attention_maps_are_distributions_over_the_image():
     maps = captioner.bridge.attention_maps(torch.randn(2, 5, 16))
     assert maps.shape == (2, 2, 4, 5)  # (B, heads, queries, visual tokens)
     assert torch.allclose(maps.sum(-1), torch.ones(2, 2, 4), atol=1e-6)
+
+
+def test_query_std_sets_the_queries_starting_scale_and_is_a_flag():
+    for std in (0.02, 1.0):
+        queries = make("qformer", queries=64, qformer_width=32, query_std=std).bridge.queries  # 2,048 values
+        assert abs(queries.std().item() / std - 1) < 0.1
+    assert train_caption.get_args(["--bridge", "qformer", "--query-std", "0.5"]).query_std == 0.5
 
 
 def test_parameter_counts_per_part():

@@ -69,6 +69,14 @@ def test_make_smoke_runs_every_full_scale_stage(tmp_path):
         assert len(ckpt["trained_on"]["image_ids"]) == 6
     assert load_checkpoint(
         str(smoke / "caption" / "karpathy" / "ckpt_final.pt"))["trained_on"]["karpathy_json"]
+    # BLIP-2's first stage at full size (ViT-L/14's tokens, a 768-wide Q-Former of 32 queries), its R@1 on the
+    # val images; the second stage's Q-Former starts from it
+    first = load_checkpoint(str(smoke / "stage1" / "ckpt_final.pt"))
+    assert first["step"] == 2 and first["bridge_config"]["qformer_width"] == 768 and \
+        first["bridge_config"]["queries"] == 32 and first["visual_features"]["width"] == 1024
+    assert set(first["quality"]) == {"image_to_text_R@1", "text_to_image_R@1"}
+    second = load_checkpoint(str(smoke / "caption" / "stage2" / "ckpt_final.pt"))
+    assert second["args"]["qformer_init"].endswith("stage1/ckpt_final.pt") and second["step"] == 1
 
     result = json.load(open(smoke / "results" / "coco_val" / "results.json"))
     assert [r["bridge"] for r in result["rows"]][:4] == ["linear", "xattn", "qformer", "on-the-fly"]
