@@ -215,7 +215,9 @@ CAPTION_FLAGS := -B 64 --total-batch 64 --warmup-steps 30 --val-every 150 --fuse
 FLAGS_linear  := --prefix-len 12
 # the attention bridges' visual positions start as a 2-D sin-cos of the patch grid
 FLAGS_xattn   := --vis-pos-grid
-FLAGS_qformer := --vis-pos-grid --prefix-len 16
+# the Q-Former's queries start at unit scale (--query-std 1.0), not BLIP-2's 0.02: at 0.02 they collapse into one
+# (docs/miniature.md, "BLIP-2's first stage for the Q-Former")
+FLAGS_qformer := --vis-pos-grid --prefix-len 16 --query-std 1.0
 # make study's common recipe: every bridge the same steps (the Q-Former's 1200), features (all 64 patches) and
 # learning rate (FLAGS stay: they make the bridge)
 ifeq ($(RECIPE),common)

@@ -141,3 +141,15 @@ def test_the_ablation_reads_an_untrained_vit_and_trains_no_clip(tmp_path):
                           ("xattn", "--max-steps 600 --lr 3e-3 --vis-pos-grid"),
                           ("qformer", "--max-steps 1200 --lr 2e-3 --vis-pos-grid --prefix-len 16")]:
         assert flags in stages[bridge][0], (bridge, stages[bridge][0])
+    # BLIP-2's first stage, asked for: it reads the Q-Former's caches as the Q-Former does (standardised
+    # here), and the Q-Former's run starts from it; without it, no stage 1 at all
+    dry = subprocess.run(["make", "-C", ROOT, "-n", str(demo / "caption" / "qformer" / "ckpt_final.pt"),
+                          "STAGE1_STEPS=300", *settings], capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stdout[-2000:] + dry.stderr[-2000:]
+    first = [line for line in dry.stdout.splitlines() if "python qformer_stage1.py" in line]
+    second = [line for line in dry.stdout.splitlines() if "python train_caption.py" in line]
+    assert len(first) == 1 and len(second) == 1, dry.stdout[-2000:]
+    assert "none/train --val-features" in first[0] and " --standardize " in first[0] and \
+        "--queries 16 -B 64" in first[0] and "--max-steps 300 --seed 0" in first[0]
+    assert f"--qformer-init {demo}/stage1/ckpt_final.pt" in second[0]
+    assert "qformer_stage1.py" not in "\n".join(stages["qformer"])
