@@ -68,7 +68,7 @@ def test_55_qformer_init_names_what_is_wrong_with_the_file(world, stage1, tmp_pa
 # other flags
 
 
-def test_56_first_stage_on_another_split_or_resumed_differently(world, stage1, tmp_path, capsys):  # noqa: F811
+def test_56_stage_1_on_another_split_or_resumed_otherwise(world, stage1, tmp_path, capsys):  # noqa: F811
     flags = stage1_args(world, tmp_path / "a", "--max-steps", "1")
     flags[flags.index("--features") + 1] = world["val"]
     with pytest.raises(ValueError, match=r"\d+ of the 40 images are not in the feature cache .*feat_val "
