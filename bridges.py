@@ -329,6 +329,11 @@ def grid_sincos(rows, cols, dim, tokens):
 # The captioner: a bridge joined to a frozen GPT
 
 
+def standardize(visual, mean, std):
+    """Visual tokens (B, S, C_vis) standardised per (token, channel) with the train set's mean and std."""
+    return (visual - mean) / (std + 1e-6)
+
+
 def caption_batch(token_lists, eot, complete=None, prompt=None):
     """
     Captions (lists of token ids) -> tokens (B, T) and targets (B, T) for Captioner.forward.
@@ -385,9 +390,7 @@ class Captioner(nn.Module):
 
     def standardized(self, visual):
         """The visual tokens (B, S, C_vis) as the bridge sees them."""
-        if self.standardize:
-            return (visual - self.visual_mean) / (self.visual_std + 1e-6)
-        return visual
+        return standardize(visual, self.visual_mean, self.visual_std) if self.standardize else visual
 
     def condition(self, visual, prompt=None, prompt_len=None):
         """

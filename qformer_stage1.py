@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from bridges import BridgeConfig, QFormerBridge
+from bridges import BridgeConfig, QFormerBridge, standardize
 from checkpoints import RunFolder, rng_state
 from common import (UsageError, autocast, int_at_least, load_checkpoint, natural_int, nonneg_float,
                     positive_float, positive_int)
@@ -246,7 +246,7 @@ def features(source, image_ids, stats, device):
     they are), as the captioner standardises them."""
     v = source.tokens(image_ids.tolist())[1]
     if stats is not None:
-        v = (v - stats["mean"]) / (stats["std"] + 1e-6)
+        v = standardize(v, stats["mean"], stats["std"])
     return v.to(device)
 
 
