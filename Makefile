@@ -90,13 +90,12 @@ smoke-run: $(WORLD)/done.json
 		if [ $$bridge = qformer ]; then $(BIN)/python train_caption.py $$flags --stop-step 1 && \
 			$(BIN)/python train_caption.py $$flags --resume auto --no-compile || exit 1; \
 		else $(BIN)/python train_caption.py $$flags --compile-backend aot_eager || exit 1; fi; done
-	@echo "== BLIP-2's two stages at full size: the Q-Former (768 wide, 32 queries) against the captions, then into GPT-2"
+	@echo "== BLIP-2's first stage at full size: the Q-Former (768 wide, 32 queries) against the captions (its second \
+	stage, into GPT-2, is the VQAv2 run below)"
 	$(BIN)/python qformer_stage1.py --coco-root $(WORLD)/coco --features $(SMOKE)/features/train \
 		--val-features $(SMOKE)/features/val --out-dir $(SMOKE)/stage1 -B 2 --max-steps 2 --warmup-steps 1 \
-		--val-every 1 --log-every 1 --ckpt-every 0 --text-layers 4 --text-width 512 --text-heads 8 --embed-dim 256 \
+		--val-every 1 --log-every 1 --ckpt-every 0 --text-layers 2 --text-width 128 --text-heads 4 --embed-dim 128 \
 		$(GPU_PATHS)
-	$(BIN)/python train_caption.py $(CAPTION_SMOKE) --bridge qformer --qformer-init $(SMOKE)/stage1/ckpt_final.pt \
-		--features $(SMOKE)/features/train --out-dir $(SMOKE)/caption/stage2 --max-steps 1 --val-every 0
 	@echo "== a bridge on the pretrained 124M LM, encoding the images on the fly; one on Karpathy's train split"
 	$(BIN)/python train_caption.py $(CAPTION_SMOKE) --bridge linear --lm $(SMOKE)/lm/ckpt_000002.pt \
 		--encoder $(WORLD)/clip-vit-large-patch14 --out-dir $(SMOKE)/caption/on-the-fly --max-steps 1 --val-every 0
@@ -111,9 +110,10 @@ smoke-run: $(WORLD)/done.json
 		--karpathy-json $(WORLD)/coco/dataset_coco.json --features $(SMOKE)/features/karpathy_test \
 		--out $(SMOKE)/results/leak 2> $(SMOKE)/leak.txt
 	grep -q "was trained on 1 of the 2 images of Karpathy test" $(SMOKE)/leak.txt
-	@echo "== VQAv2 (COCO 2014 images): the instruction-aware Q-Former on captions and questions, VQAv2 val answered \
-	(cached features), and its leak refused (val2014's questions about an image in train2017)"
+	@echo "== VQAv2 (COCO 2014 images): the instruction-aware Q-Former, from the first stage, on captions and questions, \
+	VQAv2 val answered (cached features), and its leak refused (val2014's questions about an image in train2017)"
 	$(BIN)/python train_caption.py $(CAPTION_SMOKE) --bridge qformer --qformer-instruction --task mix \
+		--qformer-init $(SMOKE)/stage1/ckpt_final.pt \
 		--questions $(WORLD)/coco/v2_OpenEnded_mscoco_train2014_questions.json --features $(SMOKE)/features/train \
 		--val-features $(SMOKE)/features/val --out-dir $(SMOKE)/caption/vqa
 	$(BIN)/python evaluate.py $(EVAL_SMOKE) --checkpoints $(SMOKE)/caption/vqa/ckpt_final.pt \
