@@ -35,13 +35,12 @@ from tqdm import tqdm
 
 from bridges import BridgeConfig, QFormerBridge, standardize
 from checkpoints import RunFolder, rng_state
-from common import (UsageError, autocast, int_at_least, load_checkpoint, natural_int, nonneg_float,
-                    positive_float, positive_int)
+from common import UsageError, autocast, load_checkpoint, positive_int
 from data import coco, feature_cache
 from gpt2 import decay_groups
 from miniature.clip_model import LOGIT_SCALE_INIT, LOGIT_SCALE_MAX, CLIPTrainConfig, TextTransformer, \
     contrastive_loss, similarity
-from miniature.train_clip import caption_tokenizer, epoch_plan
+from miniature.train_clip import add_contrastive_flags, caption_tokenizer, check_text_flags, epoch_plan
 from train_utils import (add_run_flags, check_finite, enable_speedups, format_eta, grad_scaler, launch, lr_at,
                          mean_over_processes, print0)
 
@@ -394,31 +393,12 @@ def get_args(argv=None):
     p.add_argument("--qformer-heads", type=positive_int, default=defaults.qformer_heads)
     p.add_argument("--vis-pos", action=argparse.BooleanOptionalAction, default=defaults.vis_pos)
     p.add_argument("--vis-pos-grid", action=argparse.BooleanOptionalAction, default=defaults.vis_pos_grid)
-    # the text tower (miniature/clip_model.py's, trained from scratch here)
-    p.add_argument("--text-layers", type=positive_int, default=2)
-    p.add_argument("--text-width", type=positive_int, default=64)
-    p.add_argument("--text-heads", type=positive_int, default=4)
-    p.add_argument("--text-tokens", type=int_at_least(2), default=32,
-                   help="longest caption + <|endoftext|> (longer ones are cut)")
-    p.add_argument("--embed-dim", type=positive_int, default=128, help="the shared image-text space")
-    # optimisation
-    p.add_argument("--max-steps", type=positive_int, default=600)
-    p.add_argument("--stop-step", type=positive_int, default=None,
-                   help="stop (and checkpoint) before this step")
-    p.add_argument("-B", "--batch-size", type=int_at_least(2), default=128,
-                   help="(image, caption) pairs per step, over all processes: each other's negatives")
-    p.add_argument("--lr", type=positive_float, default=1e-3, help="max learning rate (cosine to 10%%)")
-    p.add_argument("--warmup-steps", type=natural_int, default=30)
-    p.add_argument("--weight-decay", type=nonneg_float, default=0.05)
-    p.add_argument("--grad-clip", type=positive_float, default=1.0)
-    p.add_argument("--val-every", type=natural_int, default=200,
-                   help="val R@1 every N steps (and at the end)")
-    p.add_argument("--ckpt-every", type=natural_int, default=200)
-    p.add_argument("--log-every", type=positive_int, default=10)
+    # the text tower (miniature/clip_model.py's, trained from scratch here) and the optimisation: as
+    # miniature/train_clip.py's flags
+    add_contrastive_flags(p, max_steps=600, lr=1e-3, weight_decay=0.05)
     add_run_flags(p)  # --resume, --overwrite, --device, --compile, --dtype, --fused
     args = p.parse_args(argv)
-    if args.text_width % args.text_heads:
-        p.error(f"--text-heads {args.text_heads} does not divide --text-width {args.text_width}")
+    check_text_flags(p, args)
     return args
 
 

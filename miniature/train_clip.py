@@ -294,6 +294,37 @@ def probe_only(args):
 # Command line
 
 
+def add_contrastive_flags(p, max_steps, lr, weight_decay):
+    """The text tower's flags and a contrastive run's optimisation, evaluation and checkpoint flags: this
+    script's, and qformer_stage1.py's (BLIP-2's first stage trains the same tower against the queries)."""
+    # the text tower
+    p.add_argument("--text-layers", type=positive_int, default=2)
+    p.add_argument("--text-width", type=positive_int, default=64)
+    p.add_argument("--text-heads", type=positive_int, default=4)
+    p.add_argument("--text-tokens", type=int_at_least(2), default=32, help="longest caption + <|endoftext|>")
+    p.add_argument("--embed-dim", type=positive_int, default=128, help="the shared image-text embedding")
+    # optimisation
+    p.add_argument("--max-steps", type=positive_int, default=max_steps)
+    p.add_argument("--stop-step", type=positive_int, default=None,
+                   help="stop (and checkpoint) before this step")
+    p.add_argument("-B", "--batch-size", type=int_at_least(2), default=128,
+                   help="(image, caption) pairs per step, over all processes: each other's negatives")
+    p.add_argument("--lr", type=positive_float, default=lr, help="max learning rate (cosine to 10%%)")
+    p.add_argument("--warmup-steps", type=natural_int, default=30)
+    p.add_argument("--weight-decay", type=nonneg_float, default=weight_decay)
+    p.add_argument("--grad-clip", type=positive_float, default=1.0)
+    # evaluation, logging, checkpoints (0 = never)
+    p.add_argument("--val-every", type=natural_int, default=200,
+                   help="val R@1 every N steps (it is always measured at the end)")
+    p.add_argument("--ckpt-every", type=natural_int, default=200)
+    p.add_argument("--log-every", type=positive_int, default=10)
+
+
+def check_text_flags(p, args):
+    if args.text_width % args.text_heads:
+        p.error(f"--text-heads {args.text_heads} does not divide --text-width {args.text_width}")
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default="data/shapes",
@@ -303,26 +334,7 @@ def get_args(argv=None):
     # the model
     p.add_argument("--vision", default="clip-mini", choices=sorted(clip_loader.CLIP_PRESETS),
                    help="image tower layout")
-    p.add_argument("--text-layers", type=positive_int, default=2)
-    p.add_argument("--text-width", type=positive_int, default=64)
-    p.add_argument("--text-heads", type=positive_int, default=4)
-    p.add_argument("--text-tokens", type=int_at_least(2), default=32, help="longest caption + <|endoftext|>")
-    p.add_argument("--embed-dim", type=positive_int, default=128, help="the shared image-text embedding")
-    # optimisation
-    p.add_argument("--max-steps", type=positive_int, default=500)
-    p.add_argument("--stop-step", type=positive_int, default=None,
-                   help="stop (and checkpoint) before this step")
-    p.add_argument("-B", "--batch-size", type=int_at_least(2), default=128,
-                   help="(image, caption) pairs per step, over all processes: each caption's negatives")
-    p.add_argument("--lr", type=positive_float, default=2e-3, help="max learning rate (cosine to 10%%)")
-    p.add_argument("--warmup-steps", type=natural_int, default=30)
-    p.add_argument("--weight-decay", type=nonneg_float, default=0.1)
-    p.add_argument("--grad-clip", type=positive_float, default=1.0)
-    # evaluation, logging, checkpoints (0 = never)
-    p.add_argument("--val-every", type=natural_int, default=200,
-                   help="val R@1 every N steps (it is always measured at the end)")
-    p.add_argument("--ckpt-every", type=natural_int, default=200)
-    p.add_argument("--log-every", type=positive_int, default=10)
+    add_contrastive_flags(p, max_steps=500, lr=2e-3, weight_decay=0.1)
     p.add_argument("--probe-pool", default=clip_loader.POOL_FLAG,
                    help="pooling grid of the probed tokens (as the feature cache's --pool)")
     p.add_argument("--limit", type=positive_int, default=None,
@@ -332,8 +344,7 @@ def get_args(argv=None):
                    help="with --probe-only: any clip_loader.load_clip id or folder")
     add_run_flags(p)  # --resume, --overwrite, --device, --compile, --dtype, --fused
     args = p.parse_args(argv)
-    if args.text_width % args.text_heads:
-        p.error(f"--text-heads {args.text_heads} does not divide --text-width {args.text_width}")
+    check_text_flags(p, args)
     if args.probe_only and args.encoder is None:
         p.error("--probe-only needs --encoder (e.g. random-vit:mini:seed0, or a folder this script wrote)")
     try:
