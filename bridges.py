@@ -80,6 +80,9 @@ class LinearBridge(nn.Module):
         if self.k:
             self.ln = nn.LayerNorm(config.vis_dim)  # per token, as in VisualInput
             self.proj = nn.Linear(config.vis_tokens * config.vis_dim, self.k * config.n_embd)
+            if config.zero_init:  # every seed starts from the same map: only the batches' order differs
+                nn.init.zeros_(self.proj.weight)
+                nn.init.zeros_(self.proj.bias)
             self.tokens = config.vis_tokens
         else:
             # LayerNorm + one Linear (+ a learned per-slot offset with vis_pos): just a linear projection
@@ -497,6 +500,7 @@ class BridgeConfig:
     prefix_len: int = flag(0, "linear: map the whole image (all visual tokens at once) to this many prefix "
                               "embeddings (0: one embedding per visual token); Q-Former: map all the "
                               "queries' outputs at once to this many (0: one embedding per query)", minimum=0)
+    zero_init: bool = flag(False, "linear (whole image): start the map (weights and bias) at zero")
     xattn_every: int = flag(1, "cross-attention: a gated layer in every k-th GPT block", minimum=1)
     xattn_heads: int = flag(0, "cross-attention heads (0: as many as the GPT has)", minimum=0)
     queries: int = flag(32, "Q-Former: learnable queries (= prefix length)", minimum=1)

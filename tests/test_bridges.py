@@ -221,6 +221,17 @@ def test_query_std_sets_the_queries_starting_scale_and_is_a_flag():
     assert train_caption.get_args(["--bridge", "qformer", "--query-std", "0.5"]).query_std == 0.5
 
 
+def test_zero_init_starts_the_whole_image_map_at_zero_whatever_the_seed_and_is_a_flag():
+    maps = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        maps.append(make("linear", prefix_len=2, zero_init=True).bridge.proj)
+    assert all(p.abs().sum() == 0 for m in maps for p in (m.weight, m.bias))
+    torch.manual_seed(0)
+    assert make("linear", prefix_len=2).bridge.proj.weight.abs().sum() > 0  # the default: PyTorch's init
+    assert train_caption.get_args(["--bridge", "linear", "--zero-init"]).zero_init
+
+
 def test_parameter_counts_per_part():
     captioner = make("qformer")
     counts = captioner.param_counts()
