@@ -211,8 +211,10 @@ QFORMER_SIZES := --qformer-width 128 --qformer-heads 4 --queries 16
 CAPTION_FLAGS := -B 64 --total-batch 64 --warmup-steps 30 --val-every 150 --fused --val-pairs $(VAL_PAIRS) \
                  $(STANDARDIZE) $(QFORMER_SIZES)
 # the prefix bridges read their input out whole: every prefix slot is a Linear of the whole image (linear, ClipCap's
-# mapping in one layer) or of all 16 queries' outputs (Q-Former), not one slot per token or query
-FLAGS_linear  := --prefix-len 12
+# mapping in one layer) or of all 16 queries' outputs (Q-Former), not one slot per token or query. The linear map
+# starts at zero (--zero-init), so its seed changes only the batches' order: from a random start it swung with the
+# seed (docs/miniature.md)
+FLAGS_linear  := --prefix-len 12 --zero-init
 # the attention bridges' visual positions start as a 2-D sin-cos of the patch grid
 FLAGS_xattn   := --vis-pos-grid
 # the Q-Former's queries start at unit scale (--query-std 1.0), not BLIP-2's 0.02: at 0.02 they collapse into one
