@@ -301,7 +301,9 @@ def add_contrastive_flags(p, max_steps, lr, weight_decay):
     p.add_argument("--text-layers", type=positive_int, default=2)
     p.add_argument("--text-width", type=positive_int, default=64)
     p.add_argument("--text-heads", type=positive_int, default=4)
-    p.add_argument("--text-tokens", type=int_at_least(2), default=32, help="longest caption + <|endoftext|>")
+    p.add_argument("--text-tokens", type=int_at_least(2), default=32,
+                   help="longest caption + <|endoftext|> (the CLIP stage refuses a longer caption; "
+                   "qformer_stage1.py cuts it)")
     p.add_argument("--embed-dim", type=positive_int, default=128, help="the shared image-text embedding")
     # optimisation
     p.add_argument("--max-steps", type=positive_int, default=max_steps)
