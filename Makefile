@@ -37,7 +37,7 @@ bench: setup
 	$(BIN)/python bench/bench_eval.py
 	$(BIN)/python bench/bench_caption.py
 	$(BIN)/python bench/bench_lm_head.py
-	$(BIN)/python bench/bench_cpu_bf16.py
+	$(BIN)/python bench/bench_cpu.py
 
 # make gpu-check: the first GPU's check (bench/gpu_check.py): one table of what the full-scale times
 # rest on, its JSON in GPU_CHECK_OUT. No setup: a GPU machine runs it with its own Python and torch (python3,
