@@ -8,8 +8,8 @@ torch.compile (inductor, fp32), on random inputs of the demo's shapes:
     (33 pooled tokens, 12 slots), cross-attention and the Q-Former (16 queries, width 128, whole read-out),
     both on 65 tokens.
 CPUs with native bf16 (avx512_bf16, AMX) may gain from autocast; others emulate it and lose. The first line
-says which this one has. A compiled step is timed after its compile (the warm-up steps); the compile's own
-time is printed next to it, since a demo stage pays it once.
+says which this one is (as `make study` names it). A compiled step is timed after its compile (the warm-up
+steps); the compile's own time is printed next to it, since a demo stage pays it once.
 
     python bench/bench_cpu.py                            # torch's threads
     OMP_NUM_THREADS=1 python bench/bench_cpu.py          # as one of make demo's two side-by-side stages
@@ -27,6 +27,7 @@ import clip_loader  # noqa: E402
 from bridges import build_captioner  # noqa: E402
 from common import autocast  # noqa: E402
 from gpt2 import GPT, GPTConfig, PRESETS  # noqa: E402
+from miniature.study import machine_name  # noqa: E402
 
 VOCAB = 64
 
@@ -88,19 +89,6 @@ def time_step(make, mode, steps, warmup):
     return (time.perf_counter() - t1) / steps * 1000, t1 - t0
 
 
-def cpu_name():
-    with open("/proc/cpuinfo") as f:
-        text = f.read()
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines()
-                  if line.startswith("model name")), "?")
-    family = next((line.split(":", 1)[1].strip() for line in text.splitlines()
-                   if line.startswith("cpu family")), "?")
-    number = next((line.split(":", 1)[1].strip() for line in text.splitlines()
-                   if line.startswith("model\t")), "?")
-    flags = [f for f in ("avx512_bf16", "amx_bf16") if f" {f}" in text]
-    return f"{model} (family {family} model {number}; {', '.join(flags) or 'no native bf16'})"
-
-
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -112,7 +100,7 @@ if __name__ == "__main__":
     parser.add_argument("--modes", nargs="+", choices=("eager", "bf16", "compile"),
                         default=["eager", "bf16", "compile"], help="the first is the baseline")
     args = parser.parse_args()
-    print(f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{machine_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name in args.stages:
         best, first_warmup = {mode: float("inf") for mode in args.modes}, {}
         for _ in range(args.repeats):
