@@ -198,8 +198,9 @@ def setup(args, dist):
     bridge_config = BridgeConfig(
         kind="qformer", vis_dim=source.spec.width, vis_tokens=source.spec.tokens,
         vis_grid=source.spec.grid and tuple(source.spec.grid), n_embd=W, n_layer=0, vis_pos=args.vis_pos,
-        vis_pos_grid=args.vis_pos_grid, queries=args.queries, qformer_layers=args.qformer_layers,
-        qformer_width=W, qformer_heads=args.qformer_heads)  # n_embd: a stand-in; the read-out is not kept
+        vis_pos_grid=args.vis_pos_grid, queries=args.queries, query_std=args.query_std,
+        qformer_layers=args.qformer_layers, qformer_width=W,
+        qformer_heads=args.qformer_heads)  # n_embd: a stand-in; the read-out is not kept
     text_config = CLIPTrainConfig(text_layers=args.text_layers, text_heads=args.text_heads,
                                   text_width=args.text_width, text_tokens=args.text_tokens,
                                   vocab_size=tokenizer.n_vocab, embed_dim=args.embed_dim)
@@ -388,6 +389,8 @@ def get_args(argv=None):
     # the Q-Former: as train_caption.py's flags of the same names, which the second stage must repeat
     defaults = BridgeConfig()
     p.add_argument("--queries", type=positive_int, default=defaults.queries)
+    p.add_argument("--query-std", type=float, default=defaults.query_std,
+                   help="the std of the queries' initial values (the demo's Q-Former: 1.0)")
     p.add_argument("--qformer-layers", type=positive_int, default=defaults.qformer_layers)
     p.add_argument("--qformer-width", type=positive_int, default=defaults.qformer_width)
     p.add_argument("--qformer-heads", type=positive_int, default=defaults.qformer_heads)

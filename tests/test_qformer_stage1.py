@@ -140,3 +140,15 @@ def test_the_second_stage_starts_from_the_first(world, stage1, tmp_path):  # noq
                         "--qformer-init", str(stage1 / "ckpt_final.pt"), *SIZES])
     trained = torch.load(out / "ckpt_final.pt", weights_only=True)["trainable"]["bridge"]
     assert all(torch.allclose(trained[k], v, atol=1e-6) for k, v in ckpt["qformer"].items())
+
+
+def test_query_std_sets_the_first_stages_starting_queries(world, stage1, tmp_path):  # noqa: F811
+    """--query-std as train_caption.py's: the demo's Q-Former starts its queries at unit scale, and a first
+    stage for it must too (its queries are what the second stage keeps)."""
+    out = tmp_path / "unit"
+    qformer_stage1.main(stage1_args(world, out, "--max-steps", "1", "--lr", "1e-9", "--warmup-steps", "0",
+                                    "--val-every", "0", "--ckpt-every", "0", "--query-std", "1.0"))
+    unit = torch.load(out / "ckpt_final.pt", weights_only=True)
+    plain = torch.load(stage1 / "ckpt_final.pt", weights_only=True)
+    assert unit["bridge_config"]["query_std"] == 1.0 and plain["bridge_config"]["query_std"] == 0.02
+    assert 0.8 < float(unit["qformer"]["queries"].std()) < 1.2  # 4 queries x 32 wide
