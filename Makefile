@@ -219,7 +219,8 @@ FLAGS_linear  := --prefix-len 12 --zero-init
 FLAGS_xattn   := --vis-pos-grid
 # the Q-Former's queries start at unit scale (--query-std 1.0), not BLIP-2's 0.02: at 0.02 they collapse into one
 # (docs/miniature.md, "BLIP-2's first stage for the Q-Former")
-FLAGS_qformer := --vis-pos-grid --prefix-len 16 --query-std 1.0
+QUERY_STD     := 1.0
+FLAGS_qformer := --vis-pos-grid --prefix-len 16 --query-std $(QUERY_STD)
 # make study's common recipe: every bridge the same steps (the Q-Former's 1200), features (all 64 patches) and
 # learning rate (FLAGS stay: they make the bridge)
 ifeq ($(RECIPE),common)
@@ -233,9 +234,10 @@ LR_xattn      :=
 LR_qformer    :=
 endif
 # BLIP-2's first stage (qformer_stage1.py): the Q-Former trained against the captions for STAGE1_STEPS steps before
-# its captioning run starts from it (0: no first stage; docs/miniature.md measures it)
+# its captioning run starts from it, its queries at the Q-Former's QUERY_STD (0: no first stage; docs/miniature.md
+# measures it)
 STAGE1_STEPS := 0
-STAGE1_FLAGS := -B 64 --warmup-steps 30 --lr 1e-3 --val-every 100 --ckpt-every 0 --vis-pos-grid
+STAGE1_FLAGS := -B 64 --warmup-steps 30 --lr 1e-3 --val-every 100 --ckpt-every 0 --vis-pos-grid --query-std $(QUERY_STD)
 ifneq ($(STAGE1_STEPS),0)
 FLAGS_qformer += --qformer-init $(RUN)/stage1/ckpt_final.pt
 endif

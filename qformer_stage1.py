@@ -338,7 +338,9 @@ def log_retrieval(job, step, write):
 
 
 # the fields that fix the shapes of what the second stage keeps (vis_dim, vis_tokens: the features, below)
-KEPT = ("vis_pos", "vis_pos_grid", "queries", "qformer_layers", "qformer_width", "qformer_heads")
+# what the second stage must repeat; query_std too, though the queries are loaded: a run whose flags say its
+# queries started at unit scale must not be handed ones that started at 0.02
+KEPT = ("vis_pos", "vis_pos_grid", "queries", "query_std", "qformer_layers", "qformer_width", "qformer_heads")
 
 
 def start_from(bridge, config, path, spec, standardize):

@@ -25,8 +25,8 @@ def refused(argv, capsys):
     return capsys.readouterr().err
 
 # -----------------------------------------------------------------------------
-# 54. --qformer-init with a first stage of another Q-Former (width, queries, positions, features,
-# standardisation): every difference named by its flag, nothing loaded
+# 54. --qformer-init with a first stage of another Q-Former (width, queries, their starting scale, positions,
+# features, standardisation): every difference named by its flag, nothing loaded
 
 
 def test_54_a_first_stage_of_another_qformer_is_refused(world, stage1, tmp_path, capsys):  # noqa: F811
@@ -40,6 +40,9 @@ def test_54_a_first_stage_of_another_qformer_is_refused(world, stage1, tmp_path,
     err = refused(caption_args(world, tmp_path / "b", "--bridge", "qformer", *init, *SIZES, "--standardize"),
                   capsys)
     assert "--standardize False there, True here" in err
+    unit = ["--query-std", "1.0"]
+    err = refused(caption_args(world, tmp_path / "q", "--bridge", "qformer", *init, *SIZES, *unit), capsys)
+    assert "--query-std 0.02 there, 1.0 here" in err
     flags = caption_args(world, tmp_path / "c", "--bridge", "qformer", *init, *SIZES)
     flags[flags.index("--features") + 1] = str(tmp_path / "other")  # a cache of other features
     err = _with_other_features(world, tmp_path / "other", flags, capsys)

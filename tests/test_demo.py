@@ -142,7 +142,8 @@ def test_the_ablation_reads_an_untrained_vit_and_trains_no_clip(tmp_path):
                           ("qformer", "--max-steps 1200 --lr 2e-3 --vis-pos-grid --prefix-len 16")]:
         assert flags in stages[bridge][0], (bridge, stages[bridge][0])
     # BLIP-2's first stage, asked for: it reads the Q-Former's caches as the Q-Former does (standardised
-    # here), and the Q-Former's run starts from it; without it, no stage 1 at all
+    # here), its queries start at the Q-Former's scale, and the Q-Former's run starts from it; without it, no
+    # stage 1 at all
     dry = subprocess.run(["make", "-C", ROOT, "-n", str(demo / "caption" / "qformer" / "ckpt_final.pt"),
                           "STAGE1_STEPS=300", *settings], capture_output=True, text=True)
     assert dry.returncode == 0, dry.stdout[-2000:] + dry.stderr[-2000:]
@@ -152,4 +153,5 @@ def test_the_ablation_reads_an_untrained_vit_and_trains_no_clip(tmp_path):
     assert "none/train --val-features" in first[0] and " --standardize " in first[0] and \
         "--queries 16 -B 64" in first[0] and "--max-steps 300 --seed 0" in first[0]
     assert f"--qformer-init {demo}/stage1/ckpt_final.pt" in second[0]
+    assert "--query-std 1.0" in first[0] and "--query-std 1.0" in second[0]  # the queries start as the demo's
     assert "qformer_stage1.py" not in "\n".join(stages["qformer"])
