@@ -3,7 +3,7 @@ BLIP-2's first stage, by hand: train the Q-Former against text before it ever me
 
     python qformer_stage1.py --coco-root data/shapes --features runs/demo/features/none/train \\
         --val-features runs/demo/features/none/val --out-dir runs/stage1 \\
-        --qformer-width 128 --qformer-heads 4 --queries 16 --vis-pos-grid
+        --qformer-width 128 --qformer-heads 4 --queries 16 --vis-pos-grid --query-std 1.0
     # the second stage: the usual captioning (or VQA) run, its Q-Former starting from the first stage's
     python train_caption.py --bridge qformer --qformer-init runs/stage1/ckpt_final.pt ... (the same flags)
 
