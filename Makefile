@@ -237,7 +237,8 @@ endif
 # its captioning run starts from it, its queries at the Q-Former's QUERY_STD (0: no first stage; docs/miniature.md
 # measures it)
 STAGE1_STEPS := 0
-STAGE1_FLAGS := -B 64 --warmup-steps 30 --lr 1e-3 --val-every 100 --ckpt-every 0 --vis-pos-grid --query-std $(QUERY_STD)
+STAGE1_FLAGS := -B 64 --warmup-steps 30 --lr 1e-3 --val-every 100 --ckpt-every 0 --vis-pos-grid \
+                --query-std $(QUERY_STD)
 ifneq ($(STAGE1_STEPS),0)
 FLAGS_qformer += --qformer-init $(RUN)/stage1/ckpt_final.pt
 endif

@@ -337,9 +337,9 @@ def log_retrieval(job, step, write):
 # The second stage's start: train_caption.py --qformer-init
 
 
-# the fields that fix the shapes of what the second stage keeps (vis_dim, vis_tokens: the features, below)
-# what the second stage must repeat; query_std too, though the queries are loaded: a run whose flags say its
-# queries started at unit scale must not be handed ones that started at 0.02
+# the fields the second stage must repeat: those that fix the shapes of what it keeps (vis_dim, vis_tokens:
+# the features, below), and query_std, though the queries are loaded: a run whose flags say its queries
+# started at unit scale must not be handed ones that started at 0.02
 KEPT = ("vis_pos", "vis_pos_grid", "queries", "query_std", "qformer_layers", "qformer_width", "qformer_heads")
 
 
