@@ -51,11 +51,17 @@ import time
 import unicodedata
 
 import numpy as np
-from pycocoevalcap.bleu.bleu import Bleu
-from pycocoevalcap.cider.cider import Cider
-from pycocoevalcap.meteor.meteor import Meteor
-from pycocoevalcap.rouge.rouge import Rouge
-from pycocoevalcap.tokenizer import ptbtokenizer
+
+try:
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer import ptbtokenizer
+except ImportError as e:  # training and decoding need no scorers (a GPU machine's own Python may lack them)
+    _NO_SCORERS = e
+else:
+    _NO_SCORERS = None
 
 METRICS = ("bleu", "meteor", "rouge", "cider")
 
@@ -209,7 +215,11 @@ def sanitize(caption):
 
 
 def check_java():
-    """METEOR and the PTB tokenizer are Java programs: fail early, with the fix, when there is no `java`."""
+    """METEOR and the PTB tokenizer are Java programs from pycocoevalcap: fail early, with the fix, when
+    there is no `java` or no pycocoevalcap."""
+    if _NO_SCORERS is not None:
+        raise RuntimeError(f"the COCO metrics need pycocoevalcap ({_NO_SCORERS}): "
+                           "`pip install pycocoevalcap==1.2` (training and decoding run without it)")
     if shutil.which("java") is None:
         raise RuntimeError(
             "`java` was not found on PATH; "
@@ -245,6 +255,7 @@ def run_ptb_tokenizer(lines):
     exit status and error output (a JVM that could not get its memory looked like misaligned captions) and
     writes its temporary file into its own package folder (read-only in a system-wide install).
     """
+    check_java()
     jar = os.path.join(os.path.dirname(os.path.abspath(ptbtokenizer.__file__)),
                        ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
     with tempfile.NamedTemporaryFile("w", encoding="utf-8", suffix=".txt", delete=False) as f:

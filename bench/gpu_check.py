@@ -121,9 +121,14 @@ class World:
 
     @cached_property
     def shards(self):
-        """FineWeb-Edu parquet -> token shards (data/fineweb.py): a val shard and a train shard."""
-        files = fabricate.fineweb_parquet(self.path("fineweb"), docs=self.size["corpus_docs"])
+        """FineWeb-Edu parquet -> token shards (data/fineweb.py): a val shard and a train shard. Shards that a
+        run in the same --work-dir made are kept: a GPU machine's Python without `datasets` (which reads the
+        parquet) uses the ones made elsewhere and carried there."""
         out = self.path("shards")
+        manifest = fineweb.read_manifest(out)
+        if manifest is not None and len(manifest["shards"]) >= 2:
+            return out
+        files = fabricate.fineweb_parquet(self.path("fineweb"), docs=self.size["corpus_docs"])
         fineweb.prepare(out, fineweb.describe_source(data_files=files), shard_size=self.size["shard_tokens"],
                         workers=min(self.size["tokenizer_workers"], usable_cpus()), max_shards=2)
         return out
@@ -458,11 +463,14 @@ def main(argv=None):
                 failed.append(name)
                 rows.append(row(name, "FAILED", None, "", f"{type(e).__name__}: {e}"[:300]))
             env[f"{name}_seconds"] = round(time.perf_counter() - t0, 1)
+            if args.out:  # after every part, so a run stopped at its time limit keeps what it measured
+                write_json(args.out, dict(environment=env, seconds=round(time.perf_counter() - t_start, 1),
+                                          failed=failed, rows=rows, sizes=size, finished=False))
     seconds = time.perf_counter() - t_start
     print_table(rows, env, seconds)
     if args.out:
         write_json(args.out, dict(environment=env, seconds=round(seconds, 1), failed=failed, rows=rows,
-                                  sizes=size))
+                                  sizes=size, finished=True))
         print(f"written to {args.out}")
     if failed:
         print(f"gpu_check: {', '.join(failed)} failed (tracebacks above)", file=sys.stderr)

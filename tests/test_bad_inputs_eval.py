@@ -8,6 +8,8 @@ import errno
 import json
 import os
 import shutil
+import subprocess
+import sys
 from dataclasses import asdict
 
 import pytest
@@ -21,6 +23,7 @@ from gpt2 import GPT, load_lm
 from tests.test_evaluate import SMALL, features_spec, save_checkpoint
 from tests.test_evaluate import world  # noqa: F401  (a pytest fixture)
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="the metrics need Java")
 
 
@@ -196,3 +199,28 @@ def test_40_evaluate_stops_before_decoding_if_out_is_unwritable(world, tmp_path,
         assert e.value.code == 2 and not decoded
         assert (f"evaluate.py: error: --out {out}: cannot write there ({reason}): choose another --out, or "
                 "make it writable") in capsys.readouterr().err
+
+# -----------------------------------------------------------------------------
+# 57. A Python without pycocoevalcap (a GPU machine's own, which keeps its torch): evaluate.py could not
+#     even be imported to decode, and bench/gpu_check.py failed at its imports; now only scoring needs it
+
+HIDE_PYCOCOEVALCAP = """
+import sys
+class Hide:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "pycocoevalcap":
+            raise ModuleNotFoundError(f"No module named {name!r}")
+sys.meta_path.insert(0, Hide())
+import evaluate, metrics
+try:
+    metrics.score_captions({1: "a red circle"}, {1: ["a red circle"]})
+except RuntimeError as e:
+    print(e)
+"""
+
+
+def test_57_without_pycocoevalcap_only_scoring_stops_and_names_the_install(tmp_path):
+    run = subprocess.run([sys.executable, "-c", HIDE_PYCOCOEVALCAP], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == ("the COCO metrics need pycocoevalcap (No module named 'pycocoevalcap'): "
+                                  "`pip install pycocoevalcap==1.2` (training and decoding run without it)")
