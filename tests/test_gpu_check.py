@@ -18,7 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = [("lm", "micro-batch -B"), ("lm", "tokens/s"), ("lm", "model FLOP/s"), ("lm", "MFU"),
         ("lm", "peak memory"), ("features", "tiny ViT feature cache"), ("features", "JPEG decode"),
         ("features", "tiny ViT forward alone"), ("decode", "evaluate.py's defaults"), ("decode", "greedy"),
-        ("decode", "the reference project's loop"), ("agreement", "LM loss, bf16 against fp32")]
+        ("decode", "beam 3, batch"), ("decode", "the reference project's loop"),
+        ("agreement", "LM loss, bf16 against fp32")]
 ROWS += [("caption", f"{bridge}, {mode}") for bridge in BRIDGES for mode in ("eager", "compiled")]
 CPU_HAS_NONE = [("lm", "MFU")] + [("caption", f"{bridge}, compiled") for bridge in BRIDGES]
 
