@@ -39,13 +39,15 @@ bench: setup
 	$(BIN)/python bench/bench_lm_head.py
 	$(BIN)/python bench/bench_cpu.py
 
-# make gpu-check: the first GPU's check (bench/gpu_check.py): one table of what the full-scale times
-# rest on, its JSON in GPU_CHECK_OUT. No setup: a GPU machine runs it with its own Python and torch (python3,
-# unless .venv is there) and the other requirements (the script names any that are missing).
+# make gpu-check: a GPU's check (bench/gpu_check.py): one table of what the full-scale times rest on, its
+# JSON in GPU_CHECK_OUT. No setup: a GPU machine runs it with its own Python and torch (python3, unless .venv
+# is there) and the other requirements (the script names any that are missing). GPU_CHECK_FLAGS: more flags,
+# e.g. --work-dir runs/gpu_work, whose token shards are reused (made where `datasets` is installed).
 GPU_CHECK_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 GPU_CHECK_OUT    ?= runs/gpu_check.json
+GPU_CHECK_FLAGS  ?=
 gpu-check:
-	$(GPU_CHECK_PYTHON) bench/gpu_check.py --out $(GPU_CHECK_OUT)
+	$(GPU_CHECK_PYTHON) bench/gpu_check.py --out $(GPU_CHECK_OUT) $(GPU_CHECK_FLAGS)
 
 # ---------------------------------------------------------------------------------------------------------------
 # make smoke: every full-scale stage at full size (GPT-2 124M, CLIP ViT-L/14 at 224 px, real-size JPEGs, T = 1024),

@@ -51,3 +51,18 @@ def test_gpu_check_runs_every_part_at_tiny_size(tmp_path):
     # bf16 training follows fp32's loss closely over its 20 steps
     agreement = next(r for r in rows if r["part"] == "agreement")
     assert agreement["value"] < 1, agreement
+
+
+def test_bench_decode_batch_prints_every_setting(tmp_path):
+    """bench/bench_decode_batch.py (decoding's captions/s against batch size and dtype) at toy sizes."""
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_decode_batch.py"),
+                          "--preset", "tiny", "--batch-sizes", "2", "4", "--bridges", "qformer", "xattn",
+                          "--repeats", "1", "--device", "cpu", "--work-dir", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    rows = [line.split(" | ") for line in run.stdout.splitlines() if line.startswith("| qformer |")
+            or line.startswith("| xattn |")]
+    # 2 bridges x 2 batch sizes x 2 dtypes x 2 methods, each rate positive, the first batch size's at 1.0x
+    assert len(rows) == 16, run.stdout
+    assert all(float(r[4].replace(",", "")) > 0 for r in rows), run.stdout
+    assert all(r[5] == "1.0x" for r in rows if r[3] == "2"), run.stdout
