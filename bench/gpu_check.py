@@ -297,10 +297,15 @@ def part_features(world, size, args):
     peak_flops = gpu_peak_flops(args.device) if args.device.startswith("cuda") else None
     utilization = (f"; {vit_rate * vit_flops(encoder.config) / peak_flops:.0%} of the dense bf16 peak"
                    if peak_flops else "")
+    # build_feature_cache decodes batch k+1 while the ViT runs batch k: overlapped, the slower of the two sets
+    # its rate; one after the other, their serial sum (an H200 measured the latter: docs/full-scale.md)
+    decode_rate = decoded / decode_s
+    overlapped, serial = min(decode_rate, vit_rate), 1 / (1 / decode_rate + 1 / vit_rate)
     return [
         row("features", f"{label} feature cache, {n:,} JPEGs (build_feature_cache)", n / seconds, "images/s",
-            f"decoding, encoding, writing; peak {peak:.1f} GiB ({how})"),
-        row("features", f"JPEG decode + resize to 224 px alone, {workers} threads", decoded / decode_s,
+            f"decoding, encoding, writing; the two below overlapped would give {fmt(overlapped)}, one after "
+            f"the other {fmt(serial)}; peak {peak:.1f} GiB ({how})"),
+        row("features", f"JPEG decode + resize to 224 px alone, {workers} threads", decode_rate,
             "images/s", f"{fmt(decoded / decode_s / workers)} images/s per thread"),
         row("features", f"{label} forward alone, batch {len(batch)}, {dtype}", vit_rate, "images/s",
             f"on pixels already decoded (clip_loader.encode_pixels); "
