@@ -1,7 +1,8 @@
 """
-Which CPU levers pay at the miniature's sizes? One training step (forward, backward, AdamW) of each of the
-demo's training stages, measured in the same run three ways: fp32 eager (the demo's), bf16 autocast, and
-torch.compile (inductor, fp32), on random inputs of the demo's shapes:
+Which CPU levers pay at the miniature's sizes? One training step (forward, backward, AdamW: fused for the
+bridges, as the demo steps them) of each of the demo's training stages, measured in the same run three ways:
+fp32 eager (the demo's), bf16 autocast, and torch.compile (inductor, fp32), on random inputs of the demo's
+shapes:
   - the LM (preset "mini": 4 layers, width 128), B 16 x T 128, as `make demo`'s lm stage;
   - the CLIP image tower ("clip-mini": 64 px, patch 8, 3 blocks of width 96), 128 images, as its clip stage;
   - the three captioners on the mini LM, B 64, 12 caption tokens, as its bridge stages: the linear prefix
@@ -65,13 +66,17 @@ STAGES = {
 }
 
 
+FUSED = {STAGES[name] for name in ("linear", "xattn", "qformer")}
+
+
 def time_step(make, mode, steps, warmup):
     """ms per training step, and the seconds of the warm-up steps (the compile, for mode "compile")."""
     torch.manual_seed(0)
     model, loss_fn = make()
     run = torch.compile(model) if mode == "compile" else model
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    # the optimizer as the demo steps it: its bridge stages pass --fused, the LM and CLIP stages do not
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=make in FUSED)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
