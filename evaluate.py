@@ -66,10 +66,12 @@ def decode(captioner, tokenizer, batches, method="beam", beam=3, max_new_tokens=
     for image_ids, visual in tqdm(batches, desc=desc, unit="batch", leave=False):
         visual = visual.to(device)
         with autocast(device.type, dtype):
-            # one untimed short run first: allocator, kernels and caches warm up outside the timing
+            # the first batch once, untimed: the allocator, the kernels and their caches warm up outside the
+            # timing. In full, since on CUDA cuDNN's attention plans a kernel for every new shape (each step's
+            # cache length, at this batch size): a cold pass is several times slower (docs/full-scale.md)
             if not warm:
-                decode_batch(captioner, visual[:1], method, beam, 2, length_penalty, temperature, top_p,
-                             torch.Generator(device=device).manual_seed(seed))
+                decode_batch(captioner, visual, method, beam, max_new_tokens, length_penalty, temperature,
+                             top_p, torch.Generator(device=device).manual_seed(seed))
                 warm = True
             _sync(device)
             t0 = time.perf_counter()
