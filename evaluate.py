@@ -66,12 +66,9 @@ def decode(captioner, tokenizer, batches, method="beam", beam=3, max_new_tokens=
     for image_ids, visual in tqdm(batches, desc=desc, unit="batch", leave=False):
         visual = visual.to(device)
         with autocast(device.type, dtype):
-            # the first batch once, untimed: the allocator, the kernels and their caches warm up outside the
-            # timing. In full, since on CUDA cuDNN's attention plans a kernel for every new shape (each step's
-            # cache length, at this batch size): a cold pass is several times slower (docs/full-scale.md)
-            if not warm:
-                decode_batch(captioner, visual, method, beam, max_new_tokens, length_penalty, temperature,
-                             top_p, torch.Generator(device=device).manual_seed(seed))
+            if not warm:  # one untimed run first, so that warming up stays outside the timing
+                _warm_up(captioner, visual, method, beam, max_new_tokens, length_penalty, temperature, top_p,
+                         seed)
                 warm = True
             _sync(device)
             t0 = time.perf_counter()
@@ -84,6 +81,18 @@ def decode(captioner, tokenizer, batches, method="beam", beam=3, max_new_tokens=
             captions[image_id] = tokenizer.decode([t for t in caption_tokens
                                                    if t < tokenizer.n_vocab]).strip()
     return captions, len(captions) / max(seconds, 1e-9)
+
+
+def _warm_up(captioner, visual, method, beam, max_new_tokens, length_penalty, temperature, top_p, seed):
+    """
+    An untimed decoding run: the allocator, the kernels and their caches warm up. On CUDA the whole first
+    batch, since cuDNN's attention plans a kernel for every new shape (each step's cache length, at this batch
+    size) and a cold pass is several times slower (docs/full-scale.md); elsewhere one image for two tokens.
+    Its own generator: the timed run's samples are the same with or without it.
+    """
+    cuda = visual.device.type == "cuda"
+    decode_batch(captioner, visual if cuda else visual[:1], method, beam, max_new_tokens if cuda else 2,
+                 length_penalty, temperature, top_p, torch.Generator(device=visual.device).manual_seed(seed))
 
 
 def _sync(device):
