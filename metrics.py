@@ -255,7 +255,6 @@ def run_ptb_tokenizer(lines):
     exit status and error output (a JVM that could not get its memory looked like misaligned captions) and
     writes its temporary file into its own package folder (read-only in a system-wide install).
     """
-    check_java()
     jar = os.path.join(os.path.dirname(os.path.abspath(ptbtokenizer.__file__)),
                        ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
     with tempfile.NamedTemporaryFile("w", encoding="utf-8", suffix=".txt", delete=False) as f:

@@ -17,15 +17,13 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE, os.path.join(os.path.dirname(HERE), "tests")]
-import clip_loader  # noqa: E402
 import gpu_check  # noqa: E402
-from bridges import build_captioner  # noqa: E402
+from bench_eval import timed  # noqa: E402
 from common import autocast, best_device  # noqa: E402
 from decoding import decode_batch  # noqa: E402
 from gpt2 import load_lm  # noqa: E402
@@ -45,20 +43,15 @@ def main(argv=None):
     size, device = gpu_check.SIZES[args.preset], torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         lm, tok = load_lm(gpu_check.World(args.work_dir or tmp, size, args.device).gpt2)
-    C_vis = size["clip"]["vision_config"]["hidden_size"]
-    S = 1 + clip_loader.POOL[0] * clip_loader.POOL[1]  # the class token + the pooled patches
-    qformer = {} if args.preset == "full" else dict(qformer_width=lm.config.n_embd,
-                                                     qformer_heads=lm.config.n_head, queries=8)
     N = max(args.batch_sizes)  # images decoded per pass, in batches of each size
     print(f"decoding {N} images per pass on {args.device}, torch {torch.__version__}")
     first = args.batch_sizes[0]
     print(f"| bridge | method | dtype | batch | captions/s | x batch {first} | passes (s) |\n"
           "|---|---|---|---|---|---|---|")
     for bridge in args.bridges:
-        captioner, _ = build_captioner(lm, tok.eot_token, bridge, C_vis, S, **qformer)
-        captioner = captioner.to(device).eval()
+        captioner, shape = gpu_check.decoding_captioner(lm, tok, bridge, size, args.preset, device)
         torch.manual_seed(0)
-        visual = torch.randn(N, S, C_vis, device=device)  # (N, S, C_vis)
+        visual = torch.randn(N, *shape, device=device)  # (N, S, C_vis)
         baseline = {}
         for B in args.batch_sizes:
             for dtype in ("bf16", "fp32"):
@@ -67,14 +60,8 @@ def main(argv=None):
                         with autocast(device.type, dtype):
                             for i in range(0, N, B):
                                 decode_batch(captioner, visual[i:i + B], method, beam=3, max_new_tokens=30)
-                        if device.type == "cuda":
-                            torch.cuda.synchronize()
                     one_pass()  # warm-up at these shapes
-                    seconds = []
-                    for _ in range(args.repeats):
-                        t0 = time.perf_counter()
-                        one_pass()
-                        seconds.append(time.perf_counter() - t0)
+                    seconds = [timed(one_pass, device)[1] for _ in range(args.repeats)]
                     rate = N / min(seconds)
                     base = baseline.setdefault((dtype, method), rate)  # the first batch size's
                     print(f"| {bridge} | {method} | {dtype} | {B} | {rate:,.0f} | {rate / base:.1f}x | "

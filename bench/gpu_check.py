@@ -306,7 +306,7 @@ def part_features(world, size, args):
             f"decoding, encoding, writing; the two below overlapped would give {fmt(overlapped)}, one after "
             f"the other {fmt(serial)}; peak {peak:.1f} GiB ({how})"),
         row("features", f"JPEG decode + resize to 224 px alone, {workers} threads", decode_rate,
-            "images/s", f"{fmt(decoded / decode_s / workers)} images/s per thread"),
+            "images/s", f"{fmt(decode_rate / workers)} images/s per thread"),
         row("features", f"{label} forward alone, batch {len(batch)}, {dtype}", vit_rate, "images/s",
             f"on pixels already decoded (clip_loader.encode_pixels); "
             f"{vit_flops(encoder.config) / 1e9:.3g} GFLOP per image{utilization}"),
@@ -343,19 +343,25 @@ def part_caption(world, size, args):
     return rows
 
 
+def decoding_captioner(lm, tokenizer, bridge, size, preset, device):
+    """What the decoding timings decode with: a captioner with a random `bridge` on `lm`, in eval mode on
+    `device`, and the shape (S, C_vis) of the visual tokens it reads (the preset's CLIP, pooled)."""
+    C_vis = size["clip"]["vision_config"]["hidden_size"]
+    S = 1 + clip_loader.POOL[0] * clip_loader.POOL[1]  # the class token + the pooled 4 x 8 patches
+    qformer = {} if preset == "full" else dict(qformer_width=lm.config.n_embd, qformer_heads=lm.config.n_head,
+                                               queries=8)
+    captioner, _ = build_captioner(lm, tokenizer.eot_token, bridge, C_vis, S, **qformer)
+    return captioner.to(device).eval(), (S, C_vis)
+
+
 def part_decode(world, size, args):
     """evaluate.py's decoding against the reference project's loop, GPT-2 + a random Q-Former."""
     device = torch.device(args.device)
     defaults = evaluate.parse_args(["--checkpoints", "x.pt", "--device", args.device])  # evaluate.py's own
     lm, tokenizer = load_lm(world.gpt2)
-    C_vis = size["clip"]["vision_config"]["hidden_size"]
-    S = 1 + clip_loader.POOL[0] * clip_loader.POOL[1]  # the class token + the pooled 4 x 8 patches
-    qformer = {} if args.preset == "full" else dict(qformer_width=lm.config.n_embd,
-                                                     qformer_heads=lm.config.n_head, queries=8)
-    captioner, _ = build_captioner(lm, tokenizer.eot_token, "qformer", C_vis, S, **qformer)
-    captioner = captioner.to(device).eval()
+    captioner, shape = decoding_captioner(lm, tokenizer, "qformer", size, args.preset, device)
     torch.manual_seed(0)
-    visual = torch.randn(size["decode_images"], S, C_vis, device=device)  # (B, S, C_vis)
+    visual = torch.randn(size["decode_images"], *shape, device=device)  # (B, S, C_vis)
     n = len(visual)
     kw = dict(beam=defaults.beam, max_new_tokens=defaults.max_new_tokens,
               length_penalty=defaults.length_penalty)
@@ -368,7 +374,8 @@ def part_decode(world, size, args):
     # step's cache length, each batch size), once per process; an evaluation of 5,000 images pays that on its
     # first batch only, and a cold pass here ran at a seventh of the warm speed.
     with autocast(device.type, defaults.dtype):
-        ours("beam"), ours("greedy")
+        ours("beam")
+        ours("greedy")
         _, beam_s = timed(lambda: ours("beam"), device)
         _, greedy_s = timed(lambda: ours("greedy"), device)
     ours("beam")  # the same in fp32: autocast re-casts the frozen weights at every step
