@@ -164,6 +164,7 @@ JOBS    := 2
 THREADS := $(shell echo $$(( $(CORES) / $(JOBS) > 1 ? $(CORES) / $(JOBS) : 1 )))
 THREADS_lm   := $(CORES)
 THREADS_lm-qa := $(CORES)
+THREADS_lm-tuned := $(CORES)
 THREADS_clip := $(CORES)
 # the table is made alone too, after every bridge (make study runs it beside other runs' bridges: THREADS there)
 THREADS_evaluate := $(CORES)
@@ -178,7 +179,12 @@ CORPUS_DOCS  := 20000
 SHARD_SIZE   := 200000
 # the LM: long enough that the prefix bridges can read it, not only that it copies text
 LM_STEPS     := 1500
-LM          := $(DEMO)/lm$(QA)/ckpt_$(shell printf %06d $(LM_STEPS)).pt
+LM_PRETRAINED := $(DEMO)/lm$(QA)/ckpt_$(shell printf %06d $(LM_STEPS)).pt
+# make vqa: the pretrained LM is answer-tuned (tune_lm.py: questions after a caption, the loss on the answer) before
+# the bridges freeze it; pretrained alone, it answers little better with the scene described than without
+# (docs/miniature.md)
+TUNE_STEPS  := 2000
+LM          := $(if $(QA),$(DEMO)/lm-tuned/ckpt_final.pt,$(LM_PRETRAINED))
 # CLIP, the bridges' frozen encoder, saved in the hub's CLIP layout; the ablation is an untrained ViT of the same
 # family: `make demo ENCODER=random-vit:mini:seed0 DEMO=runs/demo-random`. Its steps: at 600 its tokens' quality
 # swung with the seed and the world, and the prefix bridges with it; 1,200 steady it (docs/miniature.md)
@@ -283,7 +289,7 @@ it is what these settings make. To redo it: make demo-clean, or pass another DEM
 # precious. These are written last and atomically by their trainers (a target that exists is whole); a manifest of
 # shards or features is written first and completed as the work goes (make deletes it: the rerun resumes), and a
 # table is quick to redo.
-.PRECIOUS: $(LM) $(CLIP)/config.json $(RUN)/caption/%/ckpt_final.pt
+.PRECIOUS: $(LM_PRETRAINED) $(LM) $(CLIP)/config.json $(RUN)/caption/%/ckpt_final.pt
 
 # `demo` installs first, then trains the LM alone (on every core: THREADS_lm), then runs the other stages in a
 # third make, side by side (-j$(JOBS)): the CLIP first, alone, since every later stage reads it.
@@ -333,10 +339,18 @@ $(call settings,$(DEMO),shards$(QA)): FORCE
 LM_ARGS = train_lm.py --preset mini --data-dir $(DEMO)/lm_shards$(QA) --vocab-subset --out-dir $(DEMO)/lm$(QA) \
           --max-steps $(LM_STEPS) --warmup-steps 50 --lr 1e-3 -B 16 -T 128 --total-batch 2048 --val-every 500 \
           --sample-every 500 --ckpt-every 500 --log-every 100 --seed $(LM_SEED) --resume auto
-$(LM): $(DEMO)/lm_shards$(QA)/manifest.json $(call settings,$(DEMO),lm$(QA))
+$(LM_PRETRAINED): $(DEMO)/lm_shards$(QA)/manifest.json $(call settings,$(DEMO),lm$(QA))
 	$(call stage,lm$(QA),$(DEMO),$(LM_ARGS))
 $(call settings,$(DEMO),lm$(QA)): FORCE
 	$(call record,$(LM_ARGS))
+
+TUNE_ARGS = tune_lm.py --lm $(LM_PRETRAINED) --coco-root $(SHAPES) --questions $(call QUESTIONS,train) \
+            --val-questions $(call QUESTIONS,val) --out-dir $(DEMO)/lm-tuned --max-steps $(TUNE_STEPS) \
+            --seed $(LM_SEED) --resume auto
+$(DEMO)/lm-tuned/ckpt_final.pt: $(LM_PRETRAINED) $(call settings,$(DEMO),lm-tuned)
+	$(call stage,lm-tuned,$(DEMO),$(TUNE_ARGS))
+$(call settings,$(DEMO),lm-tuned): FORCE
+	$(call record,$(TUNE_ARGS))
 
 CLIP_ARGS = -m miniature.train_clip --root $(SHAPES) --out-dir $(CLIP) --max-steps $(CLIP_STEPS) $(CLIP_FLAGS) \
             --seed $(CLIP_SEED) --resume auto

@@ -26,7 +26,7 @@ from common import UsageError, atomic_open, load_checkpoint, lock_folder, save_c
 from train_utils import from_rank0, print0
 
 TRAINERS = ("train_lm.py", "train_caption.py", "miniature/train_clip.py",  # a checkpoint's "trainer" wrote it
-            "qformer_stage1.py")
+            "qformer_stage1.py", "tune_lm.py")
 
 
 class RunFolder:

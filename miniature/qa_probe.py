@@ -14,6 +14,7 @@ from data import coco
 from evaluate import NoImage, answer_questions
 from gpt2 import load_lm
 from metrics import score_vqa
+from tune_lm import context_of
 
 
 def answers(lm, tokenizer, questions, context, batch_size=256):
@@ -23,16 +24,20 @@ def answers(lm, tokenizer, questions, context, batch_size=256):
     return answer_questions(lm_alone, tokenizer, questions, None, batch_size, "fp32", before=context)[0]
 
 
-def probe(lm_path, root, split="val"):
+def probe_lm(lm, tokenizer, root, questions_json, split="val"):
     """{"caption": score_vqa's result, "question alone": ...} for the questions of a world's split."""
-    lm, tokenizer = load_lm(lm_path)
-    questions = coco.question_records(f"{root}/annotations/v2_OpenEnded_shapes_{split}_questions.json", None,
-                                      root, split)
+    questions = coco.question_records(questions_json, None, root, split)
     captions = {r["image_id"]: r["captions"][0] for r in coco.load_records(root, split)}
-    contexts = {"caption": {i: c + ".\n" for i, c in captions.items()},
+    contexts = {"caption": {i: context_of(c) for i, c in captions.items()},
                 "question alone": {i: "" for i in captions}}
     return {name: score_vqa(answers(lm, tokenizer, questions, context), questions)
             for name, context in contexts.items()}
+
+
+def probe(lm_path, root, split="val"):
+    lm, tokenizer = load_lm(lm_path)
+    questions = f"{root}/annotations/v2_OpenEnded_shapes_{split}_questions.json"
+    return probe_lm(lm, tokenizer, root, questions, split)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,10 @@ import pytest
 
 import evaluate
 import train_caption
+import tune_lm
+from common import UsageError
 from data import coco, feature_cache
-from gpt2 import SubsetTokenizer, get_tokenizer
+from gpt2 import SubsetTokenizer, get_tokenizer, load_lm
 from tests.test_questions import train_args, trained, world  # noqa: F401 (fixtures)
 from tests.test_vqa import vqa_data, write_vqa
 
@@ -263,3 +265,23 @@ def test_53_questions_about_trained_on_images_are_refused(world, trained, tmp_pa
         evaluate.main(["--checkpoints", trained[0], "--coco-root", str(root), "--out", str(tmp_path / "o"),
                        "--questions", str(root / "v2_OpenEnded_mscoco_val2014_questions.json"),
                        "--device", "cpu", "--metrics", "bleu"])
+
+# -----------------------------------------------------------------------------
+# 58. Answer tuning (tune_lm.py) on questions that do not go with the train split's captions
+
+
+def test_58_answer_tuning_on_another_splits_questions_is_refused(world, tmp_path, capsys):  # noqa: F811
+    val_questions = os.path.join(world["root"], "annotations", "v2_OpenEnded_shapes_val_questions.json")
+    with pytest.raises(FileNotFoundError, match=r"v2_OpenEnded_shapes_val_questions.json: question \d+ is "
+                                                r"about image \d+, and it is not among the \d+ images given"):
+        tune_lm.main(["--lm", world["lm"], "--coco-root", world["root"], "--questions", val_questions,
+                      "--out-dir", str(tmp_path / "tuned"), "--max-steps", "1", "--device", "cpu"])
+    # an image the split lists with no caption to describe it: refused, naming the question
+    lm, tokenizer = load_lm(world["lm"])
+    records = coco.load_records(world["root"], "train")
+    asked = dict(question_id=7, image_id=records[0]["image_id"], answers=["red"] * 10,
+                 question="what color is the shape on the left?")
+    with pytest.raises(UsageError, match=r"1 of 1 questions are about images with no caption in "
+                                         r"--coco-root's train split \(e.g. question 7, image \d+\): pass "
+                                         r"the questions"):
+        tune_lm.examples([asked], [{**records[0], "captions": []}], tokenizer)

@@ -1,13 +1,14 @@
 """
 Visual question answering, the model side: the prompt layout (the question read, only the answer predicted),
-prompted decoding (cached against uncached), train_caption.py on questions and on the mix, and evaluate.py's
-VQA column with its blind row and folder mode's --question. The data and the metric: test_shapes_questions.py,
-test_vqa.py; bad input: test_bad_inputs_vqa.py.
+prompted decoding (cached against uncached), train_caption.py on questions and on the mix, evaluate.py's
+VQA column with its blind row and folder mode's --question, and tune_lm.py's answer tuning. The data and the
+metric: test_shapes_questions.py, test_vqa.py; bad input: test_bad_inputs_vqa.py.
 """
 import dataclasses
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,8 +16,10 @@ import bridges
 import decoding
 import evaluate
 import train_caption
+import tune_lm
 from bridges import BRIDGES, build_captioner, caption_batch
 from data import coco, feature_cache, shapes
+from common import load_checkpoint
 from gpt2 import GPT, GPTConfig, SubsetTokenizer, get_tokenizer, load_lm
 from miniature import qa_probe
 from metrics import score_vqa
@@ -279,3 +282,67 @@ def test_the_lm_probe_asks_with_a_caption_and_without(world):
     for q in questions:
         by_text.setdefault(q["question"], set()).add(alone[q["question_id"]])
     assert all(len(answers) == 1 for answers in by_text.values())
+
+
+# -----------------------------------------------------------------------------
+# Answer tuning (tune_lm.py): the LM taught to answer from a caption before it is frozen
+
+
+def tune_args(world, out_dir, *extra):
+    return ["--lm", world["lm"], "--coco-root", world["root"],
+            "--questions", questions_file(world["root"], "train"), "--out-dir", str(out_dir), "-B", "16",
+            "--warmup-steps", "2", "--lr", "3e-3", "--log-every", "10", "--device", "cpu", *map(str, extra)]
+
+
+def answer_loss(lm, rows, tokenizer):
+    """The mean loss on the answers of every question after its image's first caption."""
+    eot = tokenizer.eot_token
+    losses = []
+    with torch.no_grad():
+        for described, asked, answer in rows:
+            tokens = [eot] + described[0] + asked + answer
+            x = torch.tensor([tokens[:-1]])
+            y = torch.tensor([[-100] * (len(tokens) - 1 - len(answer)) + answer])
+            losses.append(lm.eval()(x, y)[1].item())
+    return sum(losses) / len(losses)
+
+
+def test_answer_tuning_scores_the_captions_and_the_answer_not_the_question(world):
+    lm, tok = load_lm(world["lm"])
+    questions = coco.question_records(questions_file(world["root"], "train"), None, world["root"], "train")
+    rows = tune_lm.examples(questions[:8], coco.load_records(world["root"], "train"), tok)
+    x, y = tune_lm.batch(rows, np.random.default_rng(0), 8, tok.eot_token)
+    for row in range(8):
+        scored = (y[row] != -100).nonzero().flatten()
+        assert torch.equal(y[row, scored[:-1]], x[row, scored[:-1] + 1])  # each scores its next token
+        text = tok.decode(x[row].tolist())
+        said = tok.decode(y[row, scored].tolist())
+        # the scored tokens spell the two captions (each its own line) and the answer; never the question
+        assert "Question" not in said and "Answer" not in said and said.endswith("<|endoftext|>")
+        assert said.count(".\n") == 2 and text.startswith("<|endoftext|>") and text.count(".\n") == 2
+        answer = said.split(".\n")[-1][:-len("<|endoftext|>")].strip()
+        assert answer in {coco.most_common_answer(q["answers"]) for q in questions[:8]}
+
+
+def test_answer_tuning_lowers_the_answer_loss_and_saves_an_lm(world, tmp_path):
+    tune_lm.main(tune_args(world, tmp_path / "tuned", "--max-steps", 60, "--ckpt-every", 0,
+                           "--val-questions", questions_file(world["root"], "val")))
+    questions = coco.question_records(questions_file(world["root"], "train"), None, world["root"], "train")
+    records = coco.load_records(world["root"], "train")
+    before, tok = load_lm(world["lm"])
+    after, _ = load_lm(str(tmp_path / "tuned" / "ckpt_final.pt"))  # read as a train_lm.py checkpoint
+    rows = tune_lm.examples(questions, records, tok)
+    assert answer_loss(after, rows, tok) < 0.5 * answer_loss(before, rows, tok)
+    quality = load_checkpoint(str(tmp_path / "tuned" / "ckpt_final.pt"))["quality"]
+    assert set(quality) == {"caption", "question alone"} and 0 <= quality["caption"]["VQA"] <= 1
+
+
+def test_answer_tuning_resumes_exactly(world, tmp_path):
+    tune_lm.main(tune_args(world, tmp_path / "straight", "--max-steps", 20, "--ckpt-every", 0))
+    tune_lm.main(tune_args(world, tmp_path / "halves", "--max-steps", 20, "--ckpt-every", 10))
+    os.remove(tmp_path / "halves" / "ckpt_final.pt")  # as if stopped after step 10's checkpoint
+    tune_lm.main(tune_args(world, tmp_path / "halves", "--max-steps", 20, "--ckpt-every", 10,
+                           "--resume", "auto"))
+    straight = load_checkpoint(str(tmp_path / "straight" / "ckpt_final.pt"))["model"]
+    resumed = load_checkpoint(str(tmp_path / "halves" / "ckpt_final.pt"))["model"]
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
