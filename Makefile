@@ -304,7 +304,7 @@ demo-table: $(RUN)/results/table.md
 	@echo; echo "stage times (this run; reused stages are not listed):"
 	@cat $(DEMO)/times.txt 2>/dev/null || echo "(every stage was reused)"; rm -f $(DEMO)/times.txt
 	@echo; cat $(RUN)/results/table.md
-	@$(BIN)/python -m miniature.study check $(RUN)/results/results.json --world $(SHAPES_SEED)
+	@$(BIN)/python -m miniature.study check $(RUN)/results/results.json --world $(SHAPES_SEED) $(if $(QA),--floor)
 
 # make vqa: make demo with TASK=mix (TASK=questions: the bridges train on questions alone)
 vqa:

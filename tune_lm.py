@@ -138,7 +138,7 @@ def train(args, dist):
         run.log(step=step, loss=loss.item(), lr=lr, grad_norm=norm.item())
         if step % args.log_every == 0 or step == args.max_steps - 1:
             eta = (time.time() - t0) / (step + 1 - start) * (args.max_steps - step - 1)
-            print0(f"step {step:5d}/{args.max_steps} | answer loss {loss.item():.4f} | lr {lr:.2e} | "
+            print0(f"step {step:5d}/{args.max_steps} | loss {loss.item():.4f} | lr {lr:.2e} | "
                    f"eta {format_eta(eta)}")
         if args.ckpt_every and (step + 1) % args.ckpt_every == 0 and step + 1 < args.max_steps:
             run.save(f"ckpt_{step + 1:06d}.pt", state(step + 1), list(model.parameters()))

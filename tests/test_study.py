@@ -66,6 +66,22 @@ def test_check_says_plainly_which_bridge_is_outside_its_band(finished_study, cap
     assert "objects 0.400 in [" in out and "OUTSIDE" in out and "lscpu" in out and "report" in out
 
 
+def test_check_with_floors_passes_better_captions_and_not_worse(finished_study, capsys):
+    # make vqa's bridges train on an answer-tuned LM and on questions too: their captions must be no worse
+    tmp_path, _ = finished_study
+    bands_path = str(tmp_path / "bands.json")
+    study.report(str(tmp_path / "study"), str(tmp_path / "out"), bands_path, "a test CPU")
+    better = write_run(tmp_path / "vqa", 0, "own", 0,
+                       [row("linear", 0.99, 0.99, 7.5), row("blind", 0.0, 0.0, 1.0)])
+    assert study.check(better, "0", bands_path) != []  # a window: above it is outside too
+    assert study.check(better, "0", bands_path, floor=True) == []
+    assert "objects 0.990 >= " in capsys.readouterr().out
+    worse = write_run(tmp_path / "vqa", 0, "own", 1,
+                      [row("linear", 0.40, 0.30, 6.0), row("blind", 0.5, 0.5, 1.0)])
+    assert study.check(worse, "0", bands_path, floor=True) == [("linear", "objects"), ("linear", "scene"),
+                                                               ("blind", "objects"), ("blind", "scene")]
+
+
 def test_check_without_bands_or_for_another_world_says_so(finished_study, capsys):
     tmp_path, _ = finished_study
     results = write_run(tmp_path / "demo", 0, "own", 0, [row("linear", 0.93, 0.83, 6.0)])
