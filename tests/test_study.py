@@ -51,10 +51,17 @@ def test_report_gives_mean_std_min_max_per_bridge_and_writes_the_bands(finished_
     assert bands["machine"] == "a test CPU, 2 cores"
 
 
-def test_check_says_plainly_which_bridge_is_outside_its_band(finished_study, capsys):
+@pytest.fixture
+def reported(finished_study):
+    """(the finished study's folder, the bands its report wrote)."""
     tmp_path, _ = finished_study
     bands_path = str(tmp_path / "bands.json")
     study.report(str(tmp_path / "study"), str(tmp_path / "out"), bands_path, "a test CPU")
+    return tmp_path, bands_path
+
+
+def test_check_says_plainly_which_bridge_is_outside_its_band(reported, capsys):
+    tmp_path, bands_path = reported
     inside = write_run(tmp_path / "demo", 0, "own", 0,
                        [row("linear", 0.93, 0.83, 6.0), row("qformer", 1.0, 1.0, 7.0)])
     assert study.check(inside, "0", bands_path) == []
@@ -66,11 +73,9 @@ def test_check_says_plainly_which_bridge_is_outside_its_band(finished_study, cap
     assert "objects 0.400 in [" in out and "OUTSIDE" in out and "lscpu" in out and "report" in out
 
 
-def test_check_with_floors_passes_better_captions_and_not_worse(finished_study, capsys):
+def test_check_with_floors_passes_better_captions_and_not_worse(reported, capsys):
     # make vqa's bridges train on an answer-tuned LM and on questions too: their captions must be no worse
-    tmp_path, _ = finished_study
-    bands_path = str(tmp_path / "bands.json")
-    study.report(str(tmp_path / "study"), str(tmp_path / "out"), bands_path, "a test CPU")
+    tmp_path, bands_path = reported
     better = write_run(tmp_path / "vqa", 0, "own", 0,
                        [row("linear", 0.99, 0.99, 7.5), row("blind", 0.0, 0.0, 1.0)])
     assert study.check(better, "0", bands_path) != []  # a window: above it is outside too
