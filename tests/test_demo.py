@@ -91,19 +91,22 @@ def test_shortened_demo_runs_every_stage_and_reuses_them(tmp_path):
         assert "/none/" in args["features"], bridge
 
     # make vqa, shortened (the target's file, as above): the same world, CLIP and caches; the world's
-    # questions and corpus_qa.jsonl, an LM pretrained on it, the bridges on the mix, a table with VQA scores
+    # questions and corpus_qa.jsonl, an LM pretrained on it and answer-tuned, the bridges on the mix, a table
+    # with VQA scores
     target = str(demo / "mix" / "results" / "table.md")
-    run = subprocess.run(["make", "-C", ROOT, target, *settings, "TASK=mix"], capture_output=True, text=True)
+    run = subprocess.run(["make", "-C", ROOT, target, *settings, "TASK=mix", "TUNE_STEPS=4"],
+                         capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     new = (demo / "times.txt").read_text()[len(demo_times):]
-    assert [line.split()[0] for line in new.split("\n") if line] == ["questions", "shards-qa", "lm-qa"]
+    assert [line.split()[0] for line in new.split("\n") if line] == ["questions", "shards-qa", "lm-qa",
+                                                                     "lm-tuned"]
     with open(demo / "mix" / "results" / "results.json") as f:
         result = json.load(f)
     assert [row["bridge"] for row in result["rows"]][:3] == ["linear", "xattn", "qformer"]
     assert all(0.0 <= row["VQA"] <= 1.0 and row["questions"] > 0 for row in result["rows"])
     for bridge in ("linear", "xattn", "qformer"):
         args = torch.load(demo / "mix" / "caption" / bridge / "ckpt_final.pt", weights_only=True)["args"]
-        assert args["task"] == "mix" and args["lm"] == str(demo / "lm-qa" / "ckpt_000012.pt"), bridge
+        assert args["task"] == "mix" and args["lm"] == str(demo / "lm-tuned" / "ckpt_final.pt"), bridge
     assert "VQA accuracy" in (demo / "mix" / "results" / "table.md").read_text()
 
 
