@@ -180,8 +180,8 @@ SHARD_SIZE   := 200000
 # the LM: long enough that the prefix bridges can read it, not only that it copies text
 LM_STEPS     := 1500
 LM_PRETRAINED := $(DEMO)/lm$(QA)/ckpt_$(shell printf %06d $(LM_STEPS)).pt
-# make vqa: the pretrained LM is answer-tuned (tune_lm.py: questions after a caption, the loss on the answer) before
-# the bridges freeze it; pretrained alone, it answers little better with the scene described than without
+# make vqa: the pretrained LM is answer-tuned (tune_lm.py: questions after two captions, the loss on the captions
+# and the answer) before the bridges freeze it; pretrained alone, it answers little better with the scene described than without
 # (docs/miniature.md)
 TUNE_STEPS  := 2000
 LM          := $(if $(QA),$(DEMO)/lm-tuned/ckpt_final.pt,$(LM_PRETRAINED))

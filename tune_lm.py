@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from checkpoints import RunFolder, rng_state
-from common import UsageError, autocast, positive_float, positive_int
+from common import UsageError, autocast, natural_int, nonneg_float, positive_float, positive_int
 from data import coco
 from gpt2 import decay_groups, load_lm
 from train_utils import add_run_flags, check_finite, enable_speedups, format_eta, launch, lr_at, print0
@@ -37,16 +37,11 @@ from train_utils import add_run_flags, check_finite, enable_speedups, format_eta
 TRAINER = "tune_lm.py"
 
 
-def context_of(caption):
-    """The description an answer is looked up in: one caption, ending its sentence, on a line of its own."""
-    return caption.strip().rstrip(".") + ".\n"
-
-
 def examples(questions, records, tokenizer):
     """
-    [(described, asked, answer)] token lists for each question: every caption of its image (each on a line of
-    its own: context_of), "Question: ... Answer:", and " red" then <|endoftext|>. A question the LM cannot
-    spell (a word outside a --vocab-subset LM's vocabulary) is left out, counted and named.
+    [(described, asked, answer)] token lists for each question: every caption of its image (each on a line
+    of its own: coco.context_of), "Question: ... Answer:", and " red" then <|endoftext|>. A question the LM
+    cannot spell (a word outside a --vocab-subset LM's vocabulary) is left out, counted and named.
     """
     captions = {r["image_id"]: r["captions"] for r in records}
     absent = [q for q in questions if not captions.get(q["image_id"])]
@@ -57,7 +52,7 @@ def examples(questions, records, tokenizer):
     rows, left_out = [], []
     for q in questions:
         try:
-            described = [tokenizer.encode_ordinary(context_of(c)) for c in captions[q["image_id"]]]
+            described = [tokenizer.encode_ordinary(coco.context_of(c)) for c in captions[q["image_id"]]]
             asked = tokenizer.encode_ordinary(coco.qa_prompt(q["question"]))
             answer = tokenizer.encode_ordinary(" " + coco.most_common_answer(q["answers"]))
         except ValueError as e:  # SubsetTokenizer: a word this LM never saw
@@ -105,7 +100,8 @@ def train(args, dist):
     questions = coco.question_records(args.questions, args.answers, args.coco_root, "train")
     rows = examples(questions, coco.load_records(args.coco_root, "train"), tokenizer)
     optimizer = torch.optim.AdamW(decay_groups(list(model.parameters()), args.weight_decay), lr=args.lr,
-                                  betas=(0.9, 0.95))
+                                  betas=(0.9, 0.95), **({"fused": True} if args.fused else {}))
+    forward = torch.compile(model, backend=args.compile_backend) if args.compile else model
     ckpt = run.resume(optimizer, args)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -129,12 +125,13 @@ def train(args, dist):
         for group in optimizer.param_groups:
             group["lr"] = lr
         with autocast(dist.device_type, args.dtype):
-            _, loss = model(x.to(dist.device), y.to(dist.device))
+            _, loss = forward(x.to(dist.device), y.to(dist.device))
+        check_finite(loss.detach(), step, run.last)  # before the step: a NaN never reaches the weights
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        check_finite(norm, step, run.last)  # an inf gradient would put inf into every weight
         optimizer.step()
-        check_finite(loss.detach(), step, run.last)
         run.log(step=step, loss=loss.item(), lr=lr, grad_norm=norm.item())
         if step % args.log_every == 0 or step == args.max_steps - 1:
             eta = (time.time() - t0) / (step + 1 - start) * (args.max_steps - step - 1)
@@ -151,12 +148,10 @@ def train(args, dist):
 def probe(model, tokenizer, args):
     """The tuned LM's VQA accuracy on --val-questions, after one caption of the image and with the question
     alone (miniature/qa_probe.py's measure)."""
-    from miniature.qa_probe import probe_lm  # evaluate.py's answering: imported only when it is used
+    from miniature.qa_probe import probe_lm, summary  # evaluate.py's answering: imported only when used
     model.eval()
     scores = probe_lm(model, tokenizer, args.coco_root, args.val_questions, "val")
-    for name, s in scores.items():
-        print0(f"{name:>15}: VQA {s['accuracy']:.3f} (" +
-               ", ".join(f"{t} {v['accuracy']:.3f}" for t, v in s["per_answer_type"].items()) + ")")
+    print0(summary(scores))
     return {name: {"VQA": s["accuracy"], "types": {t: v["accuracy"] for t, v in s["per_answer_type"].items()}}
             for name, s in scores.items()}
 
@@ -175,8 +170,8 @@ def get_args(argv=None):
     p.add_argument("-B", "--batch-size", type=positive_int, default=64, help="questions per step")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="max learning rate (cosine to 10%%)")
     p.add_argument("--warmup-steps", type=positive_int, default=30)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--ckpt-every", type=int, default=500, help="0: only the final checkpoint")
+    p.add_argument("--weight-decay", type=nonneg_float, default=0.0)
+    p.add_argument("--ckpt-every", type=natural_int, default=500, help="0: only the final checkpoint")
     p.add_argument("--log-every", type=positive_int, default=100)
     p.add_argument("--seed", type=int, default=0)
     add_run_flags(p)

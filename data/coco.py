@@ -202,6 +202,12 @@ def qa_prompt(question):
     return QA_PROMPT.format(" ".join(question.split()))
 
 
+def context_of(caption):
+    """A caption as text an answer is looked up in (tune_lm.py, miniature/qa_probe.py): its sentence ended, on
+    a line of its own."""
+    return caption.strip().rstrip(".") + ".\n"
+
+
 def answers_file(questions_json):
     """
     The annotations file that goes with a questions file, by VQAv2's naming

@@ -14,7 +14,6 @@ from data import coco
 from evaluate import NoImage, answer_questions
 from gpt2 import load_lm
 from metrics import score_vqa
-from tune_lm import context_of
 
 
 def answers(lm, tokenizer, questions, context, batch_size=256):
@@ -28,10 +27,17 @@ def probe_lm(lm, tokenizer, root, questions_json, split="val"):
     """{"caption": score_vqa's result, "question alone": ...} for the questions of a world's split."""
     questions = coco.question_records(questions_json, None, root, split)
     captions = {r["image_id"]: r["captions"][0] for r in coco.load_records(root, split)}
-    contexts = {"caption": {i: context_of(c) for i, c in captions.items()},
+    contexts = {"caption": {i: coco.context_of(c) for i, c in captions.items()},
                 "question alone": {i: "" for i in captions}}
     return {name: score_vqa(answers(lm, tokenizer, questions, context), questions)
             for name, context in contexts.items()}
+
+
+def summary(scores):
+    """probe_lm's scores, a line each: '  caption: VQA 0.756 (number 0.838, other 0.750, yes/no 0.718)'."""
+    return "\n".join(f"{name:>15}: VQA {s['accuracy']:.3f} ("
+                     + ", ".join(f"{t} {v['accuracy']:.3f}" for t, v in s["per_answer_type"].items()) + ")"
+                     for name, s in scores.items())
 
 
 def probe(lm_path, root, split="val"):
@@ -47,6 +53,4 @@ if __name__ == "__main__":
                         help="a world with its questions (data/shapes.py --questions)")
     parser.add_argument("--split", default="val")
     args = parser.parse_args()
-    for name, s in probe(args.lm, args.root, args.split).items():
-        types = ", ".join(f"{t} {v['accuracy']:.3f}" for t, v in s["per_answer_type"].items())
-        print(f"{name:>15}: VQA {s['accuracy']:.3f} ({types})")
+    print(summary(probe(args.lm, args.root, args.split)))
