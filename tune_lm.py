@@ -152,7 +152,7 @@ def probe(model, tokenizer, args):
     model.eval()
     scores = probe_lm(model, tokenizer, args.coco_root, args.val_questions, "val")
     print0(summary(scores))
-    return {name: {"VQA": s["accuracy"], "types": {t: v["accuracy"] for t, v in s["per_answer_type"].items()}}
+    return {name: {"VQA": s["VQA"], "types": s["VQA_types"], "question_types": s["VQA_question_types"]}
             for name, s in scores.items()}
 
 

@@ -11,9 +11,8 @@ import argparse
 
 from bridges import Captioner
 from data import coco
-from evaluate import NoImage, answer_questions
+from evaluate import NoImage, answer_questions, vqa_row
 from gpt2 import load_lm
-from metrics import score_vqa
 
 
 def answers(lm, tokenizer, questions, context, batch_size=256):
@@ -24,19 +23,22 @@ def answers(lm, tokenizer, questions, context, batch_size=256):
 
 
 def probe_lm(lm, tokenizer, root, questions_json, split="val"):
-    """{"caption": score_vqa's result, "question alone": ...} for the questions of a world's split."""
+    """{"caption": evaluate.vqa_row's scores (VQA, per answer type, per question type), "question alone": ...}
+    for the questions of a world's split."""
     questions = coco.question_records(questions_json, None, root, split)
     captions = {r["image_id"]: r["captions"][0] for r in coco.load_records(root, split)}
     contexts = {"caption": {i: coco.context_of(c) for i, c in captions.items()},
                 "question alone": {i: "" for i in captions}}
-    return {name: score_vqa(answers(lm, tokenizer, questions, context), questions)
+    return {name: vqa_row(answers(lm, tokenizer, questions, context), questions)
             for name, context in contexts.items()}
 
 
 def summary(scores):
-    """probe_lm's scores, a line each: '  caption: VQA 0.756 (number 0.838, other 0.750, yes/no 0.718)'."""
-    return "\n".join(f"{name:>15}: VQA {s['accuracy']:.3f} ("
-                     + ", ".join(f"{t} {v['accuracy']:.3f}" for t, v in s["per_answer_type"].items()) + ")"
+    """probe_lm's scores, two lines each: '  caption: VQA 0.756 (number 0.838, other 0.750, yes/no 0.718)',
+    then per question type: '  how many 0.838, is the 0.490, ...'."""
+    return "\n".join(f"{name:>15}: VQA {s['VQA']:.3f} ("
+                     + ", ".join(f"{t} {v:.3f}" for t, v in s["VQA_types"].items()) + ")\n" + " " * 17
+                     + ", ".join(f"{t} {v:.3f}" for t, v in s["VQA_question_types"].items())
                      for name, s in scores.items())
 
 

@@ -4,6 +4,7 @@ prompted decoding (cached against uncached), train_caption.py on questions and o
 VQA column with its blind row and folder mode's --question, and tune_lm.py's answer tuning. The data and the
 metric: test_shapes_questions.py, test_vqa.py; bad input: test_bad_inputs_vqa.py.
 """
+from collections import Counter
 import dataclasses
 import json
 import os
@@ -272,11 +273,16 @@ def test_evaluate_answers_a_question_about_your_own_images(world, trained, tmp_p
 def test_the_lm_probe_asks_with_a_caption_and_without(world):
     scores = qa_probe.probe(world["lm"], world["root"])
     assert set(scores) == {"caption", "question alone"}
-    asked = len(coco.question_records(questions_file(world["root"], "val"), None, world["root"], "val"))
-    assert all(0.0 <= s["accuracy"] <= 1.0 and len(s["per_question"]) == asked for s in scores.values())
+    questions = coco.question_records(questions_file(world["root"], "val"), None, world["root"], "val")
+    assert all(0.0 <= s["VQA"] <= 1.0 and s["questions"] == len(questions) for s in scores.values())
+    # per question type too: each type's share of the questions weighs its accuracy into the whole
+    kinds = Counter(q["question_type"] for q in questions)
+    for s in scores.values():
+        assert set(s["VQA_question_types"]) == set(kinds)
+        whole = sum(kinds[t] * v for t, v in s["VQA_question_types"].items()) / len(questions)
+        assert whole == pytest.approx(s["VQA"])
     # alone, an answer depends on the question's words only: the same text, the same answer
     lm, tokenizer = load_lm(world["lm"])
-    questions = coco.question_records(questions_file(world["root"], "val"), None, world["root"], "val")
     alone = qa_probe.answers(lm.eval(), tokenizer, questions, {q["image_id"]: "" for q in questions})
     by_text = {}
     for q in questions:
