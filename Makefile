@@ -57,7 +57,11 @@ gpu-check:
 # It proves that the full-scale paths run and fit together; not their speed, nor their numerics at scale.
 SMOKE  := runs/smoke
 WORLD  := $(SMOKE)/world
-GPU_PATHS := --dtype bf16 --fused
+# bf16 autocast where the CPU computes in bf16 (avx512_bf16 or AMX); a CPU without either emulates it, about 30x
+# slower than fp32 for GPT-2's training step (docs/testing.md), and the smoke would take the better part of an
+# hour: there it runs in fp32 and says so (the bf16 branches stay tested at small size: tests/test_gpu_paths.py)
+SMOKE_DTYPE := $(if $(shell grep -qswE 'avx512_bf16|amx_bf16' /proc/cpuinfo && echo yes),bf16,fp32)
+GPU_PATHS := --dtype $(SMOKE_DTYPE) --fused
 LM_SMOKE := --preset gpt2-124m --data-dir $(SMOKE)/shards --out-dir $(SMOKE)/lm -B 1 -T 1024 --total-batch 2048 \
             --max-steps 2 --warmup-steps 1 --val-every 1 --val-steps 1 --hellaswag-every 1 --hellaswag-limit 4 \
             --hellaswag-dir $(WORLD)/hellaswag --sample-every 1 --ckpt-every 0 --log-every 1 $(GPU_PATHS)
@@ -70,6 +74,8 @@ smoke: setup
 
 smoke-run: $(WORLD)/done.json
 	rm -rf $(SMOKE)/shards $(SMOKE)/lm $(SMOKE)/features $(SMOKE)/caption $(SMOKE)/results $(SMOKE)/stage1
+	@echo "== autocast dtype: $(SMOKE_DTYPE)$(if $(filter fp32,$(SMOKE_DTYPE)), (this CPU has no native bf16: \
+	avx512_bf16 or AMX; SMOKE_DTYPE=bf16 forces it, slowly))"
 	@echo "== FineWeb-Edu: parquet files in the hub dataset's layout -> GPT-2 token shards"
 	$(BIN)/python data/fineweb.py --data-files $(WORLD)/fineweb/sample/10BT/*.parquet --out-dir $(SMOKE)/shards \
 		--shard-size 100000 --workers 2
@@ -77,13 +83,13 @@ smoke-run: $(WORLD)/done.json
 	$(BIN)/python train_lm.py $(LM_SMOKE) --stop-step 1
 	$(BIN)/python train_lm.py $(LM_SMOKE) --resume auto
 	@echo "== HellaSwag alone, on GPT-2 in the hub's layout (read as --lm gpt2 reads OpenAI's files)"
-	$(BIN)/python data/hellaswag.py --model $(WORLD)/gpt2 --data-dir $(WORLD)/hellaswag --limit 4 --dtype bf16
+	$(BIN)/python data/hellaswag.py --model $(WORLD)/gpt2 --data-dir $(WORLD)/hellaswag --limit 4 --dtype $(SMOKE_DTYPE)
 	@echo "== CLIP ViT-L/14 features (224 px, 257 tokens pooled to 33): COCO 2017 train/val, Karpathy train/test"
 	for split in train val; do $(BIN)/python data/feature_cache.py --root $(WORLD)/coco --split $$split \
-		--encoder $(WORLD)/clip-vit-large-patch14 --out $(SMOKE)/features/$$split --batch-size 4 --dtype bf16 || exit 1; done
+		--encoder $(WORLD)/clip-vit-large-patch14 --out $(SMOKE)/features/$$split --batch-size 4 --dtype $(SMOKE_DTYPE) || exit 1; done
 	for split in train test; do $(BIN)/python data/feature_cache.py --root $(WORLD)/coco --split $$split \
 		--karpathy-json $(WORLD)/coco/dataset_coco.json --encoder $(WORLD)/clip-vit-large-patch14 \
-		--out $(SMOKE)/features/karpathy_$$split --batch-size 4 --dtype bf16 || exit 1; done
+		--out $(SMOKE)/features/karpathy_$$split --batch-size 4 --dtype $(SMOKE_DTYPE) || exit 1; done
 	@echo "== every bridge on GPT-2 124M, two steps, compiled: the Q-Former by inductor (stopped after one step and \
 	resumed), the others traced forward and backward by aot_eager (inductor's kernels: minutes each on a CPU)"
 	for bridge in $(BRIDGES); do \
@@ -105,7 +111,7 @@ smoke-run: $(WORLD)/done.json
 		--features $(SMOKE)/features/karpathy_train --out-dir $(SMOKE)/caption/karpathy --val-every 0
 	@echo "== evaluation: COCO 2017 val (beam 3, cached features), Karpathy test (sampling, on the fly), the leak refused"
 	$(BIN)/python evaluate.py $(EVAL_SMOKE) --checkpoints $(foreach b,$(BRIDGES) on-the-fly,$(SMOKE)/caption/$(b)/ckpt_final.pt) \
-		--features $(SMOKE)/features/val --out $(SMOKE)/results/coco_val --dtype bf16
+		--features $(SMOKE)/features/val --out $(SMOKE)/results/coco_val --dtype $(SMOKE_DTYPE)
 	$(BIN)/python evaluate.py $(EVAL_SMOKE) --checkpoints $(SMOKE)/caption/karpathy/ckpt_final.pt \
 		--karpathy-json $(WORLD)/coco/dataset_coco.json --method sample --top-p 0.9 --out $(SMOKE)/results/karpathy_test
 	! $(BIN)/python evaluate.py $(EVAL_SMOKE) --checkpoints $(SMOKE)/caption/qformer/ckpt_final.pt \
@@ -120,7 +126,7 @@ smoke-run: $(WORLD)/done.json
 		--val-features $(SMOKE)/features/val --out-dir $(SMOKE)/caption/vqa
 	$(BIN)/python evaluate.py $(EVAL_SMOKE) --checkpoints $(SMOKE)/caption/vqa/ckpt_final.pt \
 		--questions $(WORLD)/coco/v2_OpenEnded_mscoco_val2014_questions.json --features $(SMOKE)/features/val \
-		--out $(SMOKE)/results/vqa --dtype bf16
+		--out $(SMOKE)/results/vqa --dtype $(SMOKE_DTYPE)
 	! $(BIN)/python evaluate.py $(EVAL_SMOKE) --checkpoints $(SMOKE)/caption/vqa/ckpt_final.pt \
 		--questions $(WORLD)/coco/leak/v2_OpenEnded_mscoco_val2014_questions.json \
 		--out $(SMOKE)/results/leak_vqa 2> $(SMOKE)/leak_vqa.txt
