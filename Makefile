@@ -57,9 +57,9 @@ gpu-check:
 # It proves that the full-scale paths run and fit together; not their speed, nor their numerics at scale.
 SMOKE  := runs/smoke
 WORLD  := $(SMOKE)/world
-# bf16 autocast where the CPU computes in bf16 (avx512_bf16 or AMX); a CPU without either emulates it, about 30x
-# slower than fp32 for GPT-2's training step (docs/testing.md), and the smoke would take the better part of an
-# hour: there it runs in fp32 and says so (the bf16 branches stay tested at small size: tests/test_gpu_paths.py)
+# bf16 autocast where the CPU computes in bf16 (avx512_bf16 or AMX); a CPU without either emulates it, many times
+# slower than fp32 (docs/testing.md): there the smoke runs in fp32 and says so (the bf16 branches stay tested at
+# small size: tests/test_gpu_paths.py)
 SMOKE_DTYPE := $(if $(shell grep -qswE 'avx512_bf16|amx_bf16' /proc/cpuinfo && echo yes),bf16,fp32)
 GPU_PATHS := --dtype $(SMOKE_DTYPE) --fused
 LM_SMOKE := --preset gpt2-124m --data-dir $(SMOKE)/shards --out-dir $(SMOKE)/lm -B 1 -T 1024 --total-batch 2048 \
