@@ -270,6 +270,27 @@ def native_bf16():
     return torch.cuda.get_device_capability() >= (8, 0)
 
 
+def cpu_info():
+    """/proc/cpuinfo's first processor as a dict ("model name", "cpu family", "model", "flags", ...); empty
+    where there is no such file (macOS, Windows)."""
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return info
+
+
+def native_bf16_cpu():
+    """Whether this CPU computes in bf16 (avx512_bf16 or AMX): one without emulates bf16 autocast, many times
+    slower than fp32 (docs/testing.md). The Makefile's SMOKE_DTYPE asks /proc/cpuinfo the same question."""
+    flags = cpu_info().get("flags", "").split()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def to_device(t, device):
     """
     Tensor t copied to device. Non-blocking only on CUDA, where the copy overlaps the GPU's work; on MPS a

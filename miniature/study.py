@@ -25,7 +25,7 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `python miniature/study.py`
-from common import read_json, write_json  # noqa: E402
+from common import cpu_info, read_json, write_json  # noqa: E402
 
 BANDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bands.json")
 # what a band is drawn for, and the narrowest half-width it may have: a measure that never varied over the
@@ -230,14 +230,7 @@ def check(results_path, world, bands_path, floor=False):
 def machine_name():
     """The CPU as `lscpu` names it (model name, family and model, native bf16 or not) and its core count."""
     import platform
-    info = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                info.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
+    info = cpu_info()
     name = info.get("model name") or platform.processor() or platform.machine()
     if "cpu family" in info:  # one marketing name covers several generations (an AMD EPYC: Zen 3 or Zen 4)
         bf16 = "avx512_bf16" if "avx512_bf16" in info.get("flags", "").split() else "no avx512_bf16"

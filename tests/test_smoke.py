@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from common import load_checkpoint
+from common import load_checkpoint, native_bf16_cpu
 from data import coco
 from tests import fabricate
 
@@ -21,15 +21,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def records(path):
     return [json.loads(line) for line in open(path)]
-
-
-def native_bf16():
-    """Does this CPU compute in bf16 (avx512_bf16 or AMX)? The smoke runs bf16 autocast only then."""
-    try:
-        flags = open("/proc/cpuinfo").read().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 @pytest.mark.skipif(shutil.which("make") is None or shutil.which("java") is None,
@@ -50,7 +41,7 @@ def test_make_smoke_runs_every_full_scale_stage(tmp_path):
     assert config["model"]["n_layer"] == 12 and config["model"]["n_embd"] == 768 and \
         config["model"]["vocab_size"] == 50304
     assert config["args"]["seq_len"] == 1024
-    assert config["args"]["dtype"] == ("bf16" if native_bf16() else "fp32")
+    assert config["args"]["dtype"] == ("bf16" if native_bf16_cpu() else "fp32")
     # eager: a compile at this size costs minutes on a CPU; the Q-Former's step below is compiled at full
     # size, and tests/test_train_lm.py compiles the LM's training step
     assert not starts[0]["config"]["args"]["compile"]
