@@ -216,6 +216,9 @@ BRIDGE_STEPS := 600
 # the prefix bridges need more steps than cross-attention to learn on every seed (docs/miniature.md)
 STEPS_linear  = $(shell echo $$(( 3 * $(BRIDGE_STEPS) )))
 STEPS_qformer = $(shell echo $$(( 2 * $(BRIDGE_STEPS) )))
+# make vqa: cross-attention shares its steps between captions and questions; at 1x its captions fell below the
+# caption study's floors and it answered the fewest questions, at 4x neither (docs/miniature.md)
+STEPS_xattn   = $(if $(QA),$(shell echo $$(( 4 * $(BRIDGE_STEPS) ))))
 LR           := 1e-3
 LR_linear    := 3e-3
 LR_xattn     := 3e-3
@@ -241,6 +244,7 @@ ifeq ($(RECIPE),common)
 BRIDGE_STEPS  := 1200
 STEPS_linear  :=
 STEPS_qformer :=
+STEPS_xattn   :=
 POOL_linear   :=
 LR            := 2e-3
 LR_linear     :=
@@ -404,7 +408,10 @@ $(RUN)/settings/stage1.txt: FORCE
 # No --features: the bridges read caches of different poolings, so evaluate.py encodes the val images once per
 # pooling with the encoder each checkpoint records.
 # The bridges train longest first (side by side, the short ones then share the other core); the table keeps BRIDGES' order.
-LONGEST_FIRST = $(filter qformer linear,$(BRIDGES)) $(filter-out qformer linear,$(BRIDGES))
+# (make vqa: cross-attention's 4x is the longest)
+LONG = $(if $(QA),xattn) qformer linear
+LONGEST_FIRST = $(filter $(if $(QA),xattn),$(BRIDGES)) $(filter qformer linear,$(BRIDGES)) \
+                $(filter-out $(LONG),$(BRIDGES))
 EVAL_ARGS = evaluate.py --checkpoints $(foreach b,$(BRIDGES),$(RUN)/caption/$(b)/ckpt_final.pt) --coco-root $(SHAPES) \
             --split val --out $(RUN)/results --method greedy --extra-scores data.shapes \
             $(if $(QA),--questions $(call QUESTIONS,val)) $(EVAL_FLAGS)
