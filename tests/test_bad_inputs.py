@@ -653,7 +653,10 @@ exec {sys.executable} "$@"
     make = subprocess.Popen(["make", "-C", ROOT, "-o", ".venv/.installed", "-o", shards, str(lm),
                              f"BIN={fake}", f"SHAPES={world}", f"DEMO={demo}", "TRAIN_IMAGES=12",
                              "VAL_IMAGES=4", "CORPUS_DOCS=4", "LM_STEPS=12"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            # a shell's background job (`pytest ... &`) starts with SIGINT ignored, and make
+                            # would inherit that: restore what a terminal's make gets
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for _ in range(300):
         if lm.exists():
             break
