@@ -408,10 +408,9 @@ $(RUN)/settings/stage1.txt: FORCE
 # No --features: the bridges read caches of different poolings, so evaluate.py encodes the val images once per
 # pooling with the encoder each checkpoint records.
 # The bridges train longest first (side by side, the short ones then share the other core); the table keeps BRIDGES' order.
-# (make vqa: cross-attention's 4x is the longest)
+# (make vqa: cross-attention's 4x is among the longest)
 LONG = $(if $(QA),xattn) qformer linear
-LONGEST_FIRST = $(filter $(if $(QA),xattn),$(BRIDGES)) $(filter qformer linear,$(BRIDGES)) \
-                $(filter-out $(LONG),$(BRIDGES))
+LONGEST_FIRST = $(filter $(LONG),$(BRIDGES)) $(filter-out $(LONG),$(BRIDGES))
 EVAL_ARGS = evaluate.py --checkpoints $(foreach b,$(BRIDGES),$(RUN)/caption/$(b)/ckpt_final.pt) --coco-root $(SHAPES) \
             --split val --out $(RUN)/results --method greedy --extra-scores data.shapes \
             $(if $(QA),--questions $(call QUESTIONS,val)) $(EVAL_FLAGS)
