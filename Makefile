@@ -410,7 +410,16 @@ $(RUN)/settings/stage1.txt: FORCE
 # The bridges train longest first (side by side, the short ones then share the other core); the table keeps BRIDGES' order.
 # (make vqa: cross-attention's 4x is among the longest)
 LONG = $(if $(QA),xattn) qformer linear
-LONGEST_FIRST = $(filter $(LONG),$(BRIDGES)) $(filter-out $(LONG),$(BRIDGES))
+LONGEST_FIRST = $(foreach b,$(LONG),$(filter $(b),$(BRIDGES))) $(filter-out $(LONG),$(BRIDGES))
+# On two jobs the longest gets one core from the start and the others follow one another on the other: each waits
+# (order-only) for the one before it. Left to make, the first two to start are whichever finish their settings
+# records first: make vqa started the Q-Former and the linear prefix, and cross-attention, longer than both
+# together, last.
+chain = $(if $(word 2,$(1)),$(eval $(RUN)/caption/$(word 2,$(1))/ckpt_final.pt: | \
+          $(RUN)/caption/$(word 1,$(1))/ckpt_final.pt)$(call chain,$(wordlist 2,$(words $(1)),$(1))))
+ifeq ($(JOBS),2)
+$(call chain,$(wordlist 2,$(words $(LONGEST_FIRST)),$(LONGEST_FIRST)))
+endif
 EVAL_ARGS = evaluate.py --checkpoints $(foreach b,$(BRIDGES),$(RUN)/caption/$(b)/ckpt_final.pt) --coco-root $(SHAPES) \
             --split val --out $(RUN)/results --method greedy --extra-scores data.shapes \
             $(if $(QA),--questions $(call QUESTIONS,val)) $(EVAL_FLAGS)

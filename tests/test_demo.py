@@ -4,6 +4,7 @@ enough for about a minute, then a second `make` that must find nothing left to d
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,8 +14,24 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # longest first
-STAGES = ["data", "shards", "lm", "clip", "features-4x8-train", "features-4x8-val", "bridge-linear",
-          "features-none-train", "features-none-val", "bridge-qformer", "bridge-xattn", "evaluate"]
+STAGES = ["data", "shards", "lm", "clip", "features-none-train", "features-none-val", "bridge-qformer",
+          "features-4x8-train", "features-4x8-val", "bridge-linear", "bridge-xattn", "evaluate"]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+@pytest.mark.parametrize("task, waits", [("captions", {"xattn": "linear"}), ("mix", {"linear": "qformer"})])
+def test_on_two_jobs_the_longest_bridge_has_a_core_of_its_own(tmp_path, task, waits):
+    # make demo (the Q-Former longest) and make vqa (cross-attention's 4x): the others wait for one another
+    # (order-only), so make -j2 starts the longest at once; left to make, it once started cross-attention last
+    def order_only(*flags):
+        db = subprocess.run(["make", "-C", ROOT, "-pn", "--no-print-directory", f"RUN={tmp_path}",
+                             f"TASK={task}", *flags, "--eval", "nothing: ;", "nothing"],
+                            capture_output=True, text=True)
+        assert db.returncode == 0, db.stderr[-2000:]
+        rule = rf"^{tmp_path}/caption/(\w+)/ckpt_final.pt: \| {tmp_path}/caption/(\w+)/ckpt_final.pt$"
+        return dict(re.findall(rule, db.stdout, flags=re.M))
+    assert order_only() == waits
+    assert order_only("JOBS=1") == {}  # one job: nothing to schedule
 
 
 @pytest.mark.skipif(shutil.which("make") is None or shutil.which("java") is None,
