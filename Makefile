@@ -217,8 +217,8 @@ BRIDGE_STEPS := 600
 STEPS_linear  = $(shell echo $$(( 3 * $(BRIDGE_STEPS) )))
 STEPS_qformer = $(shell echo $$(( 2 * $(BRIDGE_STEPS) )))
 # make vqa: cross-attention shares its steps between captions and questions; at 1x its captions fell below the
-# caption study's floors and it answered the fewest questions, at 4x neither (docs/miniature.md)
-STEPS_xattn   = $(if $(QA),$(shell echo $$(( 4 * $(BRIDGE_STEPS) ))))
+# caption study's floors, and at 10x it answers more of every question type than at 4x (docs/miniature.md)
+STEPS_xattn   = $(if $(QA),$(shell echo $$(( 10 * $(BRIDGE_STEPS) ))))
 LR           := 1e-3
 LR_linear    := 3e-3
 LR_xattn     := 3e-3
@@ -334,8 +334,10 @@ QUESTIONS_ARGS := data/shapes.py --out $(SHAPES) --questions
 QUESTIONS = $(SHAPES)/annotations/v2_OpenEnded_shapes_$(1)_questions.json
 $(SHAPES)/corpus_qa.jsonl: $(SHAPES)/info.json $(call settings,$(DEMO),questions)
 	$(call stage,questions,$(DEMO),$(QUESTIONS_ARGS))
+# (with the questions' version: questions drawn by older code are refused, not trained on as these)
+QUESTIONS_VERSION := $(shell sed -n 's/^QUESTIONS_VERSION = \([0-9]*\).*/\1/p' data/shapes.py)
 $(call settings,$(DEMO),questions): FORCE
-	$(call record,$(QUESTIONS_ARGS))
+	$(call record,$(QUESTIONS_ARGS) (questions version $(QUESTIONS_VERSION)))
 
 CORPUS := $(SHAPES)/corpus$(subst -,_,$(QA)).jsonl
 SHARDS_ARGS = data/fineweb.py --data-files $(CORPUS) --out-dir $(DEMO)/lm_shards$(QA) \
@@ -408,7 +410,7 @@ $(RUN)/settings/stage1.txt: FORCE
 # No --features: the bridges read caches of different poolings, so evaluate.py encodes the val images once per
 # pooling with the encoder each checkpoint records.
 # The bridges train longest first (side by side, the short ones then share the other core); the table keeps BRIDGES' order.
-# (make vqa: cross-attention's 4x is among the longest)
+# (make vqa: cross-attention's 10x is the longest)
 LONG = $(if $(QA),xattn) qformer linear
 LONGEST_FIRST = $(foreach b,$(LONG),$(filter $(b),$(BRIDGES))) $(filter-out $(LONG),$(BRIDGES))
 # On two jobs the longest gets one core from the start and the others follow one another on the other: each waits
