@@ -217,7 +217,7 @@ BRIDGE_STEPS := 600
 STEPS_linear  = $(shell echo $$(( 3 * $(BRIDGE_STEPS) )))
 STEPS_qformer = $(shell echo $$(( 2 * $(BRIDGE_STEPS) )))
 # make vqa: cross-attention shares its steps between captions and questions; at 1x its captions fell below the
-# caption study's floors, and at 10x it answers more of every question type than at 4x (docs/miniature.md)
+# caption study's floors; at 10x it answered more questions than at 4x, though not more of every type (docs/miniature.md)
 STEPS_xattn   = $(if $(QA),$(shell echo $$(( 10 * $(BRIDGE_STEPS) ))))
 LR           := 1e-3
 LR_linear    := 3e-3
