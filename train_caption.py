@@ -314,14 +314,15 @@ def parameter_counts(captioner, encoder):
 
 
 def training_pairs(args, records, source, tokenizer):
-    """The examples --task asks for: caption pairs, question pairs (--questions), or both in one list."""
+    """The examples --task asks for: caption pairs, question pairs (--questions), or both in one list (each
+    question --question-repeats times: the captions are learned long before the questions)."""
     pairs, left_out = [], []
     if args.task != "questions":
         pairs, left_out = make_pairs(records, source, tokenizer, args.max_caption_tokens)
     if args.task != "captions":
         questions = coco.question_records(args.questions, args.answers, args.coco_root, "train")
         asked, skipped = question_pairs(questions, source, tokenizer, args.max_caption_tokens, args.questions)
-        pairs, left_out = pairs + asked, left_out + skipped
+        pairs, left_out = pairs + asked * args.question_repeats, left_out + skipped
     return pairs, left_out
 
 
@@ -563,6 +564,8 @@ def get_args(argv=None):
                    help="VQAv2-format questions of the train split (v2_OpenEnded_*_questions.json)")
     p.add_argument("--answers", default=None,
                    help="their annotations file (default: found next to --questions by VQAv2's naming)")
+    p.add_argument("--question-repeats", type=positive_int, default=1,
+                   help="--task mix: each question is read this many times an epoch, each caption once")
     p.add_argument("--val-questions", default=None,
                    help="--task questions: val split questions for the val loss (answers found by name)")
     # the bridge: one flag per field of bridges.BridgeConfig
@@ -613,6 +616,9 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.task != "captions" and not args.questions:
         p.error(f"--task {args.task} needs --questions (a VQAv2-format questions file of the train split)")
+    if args.question_repeats > 1 and args.task != "mix":
+        p.error(f"--question-repeats weighs the questions against the captions: it needs --task mix, "
+                f"not {args.task}")
     args.out_dir = args.out_dir or os.path.join("runs", "caption", args.bridge)
     return args
 

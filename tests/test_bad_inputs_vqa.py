@@ -285,3 +285,16 @@ def test_58_answer_tuning_on_another_splits_questions_is_refused(world, tmp_path
                                          r"--coco-root's train split \(e.g. question 7, image \d+\): pass "
                                          r"the questions"):
         tune_lm.examples([asked], [{**records[0], "captions": []}], tokenizer)
+
+# -----------------------------------------------------------------------------
+# 59. --question-repeats (how often the questions are read against the captions) without a mix of both
+
+
+def test_59_question_repeats_without_a_mix_are_refused(capsys):
+    for task in ("captions", "questions"):
+        with pytest.raises(SystemExit) as e:
+            train_caption.main(["--bridge", "linear", "--task", task, "--questions", "q.json",
+                                "--question-repeats", "2"])
+        assert e.value.code == 2
+        assert ("--question-repeats weighs the questions against the captions: it needs --task mix, "
+                f"not {task}") in capsys.readouterr().err

@@ -190,6 +190,10 @@ def test_the_mix_holds_every_caption_and_every_question(world, tmp_path, capsys)
     assert f"qformer bridge, mix: {captions + questions:,} pairs" in capsys.readouterr().out
     ckpt = torch.load(tmp_path / "mix" / "ckpt_final.pt", weights_only=True)
     assert ckpt["args"]["task"] == "mix" and len(ckpt["trained_on"]["image_ids"]) == 40
+    # weighed: every question read three times an epoch, every caption once
+    train_caption.main(train_args(world, tmp_path / "mix3", "mix", "qformer", "--max-steps", "1",
+                                  "--val-every", "0", "--question-repeats", "3"))
+    assert f"qformer bridge, mix: {captions + 3 * questions:,} pairs" in capsys.readouterr().out
 
 
 def test_question_pairs_hold_the_prompt_then_the_humans_answer(world):
