@@ -383,7 +383,11 @@ $(DEMO)/settings/features-%.txt: FORCE
 	$(call record,$(call features_args,$(subst -,/,$*)))
 
 # A bridge needs the caches of its own pooling.
-TASK_FLAGS = $(if $(QA),--task $(TASK) --questions $(call QUESTIONS,train))
+# On the mix each question is read QUESTION_REPEATS times an epoch, each caption once: the captions are learned long
+# before the questions (docs/miniature.md)
+QUESTION_REPEATS := 2
+TASK_FLAGS = $(if $(QA),--task $(TASK) --questions $(call QUESTIONS,train)) \
+             $(if $(filter mix,$(TASK)),--question-repeats $(QUESTION_REPEATS))
 bridge_args = train_caption.py --bridge $(1) --lm $(LM) --coco-root $(SHAPES) $(TASK_FLAGS) \
               --features $(CACHE)/$(call pool_of,$(1))/train --val-features $(CACHE)/$(call pool_of,$(1))/val --out-dir $(RUN)/caption/$(1) $(CAPTION_FLAGS) \
               --seed $(BRIDGE_SEED) --max-steps $(or $(STEPS_$(1)),$(BRIDGE_STEPS)) --lr $(or $(LR_$(1)),$(LR)) \

@@ -210,6 +210,24 @@ def test_no_question_type_is_answered_by_its_words(many):
     assert scores["how many"]["question_only"] > scores["how many"]["prior"] + 0.5
 
 
+def test_is_there_answered_no_crosses_the_scenes_objects(many):
+    # "no" asks the first's colour with the second's shape (or the reverse), so neither alone tells; only
+    # when they share a colour or a shape (no crossed pair absent), an absent pair sharing one of them
+    crossed = shared = 0
+    for q, scene in many[0]:
+        if q["question_type"] != "is there a" or q["answer"] != "no":
+            continue
+        colour, shape = re.fullmatch(r"is there a ([a-z]+) ([a-z]+)\?", q["question"]).groups()
+        a, b = scene["objects"]
+        if a["colour"] != b["colour"] and a["shape"] != b["shape"]:
+            assert (colour, shape) in {(a["colour"], b["shape"]), (b["colour"], a["shape"])}, (q, scene)
+            crossed += 1
+        else:
+            assert colour in (a["colour"], b["colour"]) or shape in (a["shape"], b["shape"]), (q, scene)
+            shared += 1
+    assert crossed > 500 and shared > 100, (crossed, shared)
+
+
 def test_vocabulary_covers_every_word(many):
     train, val = many
     used = set()
