@@ -208,7 +208,8 @@ CACHE := $(DEMO)/features
 # Every bridge registered in bridges.py joins the demo by itself: its @register("name") lines, read once per make
 # (read, not imported: an import of bridges.py loads torch, seconds for every make the demo and the tests start).
 BRIDGES = $(eval BRIDGES := $(shell sed -n 's/^@register("\([^"]*\)")$$/\1/p' bridges.py))$(BRIDGES)
-# The bridges' recipe. Per bridge: POOL_<name>, STEPS_<name>, LR_<name>, FLAGS_<name> override POOL, BRIDGE_STEPS, LR.
+# The bridges' recipe. Per bridge: POOL_<name>, STEPS_<name>, LR_<name>, FLAGS_<name> override POOL, BRIDGE_STEPS, LR
+# (and QUESTION_REPEATS_<name> QUESTION_REPEATS).
 # "none": the class token + all 64 patch tokens; "4x8": patches averaged in vertical pairs (33 tokens).
 POOL         := none
 POOL_linear  := 4x8
@@ -238,6 +239,11 @@ FLAGS_xattn   := --vis-pos-grid
 # (docs/miniature.md, "BLIP-2's first stage for the Q-Former")
 QUERY_STD     := 1.0
 FLAGS_qformer := --vis-pos-grid --prefix-len 16 --query-std $(QUERY_STD)
+# On the mix each question is read QUESTION_REPEATS times an epoch, each caption once. Cross-attention: twice, as its
+# captions are learned long before the questions; the prefix bridges once (twice, world 1's captions fell below
+# the study's bands; docs/miniature.md)
+QUESTION_REPEATS       := 1
+QUESTION_REPEATS_xattn := 2
 # make study's common recipe: every bridge the same steps (the Q-Former's 1200), features (all 64 patches) and
 # learning rate (FLAGS stay: they make the bridge)
 ifeq ($(RECIPE),common)
@@ -250,6 +256,7 @@ LR            := 2e-3
 LR_linear     :=
 LR_xattn      :=
 LR_qformer    :=
+QUESTION_REPEATS_xattn :=
 endif
 # BLIP-2's first stage (qformer_stage1.py): the Q-Former trained against the captions for STAGE1_STEPS steps before
 # its captioning run starts from it, its queries at the Q-Former's QUERY_STD (0: no first stage; docs/miniature.md
@@ -383,12 +390,9 @@ $(DEMO)/settings/features-%.txt: FORCE
 	$(call record,$(call features_args,$(subst -,/,$*)))
 
 # A bridge needs the caches of its own pooling.
-# On the mix each question is read QUESTION_REPEATS times an epoch, each caption once: the captions are learned long
-# before the questions (docs/miniature.md)
-QUESTION_REPEATS := 2
-TASK_FLAGS = $(if $(QA),--task $(TASK) --questions $(call QUESTIONS,train)) \
-             $(if $(filter mix,$(TASK)),--question-repeats $(QUESTION_REPEATS))
-bridge_args = train_caption.py --bridge $(1) --lm $(LM) --coco-root $(SHAPES) $(TASK_FLAGS) \
+TASK_FLAGS = $(if $(QA),--task $(TASK) --questions $(call QUESTIONS,train))
+repeats = $(if $(filter mix,$(TASK)),--question-repeats $(or $(QUESTION_REPEATS_$(1)),$(QUESTION_REPEATS)))
+bridge_args = train_caption.py --bridge $(1) --lm $(LM) --coco-root $(SHAPES) $(TASK_FLAGS) $(call repeats,$(1)) \
               --features $(CACHE)/$(call pool_of,$(1))/train --val-features $(CACHE)/$(call pool_of,$(1))/val --out-dir $(RUN)/caption/$(1) $(CAPTION_FLAGS) \
               --seed $(BRIDGE_SEED) --max-steps $(or $(STEPS_$(1)),$(BRIDGE_STEPS)) --lr $(or $(LR_$(1)),$(LR)) \
               $(FLAGS_$(1)) --resume auto

@@ -121,12 +121,12 @@ def test_shortened_demo_runs_every_stage_and_reuses_them(tmp_path):
         result = json.load(f)
     assert [row["bridge"] for row in result["rows"]][:3] == ["linear", "xattn", "qformer"]
     assert all(0.0 <= row["VQA"] <= 1.0 and row["questions"] > 0 for row in result["rows"])
-    # on the mix cross-attention trains 10x BRIDGE_STEPS (its captions share them with the questions); the
-    # prefix bridges keep their own
-    for bridge, steps in (("linear", 18), ("xattn", 60), ("qformer", 12)):
+    # on the mix cross-attention trains 10x BRIDGE_STEPS (its captions share them with the questions) and
+    # reads each question twice an epoch; the prefix bridges keep their own steps and read each once
+    for bridge, steps, repeats in (("linear", 18, 1), ("xattn", 60, 2), ("qformer", 12, 1)):
         args = torch.load(demo / "mix" / "caption" / bridge / "ckpt_final.pt", weights_only=True)["args"]
         assert args["task"] == "mix" and args["lm"] == str(demo / "lm-tuned" / "ckpt_final.pt"), bridge
-        assert args["max_steps"] == steps, bridge
+        assert (args["max_steps"], args["question_repeats"]) == (steps, repeats), bridge
     assert "VQA accuracy" in (demo / "mix" / "results" / "table.md").read_text()
 
 
