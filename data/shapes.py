@@ -75,7 +75,8 @@ SUPERSAMPLE = 4  # draw at 4x and downsample: anti-aliased edges, so shape is mo
 VERSION = 3  # of the drawing code, in info.json: a world drawn by other code is not reused
 # (1: centres anywhere; 2: on the grid, captions in both orders; 3: captions in reading order)
 QUESTIONS_VERSION = 3  # of the questions, in their files' info and make vqa's settings: old ones are refused
-# (1: "is the red circle larger than the blue square?", yes/no; 2: "what is the larger shape?", by name)
+# (1: "is the red circle larger than the blue square?", yes/no; 2: "what is the larger shape?", by name;
+# 3: "is there" answered no asks a pair crossed from the scene's objects)
 
 # -----------------------------------------------------------------------------
 # Scenes: what to draw
