@@ -209,7 +209,7 @@ CACHE := $(DEMO)/features
 # (read, not imported: an import of bridges.py loads torch, seconds for every make the demo and the tests start).
 BRIDGES = $(eval BRIDGES := $(shell sed -n 's/^@register("\([^"]*\)")$$/\1/p' bridges.py))$(BRIDGES)
 # The bridges' recipe. Per bridge: POOL_<name>, STEPS_<name>, LR_<name>, FLAGS_<name> override POOL, BRIDGE_STEPS, LR
-# (and QUESTION_REPEATS_<name> QUESTION_REPEATS).
+# (and QUESTION_REPEATS_<name> overrides QUESTION_REPEATS).
 # "none": the class token + all 64 patch tokens; "4x8": patches averaged in vertical pairs (33 tokens).
 POOL         := none
 POOL_linear  := 4x8

@@ -315,7 +315,7 @@ def parameter_counts(captioner, encoder):
 
 def training_pairs(args, records, source, tokenizer):
     """The examples --task asks for: caption pairs, question pairs (--questions), or both in one list (each
-    question --question-repeats times: the captions are learned long before the questions)."""
+    question --question-repeats times, so that a mix can weigh the questions against the captions)."""
     pairs, left_out = [], []
     if args.task != "questions":
         pairs, left_out = make_pairs(records, source, tokenizer, args.max_caption_tokens)
