@@ -30,10 +30,14 @@ def losses(out_dir):
     return [(r["itc"], r["itm"]) for r in log if "itc" in r]
 
 
-@pytest.fixture(scope="module")
-def stage1(world, tmp_path_factory):  # noqa: F811
-    """A first stage trained for 80 steps (40 epochs) on the tiny world's 40 images."""
-    out = tmp_path_factory.mktemp("stage1") / "run"
+@pytest.fixture
+def stage1(questions_stage1):
+    """train_stage1's run folder, trained once for every module that imports this (tests/conftest.py)."""
+    return questions_stage1
+
+
+def train_stage1(world, out):  # noqa: F811
+    """A first stage trained for 80 steps (40 epochs) on the tiny world's 40 images, into the folder out."""
     qformer_stage1.main(stage1_args(world, out, "--max-steps", "80", "--val-every", "0", "--ckpt-every", "0"))
     return out
 

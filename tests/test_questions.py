@@ -33,11 +33,15 @@ def questions_file(root, split):
     return os.path.join(root, "annotations", f"v2_OpenEnded_shapes_{split}_questions.json")
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
+@pytest.fixture
+def world(questions_world):
+    """make_world's world, built once for every module that imports this fixture (tests/conftest.py)."""
+    return questions_world
+
+
+def make_world(tmp):
     """A tiny world with its questions, feature caches of both splits, and an LM over corpus_qa.jsonl's
-    vocabulary (train_lm.py's checkpoint format; a little pretraining on that corpus)."""
-    tmp = tmp_path_factory.mktemp("questions")
+    vocabulary (train_lm.py's checkpoint format; a little pretraining on that corpus), in the folder tmp."""
     root = str(tmp / "shapes")
     shapes.generate(root, train=40, val=12, corpus_docs=300, seed=0, image_size=32)
     shapes.write_questions(root)
@@ -210,10 +214,14 @@ def test_question_pairs_hold_the_prompt_then_the_humans_answer(world):
 # Evaluation: a VQA column, a blind row, answers for your own images
 
 
-@pytest.fixture(scope="module")
-def trained(world, tmp_path_factory):
-    """Every bridge trained briefly on the mix."""
-    runs = tmp_path_factory.mktemp("runs")
+@pytest.fixture
+def trained(questions_trained):
+    """train_every_bridge's checkpoints, made once for every module that imports this (tests/conftest.py)."""
+    return questions_trained
+
+
+def train_every_bridge(world, runs):
+    """Every bridge trained briefly on the mix, into the folder runs: their checkpoints."""
     paths = []
     for kind in BRIDGES:
         train_caption.main(train_args(world, runs / kind, "mix", kind, "--max-steps", "4",

@@ -42,10 +42,10 @@ def test_make_smoke_runs_every_full_scale_stage(tmp_path):
         config["model"]["vocab_size"] == 50304
     assert config["args"]["seq_len"] == 1024
     assert config["args"]["dtype"] == ("bf16" if native_bf16_cpu() else "fp32")
-    # eager: a compile at this size costs minutes on a CPU; the Q-Former's step below is compiled at full
-    # size, and tests/test_train_lm.py compiles the LM's training step
+    # eager: a compile at this size costs minutes on a CPU (tests/test_train_lm.py compiles the LM's training
+    # step with inductor at the tiny preset); one sequence a step: gradient accumulation is tested there too
     assert not starts[0]["config"]["args"]["compile"]
-    assert config["args"]["fused"] and config["grad_accum"] == 2
+    assert config["args"]["fused"] and config["grad_accum"] == 1
     assert [r["step"] for r in lm if "loss" in r] == [0, 1] and \
         all(r["tokens_per_s"] > 0 for r in lm if "loss" in r)
     assert [r["step"] for r in lm if "hellaswag" in r] == [0, 1] and \
@@ -53,24 +53,26 @@ def test_make_smoke_runs_every_full_scale_stage(tmp_path):
     assert load_checkpoint(str(smoke / "lm" / "ckpt_000002.pt"))["step"] == 2
 
     # the ViT-L/14 caches: 257 tokens pooled to 33 x 1024, every image of each split
-    for split, count in [("train", 6), ("val", 3), ("karpathy_train", 5), ("karpathy_test", 2)]:
+    for split, count in [("train", 6), ("val", 3), ("karpathy_test", 2)]:
         manifest = json.load(open(smoke / "features" / split / "manifest.json"))
         features = manifest["visual_features"]
         assert (manifest["count"], manifest["tokens"], features["width"], features["image_size"]) == \
             (count, 33, 1024, 224)
 
-    # every bridge on the 124M GPT-2 of the hub's layout, compiled (the Q-Former by inductor, then resumed
-    # eager); their trained-on records
+    # every bridge on the 124M GPT-2 of the hub's layout, compiled (traced by aot_eager; the Q-Former then
+    # resumed eager); their trained-on records
     for bridge in ("linear", "xattn", "qformer"):
         first = records(smoke / "caption" / bridge / "log.jsonl")[0]["config"]["args"]
-        backend = "inductor" if bridge == "qformer" else "aot_eager"
-        assert first["compile"] and first["compile_backend"] == backend
+        assert first["compile"] and first["compile_backend"] == "aot_eager"
         ckpt = load_checkpoint(str(smoke / "caption" / bridge / "ckpt_final.pt"))
         assert ckpt["step"] == 2 and ckpt["lm"]["config"]["n_layer"] == 12 and \
             ckpt["visual_features"]["width"] == 1024
         assert len(ckpt["trained_on"]["image_ids"]) == 6
-    assert load_checkpoint(
-        str(smoke / "caption" / "karpathy" / "ckpt_final.pt"))["trained_on"]["karpathy_json"]
+    # a bridge on the pretrained LM, on Karpathy's train split, its images encoded on the fly
+    karpathy = load_checkpoint(str(smoke / "caption" / "karpathy" / "ckpt_final.pt"))
+    assert karpathy["trained_on"]["karpathy_json"] and len(karpathy["trained_on"]["image_ids"]) == 5
+    assert karpathy["args"]["features"] is None and karpathy["args"]["lm"].endswith("lm/ckpt_000002.pt")
+    assert karpathy["args"]["encoder"].endswith("clip-vit-large-patch14")
     # BLIP-2's first stage at full size (ViT-L/14's tokens, a 768-wide Q-Former of 32 queries), its R@1 on the
     # val images; the second stage (the VQAv2 run below) starts from it
     first = load_checkpoint(str(smoke / "stage1" / "ckpt_final.pt"))
@@ -79,7 +81,7 @@ def test_make_smoke_runs_every_full_scale_stage(tmp_path):
     assert set(first["quality"]) == {"image_to_text_R@1", "text_to_image_R@1"}
 
     result = json.load(open(smoke / "results" / "coco_val" / "results.json"))
-    assert [r["bridge"] for r in result["rows"]][:4] == ["linear", "xattn", "qformer", "on-the-fly"]
+    assert [r["bridge"] for r in result["rows"]][:3] == ["linear", "xattn", "qformer"]
     assert result["images"] == 3 and result["decoding"]["method"] == "beam"
     karpathy = json.load(open(smoke / "results" / "karpathy_test" / "results.json"))
     assert karpathy["images"] == 2 and karpathy["where"].startswith("Karpathy test")

@@ -150,26 +150,12 @@ def reference_run(shards, tmp_path, *extra):
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def test_ddp_two_processes_match_one(shards, tmp_path):
-    # the same global batch (256 tokens): one process accumulates 2 micro-batches, two processes 1 each
-    two = reference_run(shards, tmp_path, "--max-steps", "5", "--hellaswag-every", "4")
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "train_lm.py", *two], cwd=ROOT, env=ENV, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
-    for key in ("loss", "val_loss", "hellaswag"):
-        a, b = ([r[key] for r in records(tmp_path / "one", key)],
-                [r[key] for r in records(tmp_path / "two", key)])
-        assert len(a) == len(b) > 0
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
-    assert [r["hellaswag_n"] for r in records(tmp_path / "two", "hellaswag")] == [6, 6]
-    start = next(map(json.loads, open(tmp_path / "two" / "log.jsonl")))
-    assert start["config"]["world_size"] == 2 and start["config"]["grad_accum"] == 1
-
-
 def test_rank_0_decides_for_every_rank(shards, tmp_path):
     """
-    Rank 1 sees neither the HellaSwag file nor the run folder (a second machine without the first one's disk):
-    rank 0 reads both and every rank uses what it found. Two processes, stopped and resumed, equal one.
+    DDP: two processes, stopped and resumed, equal one (the same global batch of 256 tokens: one process
+    accumulates 2 micro-batches, two processes 1 each). Rank 1 sees neither the HellaSwag file nor the run
+    folder (a second machine without the first one's disk): rank 0 reads both and every rank uses what it
+    found.
     """
     two = reference_run(shards, tmp_path, "--max-steps", "4", "--hellaswag-every", "2")
     examples = tmp_path / "hs"
@@ -185,6 +171,8 @@ def test_rank_0_decides_for_every_rank(shards, tmp_path):
         assert len(a) == len(b) > 0
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
     assert [r["hellaswag_n"] for r in records(tmp_path / "two", "hellaswag")] == [6, 6, 6]
+    start = next(map(json.loads, open(tmp_path / "two" / "log.jsonl")))
+    assert start["config"]["world_size"] == 2 and start["config"]["grad_accum"] == 1
 
 
 def test_micro_batches_fit_any_world_size_that_divides_the_batch():
