@@ -90,8 +90,8 @@ smoke-run: $(WORLD)/done.json
 	$(BIN)/python data/feature_cache.py --root $(WORLD)/coco --split test --karpathy-json $(WORLD)/coco/dataset_coco.json \
 		--encoder $(WORLD)/clip-vit-large-patch14 --out $(SMOKE)/features/karpathy_test --batch-size 4 --dtype $(SMOKE_DTYPE)
 	@echo "== every bridge on GPT-2 124M, two steps, compiled: traced forward and backward by aot_eager (inductor's \
-	kernels at this size: minutes each on a CPU; tests/test_compile.py runs them small); the Q-Former stopped after \
-	one step and resumed"
+	kernels at this size: minutes each on a CPU; tests/test_train_lm.py builds them for the tiny LM); the Q-Former \
+	stopped after one step and resumed"
 	for bridge in $(BRIDGES); do \
 		flags="$(CAPTION_SMOKE) --bridge $$bridge --features $(SMOKE)/features/train --val-features $(SMOKE)/features/val \
 		       --out-dir $(SMOKE)/caption/$$bridge --compile --compile-backend aot_eager"; \
