@@ -39,9 +39,9 @@ TRAINER = "tune_lm.py"
 
 def examples(questions, records, tokenizer):
     """
-    [(described, asked, answer)] token lists for each question: every caption of its image (each on a line
-    of its own: coco.context_of), "Question: ... Answer:", and " red" then <|endoftext|>. A question the LM
-    cannot spell (a word outside a --vocab-subset LM's vocabulary) is left out, counted and named.
+    [(described, asked, answer, image_id)] for each question: token lists of every caption of its image (each
+    on a line of its own: coco.context_of), "Question: ... Answer:", and " red" then <|endoftext|>. A question
+    the LM cannot spell (a word outside a --vocab-subset LM's vocabulary) is left out, counted and named.
     """
     captions = {r["image_id"]: r["captions"] for r in records}
     absent = [q for q in questions if not captions.get(q["image_id"])]
@@ -58,7 +58,7 @@ def examples(questions, records, tokenizer):
         except ValueError as e:  # SubsetTokenizer: a word this LM never saw
             left_out.append(f"question {q['question_id']} ({e})")
             continue
-        rows.append((described, asked, answer + [tokenizer.eot_token]))
+        rows.append((described, asked, answer + [tokenizer.eot_token], q["image_id"]))
     if left_out:
         print0(f"note: {len(left_out)} of {len(questions)} questions left out, e.g. {left_out[0]}")
     if not rows:
@@ -66,21 +66,32 @@ def examples(questions, records, tokenizer):
     return rows
 
 
-def batch(examples, rng, B, eot, described=2):
+def batch(examples, rng, B, eot, described=2, asked=1, same_image=None, newline=None):
     """
     B random rows "<|endoftext|> caption caption Question: ... Answer: answer <|endoftext|>", with `described`
     different captions of the image: x (B, T) padded with <|endoftext|>, y (B, T) each position's next token,
     or -100 (no loss) under the question and the padding. The loss covers the answer, and the captions too: a
     run on answers alone made the LM forget how to describe (docs/miniature.md), which the captioning bridges
-    need. Not the question: it is asked, not said.
+    need. Not the question: it is asked, not said. With asked > 1, each row's question is followed by up to
+    asked - 1 more about the same image, each answered, ended by a newline (the token `newline`; the last by
+    <|endoftext|>): more answers learned from one reading of the captions. same_image: siblings(examples).
     """
+    if asked > 1 and same_image is None:
+        same_image = siblings(examples)
     rows = []
     for i in rng.integers(len(examples), size=B):
-        captions, asked, answer = examples[i]
+        captions, question, answer, image = examples[i]
         picked = rng.choice(len(captions), size=min(described, len(captions)), replace=False)
         context = [eot] + [t for j in picked for t in captions[j]]
-        tokens = context + asked + answer
-        rows.append((tokens, context[1:] + [-100] * len(asked) + answer))  # the targets of tokens[:-1]
+        tokens, targets = list(context), context[1:]  # targets: those of tokens[:-1]
+        others = [j for j in same_image[image] if j != i] if same_image else []
+        more = rng.choice(others, size=min(asked - 1, len(others)), replace=False) if others else []
+        for n, k in enumerate([i, *more]):
+            _, question, answer, _ = examples[k]
+            answer = answer if n == len(more) else answer[:-1] + [newline]
+            tokens += question + answer
+            targets += [-100] * len(question) + answer
+        rows.append((tokens, targets))
     T = max(len(tokens) for tokens, _ in rows) - 1
     x = torch.full((B, T), eot)
     y = torch.full((B, T), -100)
@@ -88,6 +99,14 @@ def batch(examples, rng, B, eot, described=2):
         x[r, :len(tokens) - 1] = torch.tensor(tokens[:-1])
         y[r, :len(tokens) - 1] = torch.tensor(targets)
     return x, y
+
+
+def siblings(examples):
+    """{image_id: [indices of its questions in examples]}"""
+    groups = {}
+    for i, (*_, image) in enumerate(examples):
+        groups.setdefault(image, []).append(i)
+    return groups
 
 
 def train(args, dist):
@@ -99,6 +118,7 @@ def train(args, dist):
     model, tokenizer = load_lm(args.lm, dist.device)
     questions = coco.question_records(args.questions, args.answers, args.coco_root, "train")
     rows = examples(questions, coco.load_records(args.coco_root, "train"), tokenizer)
+    same_image = siblings(rows)
     optimizer = torch.optim.AdamW(decay_groups(list(model.parameters()), args.weight_decay), lr=args.lr,
                                   betas=(0.9, 0.95), **({"fused": True} if args.fused else {}))
     forward = torch.compile(model, backend=args.compile_backend) if args.compile else model
@@ -120,7 +140,8 @@ def train(args, dist):
     t0 = time.time()
     for step in range(start, args.max_steps):
         rng = np.random.default_rng([args.seed, step])  # the step's own batch: a resumed run sees the same
-        x, y = batch(rows, rng, args.batch_size, tokenizer.eot_token)
+        x, y = batch(rows, rng, args.batch_size, tokenizer.eot_token, asked=args.asked,
+                     same_image=same_image, newline=tokenizer.encode_ordinary("\n")[0])
         lr = lr_at(step, args.max_steps, args.warmup_steps, args.lr, args.lr * 0.1)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -168,6 +189,8 @@ def get_args(argv=None):
     p.add_argument("--out-dir", required=True)
     p.add_argument("--max-steps", type=positive_int, default=2000)
     p.add_argument("-B", "--batch-size", type=positive_int, default=64, help="questions per step")
+    p.add_argument("--asked", type=positive_int, default=1,
+                   help="questions per row: each after the captions and the answers before it")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="max learning rate (cosine to 10%%)")
     p.add_argument("--warmup-steps", type=positive_int, default=30)
     p.add_argument("--weight-decay", type=nonneg_float, default=0.0)

@@ -317,7 +317,7 @@ def answer_loss(lm, rows, tokenizer):
     eot = tokenizer.eot_token
     losses = []
     with torch.no_grad():
-        for described, asked, answer in rows:
+        for described, asked, answer, _ in rows:
             tokens = [eot] + described[0] + asked + answer
             x = torch.tensor([tokens[:-1]])
             y = torch.tensor([[-100] * (len(tokens) - 1 - len(answer)) + answer])
@@ -340,6 +340,30 @@ def test_answer_tuning_scores_the_captions_and_the_answer_not_the_question(world
         assert said.count(".\n") == 2 and text.startswith("<|endoftext|>") and text.count(".\n") == 2
         answer = said.split(".\n")[-1][:-len("<|endoftext|>")].strip()
         assert answer in {coco.most_common_answer(q["answers"]) for q in questions[:8]}
+
+
+def test_answer_tuning_asks_several_questions_of_one_image_after_its_captions(world):
+    lm, tok = load_lm(world["lm"])
+    questions = coco.question_records(questions_file(world["root"], "train"), None, world["root"], "train")
+    rows = tune_lm.examples(questions, coco.load_records(world["root"], "train"), tok)
+    newline = tok.encode_ordinary("\n")[0]
+    x, y = tune_lm.batch(rows, np.random.default_rng(0), 8, tok.eot_token, asked=3, newline=newline)
+    answers = {}  # image -> its questions and their answers
+    for q in questions:
+        answers.setdefault(q["image_id"], []).append((q["question"], coco.most_common_answer(q["answers"])))
+    for row in range(8):
+        asked = []  # (question, answer) as the row reads them
+        for part in tok.decode(x[row].tolist()).split("Question: ")[1:]:
+            question, answer = part.split(" Answer: ")
+            asked.append((question, answer.split("\n")[0].split("<|endoftext|>")[0].strip()))
+        # three questions of one image (every image has at least three), each followed by its own answer
+        assert len({question for question, _ in asked}) == 3
+        assert any(all(qa in pairs for qa in asked) for pairs in answers.values())
+        # the loss: on the captions and the answers, each answer ended by a newline, the last by <|endoftext|>
+        said = tok.decode(y[row, (y[row] != -100)].tolist())
+        assert "Question" not in said and said.endswith("<|endoftext|>")
+        scored = said.split(".\n")[-1].removesuffix("<|endoftext|>").split("\n")
+        assert [s.strip() for s in scored] == [answer for _, answer in asked]
 
 
 def test_answer_tuning_lowers_the_answer_loss_and_saves_an_lm(world, tmp_path):
