@@ -239,6 +239,9 @@ FLAGS_xattn   := --vis-pos-grid
 # (docs/miniature.md, "BLIP-2's first stage for the Q-Former")
 QUERY_STD     := 1.0
 FLAGS_qformer := --vis-pos-grid --prefix-len 16 --query-std $(QUERY_STD)
+# make vqa: the Q-Former reads the question (InstructBLIP's instruction-aware queries): on version 3's questions it
+# answered more than the plain one on each of four tuned LMs (docs/miniature.md)
+FLAGS_qformer += $(if $(QA),--qformer-instruction)
 # On the mix each question is read QUESTION_REPEATS times an epoch, each caption once. Cross-attention: twice, as its
 # captions are learned long before the questions; the prefix bridges once (twice, world 1's captions fell below
 # the study's bands; docs/miniature.md)

@@ -128,6 +128,9 @@ def test_shortened_demo_runs_every_stage_and_reuses_them(tmp_path):
         args = torch.load(demo / "mix" / "caption" / bridge / "ckpt_final.pt", weights_only=True)["args"]
         assert args["task"] == "mix" and args["lm"] == str(demo / "lm-tuned" / "ckpt_final.pt"), bridge
         assert (args["max_steps"], args["question_repeats"]) == (steps, repeats), bridge
+    # the Q-Former reads the question (the instruction-aware one) when the bridges learn questions
+    qformer = torch.load(demo / "mix" / "caption" / "qformer" / "ckpt_final.pt", weights_only=True)["args"]
+    assert qformer["qformer_instruction"]
     assert "VQA accuracy" in (demo / "mix" / "results" / "table.md").read_text()
 
 
