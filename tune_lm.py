@@ -80,7 +80,7 @@ def batch(examples, rng, B, eot, described=2, asked=1, same_image=None, newline=
         same_image = siblings(examples)
     rows = []
     for i in rng.integers(len(examples), size=B):
-        captions, question, answer, image = examples[i]
+        captions, *_, image = examples[i]
         picked = rng.choice(len(captions), size=min(described, len(captions)), replace=False)
         context = [eot] + [t for j in picked for t in captions[j]]
         tokens, targets = list(context), context[1:]  # targets: those of tokens[:-1]
@@ -118,7 +118,7 @@ def train(args, dist):
     model, tokenizer = load_lm(args.lm, dist.device)
     questions = coco.question_records(args.questions, args.answers, args.coco_root, "train")
     rows = examples(questions, coco.load_records(args.coco_root, "train"), tokenizer)
-    same_image = siblings(rows)
+    same_image, newline = siblings(rows), tokenizer.encode_ordinary("\n")[0]  # (for --asked)
     optimizer = torch.optim.AdamW(decay_groups(list(model.parameters()), args.weight_decay), lr=args.lr,
                                   betas=(0.9, 0.95), **({"fused": True} if args.fused else {}))
     forward = torch.compile(model, backend=args.compile_backend) if args.compile else model
@@ -141,7 +141,7 @@ def train(args, dist):
     for step in range(start, args.max_steps):
         rng = np.random.default_rng([args.seed, step])  # the step's own batch: a resumed run sees the same
         x, y = batch(rows, rng, args.batch_size, tokenizer.eot_token, asked=args.asked,
-                     same_image=same_image, newline=tokenizer.encode_ordinary("\n")[0])
+                     same_image=same_image, newline=newline)
         lr = lr_at(step, args.max_steps, args.warmup_steps, args.lr, args.lr * 0.1)
         for group in optimizer.param_groups:
             group["lr"] = lr
