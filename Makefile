@@ -215,11 +215,13 @@ POOL         := none
 POOL_linear  := 4x8
 BRIDGE_STEPS := 600
 # the prefix bridges need more steps than cross-attention to learn on every seed (docs/miniature.md)
-STEPS_linear  = $(shell echo $$(( 3 * $(BRIDGE_STEPS) )))
-STEPS_qformer = $(shell echo $$(( 2 * $(BRIDGE_STEPS) )))
-# make vqa: cross-attention shares its steps between captions and questions; at 1x its captions fell below the
-# caption study's floors; at 10x it answered more questions than at 4x, though not more of every type (docs/miniature.md)
-STEPS_xattn   = $(if $(QA),$(shell echo $$(( 10 * $(BRIDGE_STEPS) ))))
+STEPS_linear  = $(or $(VQA_STEPS),$(shell echo $$(( 3 * $(BRIDGE_STEPS) ))))
+STEPS_qformer = $(or $(VQA_STEPS),$(shell echo $$(( 2 * $(BRIDGE_STEPS) ))))
+STEPS_xattn   = $(VQA_STEPS)
+# make vqa: every bridge shares its steps between captions and questions, 10x BRIDGE_STEPS: at their caption steps
+# the prefix bridges answered 0.64-0.79 and cross-attention's captions fell below the caption study's floors; at
+# 10x (questions read twice) the Q-Former learned the binding "is there" asks for (docs/miniature.md)
+VQA_STEPS     = $(if $(QA),$(shell echo $$(( 10 * $(BRIDGE_STEPS) ))))
 LR           := 1e-3
 LR_linear    := 3e-3
 LR_xattn     := 3e-3
@@ -242,11 +244,9 @@ FLAGS_qformer := --vis-pos-grid --prefix-len 16 --query-std $(QUERY_STD)
 # make vqa: the Q-Former reads the question (InstructBLIP's instruction-aware queries): on version 3's questions it
 # answered more than the plain one on each of four tuned LMs (docs/miniature.md)
 FLAGS_qformer += $(if $(QA),--qformer-instruction)
-# On the mix each question is read QUESTION_REPEATS times an epoch, each caption once. Cross-attention: twice, as its
-# captions are learned long before the questions; the prefix bridges once (twice, world 1's captions fell below
-# the study's bands; docs/miniature.md)
-QUESTION_REPEATS       := 1
-QUESTION_REPEATS_xattn := 2
+# On the mix each question is read QUESTION_REPEATS times an epoch, each caption once: twice, as the captions are
+# learned long before the questions (docs/miniature.md)
+QUESTION_REPEATS := 2
 # make study's common recipe: every bridge the same steps (the Q-Former's 1200), features (all 64 patches) and
 # learning rate (FLAGS stay: they make the bridge)
 ifeq ($(RECIPE),common)
@@ -259,7 +259,6 @@ LR            := 2e-3
 LR_linear     :=
 LR_xattn      :=
 LR_qformer    :=
-QUESTION_REPEATS_xattn :=
 endif
 # BLIP-2's first stage (qformer_stage1.py): the Q-Former trained against the captions for STAGE1_STEPS steps before
 # its captioning run starts from it, its queries at the Q-Former's QUERY_STD (0: no first stage; docs/miniature.md
@@ -421,8 +420,8 @@ $(RUN)/settings/stage1.txt: FORCE
 # No --features: the bridges read caches of different poolings, so evaluate.py encodes the val images once per
 # pooling with the encoder each checkpoint records.
 # The bridges train longest first (side by side, the short ones then share the other core); the table keeps BRIDGES' order.
-# (make vqa: cross-attention's 10x is the longest)
-LONG = $(if $(QA),xattn) qformer linear
+# (make vqa: the Q-Former's 10x is the longest, then cross-attention's)
+LONG = qformer $(if $(QA),xattn) linear
 LONGEST_FIRST = $(foreach b,$(LONG),$(filter $(b),$(BRIDGES))) $(filter-out $(LONG),$(BRIDGES))
 # On two jobs the longest gets one core from the start and the others follow one another on the other: each waits
 # (order-only) for the one before it. Left to make, the first two to start are whichever finish their settings
