@@ -233,8 +233,11 @@ CAPTION_FLAGS := -B 64 --total-batch 64 --warmup-steps 30 --val-every 150 --fuse
 # the prefix bridges read their input out whole: every prefix slot is a Linear of the whole image (linear, ClipCap's
 # mapping in one layer) or of all 16 queries' outputs (Q-Former), not one slot per token or query. The linear map
 # starts at zero (--zero-init), so its seed changes only the batches' order: from a random start it swung with the
-# seed (docs/miniature.md)
-FLAGS_linear  := --prefix-len 12 --zero-init
+# seed (docs/miniature.md). make vqa: 48 slots, not 12. The linear prefix cannot read the question, so the frozen
+# LM looks every answer up in the prefix, and more slots write the scene out in more ways: it answered more with
+# 24 than 12, and more with 48, at three times the stage's time (docs/miniature.md, "48 slots for the linear prefix")
+LINEAR_SLOTS   = $(if $(QA),48,12)
+FLAGS_linear  := --prefix-len $(LINEAR_SLOTS) --zero-init
 # the attention bridges' visual positions start as a 2-D sin-cos of the patch grid
 FLAGS_xattn   := --vis-pos-grid
 # the Q-Former's queries start at unit scale (--query-std 1.0), not BLIP-2's 0.02: at 0.02 they collapse into one
@@ -420,8 +423,8 @@ $(RUN)/settings/stage1.txt: FORCE
 # No --features: the bridges read caches of different poolings, so evaluate.py encodes the val images once per
 # pooling with the encoder each checkpoint records.
 # The bridges train longest first (side by side, the short ones then share the other core); the table keeps BRIDGES' order.
-# (make vqa: the Q-Former's 10x is the longest, then cross-attention's)
-LONG = qformer $(if $(QA),xattn) linear
+# (make vqa: the linear prefix's 48 slots are the longest, then the Q-Former's 10x, then cross-attention's)
+LONG = $(if $(QA),linear qformer xattn,qformer linear)
 LONGEST_FIRST = $(foreach b,$(LONG),$(filter $(b),$(BRIDGES))) $(filter-out $(LONG),$(BRIDGES))
 # On two jobs the longest gets one core from the start and the others follow one another on the other: each waits
 # (order-only) for the one before it. Left to make, the first two to start are whichever finish their settings

@@ -19,10 +19,11 @@ STAGES = ["data", "shards", "lm", "clip", "features-none-train", "features-none-
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
-@pytest.mark.parametrize("task, waits", [("captions", {"xattn": "linear"}), ("mix", {"linear": "xattn"})])
+@pytest.mark.parametrize("task, waits", [("captions", {"xattn": "linear"}), ("mix", {"xattn": "qformer"})])
 def test_on_two_jobs_the_longest_bridge_has_a_core_of_its_own(tmp_path, task, waits):
-    # the Q-Former is the longest in make demo and in make vqa (every bridge 10x): the others wait for one
-    # another (order-only), so make -j2 starts the longest at once; left to make, it once started it last
+    # the longest (make demo: the Q-Former; make vqa: the linear prefix's 48 slots) has a core of its own, and
+    # the others wait for one another (order-only), so make -j2 starts it at once; left to make, it once
+    # started it last
     def order_only(*flags):
         db = subprocess.run(["make", "-C", ROOT, "-pn", "--no-print-directory", f"RUN={tmp_path}",
                              f"TASK={task}", *flags, "--eval", "nothing: ;", "nothing"],
@@ -128,6 +129,9 @@ def test_shortened_demo_runs_every_stage_and_reuses_them(tmp_path):
         args = torch.load(demo / "mix" / "caption" / bridge / "ckpt_final.pt", weights_only=True)["args"]
         assert args["task"] == "mix" and args["lm"] == str(demo / "lm-tuned" / "ckpt_final.pt"), bridge
         assert (args["max_steps"], args["question_repeats"]) == (steps, repeats), bridge
+    # the linear prefix writes the scene out in 48 slots (12 for captions alone: the dry run above)
+    linear = torch.load(demo / "mix" / "caption" / "linear" / "ckpt_final.pt", weights_only=True)["args"]
+    assert linear["prefix_len"] == 48
     # the Q-Former reads the question (the instruction-aware one) when the bridges learn questions
     qformer = torch.load(demo / "mix" / "caption" / "qformer" / "ckpt_final.pt", weights_only=True)["args"]
     assert qformer["qformer_instruction"]
