@@ -235,7 +235,7 @@ CAPTION_FLAGS := -B 64 --total-batch 64 --warmup-steps 30 --val-every 150 --fuse
 # starts at zero (--zero-init), so its seed changes only the batches' order: from a random start it swung with the
 # seed (docs/miniature.md). make vqa: 48 slots, not 12. The linear prefix cannot read the question, so the frozen
 # LM looks every answer up in the prefix, and more slots write the scene out in more ways: it answered more with
-# 24 than 12, and more with 48, at three times the stage's time (docs/miniature.md, "48 slots for the linear prefix")
+# 24 than 12, and more with 48, its stage then make vqa's longest (docs/miniature.md, "48 slots for the linear prefix")
 LINEAR_SLOTS   = $(if $(QA),48,12)
 FLAGS_linear  := --prefix-len $(LINEAR_SLOTS) --zero-init
 # the attention bridges' visual positions start as a 2-D sin-cos of the patch grid
