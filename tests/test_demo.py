@@ -125,16 +125,16 @@ def test_shortened_demo_runs_every_stage_and_reuses_them(tmp_path):
     assert all(0.0 <= row["VQA"] <= 1.0 and row["questions"] > 0 for row in result["rows"])
     # on the mix every bridge trains 10x BRIDGE_STEPS (its captions share them with the questions) and reads
     # each question twice an epoch
+    mixed = {b: torch.load(demo / "mix" / "caption" / b / "ckpt_final.pt", weights_only=True)["args"]
+             for b in ("linear", "xattn", "qformer")}
     for bridge, steps, repeats in (("linear", 20, 2), ("xattn", 20, 2), ("qformer", 20, 2)):
-        args = torch.load(demo / "mix" / "caption" / bridge / "ckpt_final.pt", weights_only=True)["args"]
+        args = mixed[bridge]
         assert args["task"] == "mix" and args["lm"] == str(demo / "lm-tuned" / "ckpt_final.pt"), bridge
         assert (args["max_steps"], args["question_repeats"]) == (steps, repeats), bridge
     # the linear prefix writes the scene out in 48 slots (12 for captions alone: the dry run above)
-    linear = torch.load(demo / "mix" / "caption" / "linear" / "ckpt_final.pt", weights_only=True)["args"]
-    assert linear["prefix_len"] == 48
+    assert mixed["linear"]["prefix_len"] == 48
     # the Q-Former reads the question (the instruction-aware one) when the bridges learn questions
-    qformer = torch.load(demo / "mix" / "caption" / "qformer" / "ckpt_final.pt", weights_only=True)["args"]
-    assert qformer["qformer_instruction"]
+    assert mixed["qformer"]["qformer_instruction"]
     assert "VQA accuracy" in (demo / "mix" / "results" / "table.md").read_text()
 
 
